@@ -1,0 +1,5 @@
+import sys
+
+from gridfeats.cli import main
+
+sys.exit(main())
