@@ -1,0 +1,257 @@
+"""Official VQA accuracy (VQA v1/v2 and VizWiz), reimplemented to give the same numbers.
+
+Why a reimplementation rather than the script: the official ``vqaEval.py`` (GT-Vision-Lab/VQA)
+prints progress bars, mutates its inputs and fails with bare asserts; a training loop needs a
+function. Every rule that changes a number is kept (see ``vqa.data.answer_normalization`` for the
+text rules):
+
+* prediction: ``\\n``/``\\t`` to spaces, strip, ``process_punctuation``, ``process_digit_article``;
+* ground truth: only when the 10 answers are not all identical, each goes through
+  ``process_punctuation`` (never ``process_digit_article``); otherwise they stay raw;
+* per ground-truth answer ``g``: ``acc_g = min(1, #(other answers == prediction) / 3)``, "other"
+  meaning every answer record not equal to ``g``'s record; the question scores the mean of the
+  ``acc_g``;
+* ``overall = round(100 * sum / n, 2)`` over questions, in the order of the results file;
+* ``perQuestionType``/``perAnswerType``: by default (``per_type="last_answer"``) each question
+  contributes the ``acc_g`` of its **last** ground-truth answer, the variable the v1.0 script
+  leaves over from its loop. Later revisions of the official repository and the EvalAI server
+  average the question's mean instead; ``per_type="mean"`` gives those numbers.
+
+VizWiz (annotations are a JSON list of ``{"image", "answers", "answer_type", ...}``, results
+``[{"image", "answer"}]``) follows its own official script: the same prediction normalisation and
+formula, ground-truth answers compared raw, "other" meaning the other positions, and
+``perAnswerType`` averaging question means; it has no question types (``perQuestionType`` is
+empty).
+
+Result files must answer exactly the annotated questions, once each: like the official
+``loadRes`` assertion, a missing or unknown id is an error (``VQAEvalError``), here with the
+counts and a few example ids.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Union
+
+from vqa.data.answer_normalization import normalize_answer, process_punctuation
+from vqa.data.json_files import DataFormatError, JsonSource, read_json, require_keys
+
+PER_TYPE_RULES = ("last_answer", "mean")
+_DIGITS = 2  # the script's ``n``: every reported number is rounded to 2 decimals
+
+
+class VQAEvalError(DataFormatError):
+    """Results that cannot be scored against the annotations (missing/extra/duplicate ids...)."""
+
+
+AnswerRecord = Union[str, Mapping[str, Any]]
+
+
+def _answer_records(answers: Sequence[AnswerRecord]) -> List[Dict[str, Any]]:
+    """Copies the answer records (the caller's data is never modified, unlike the script).
+
+    Plain strings get their position as ``answer_id`` so that two annotators giving the same
+    answer stay distinct records, as they are in real annotation files.
+    """
+    records = []
+    for position, item in enumerate(answers):
+        if isinstance(item, str):
+            records.append({"answer": item, "answer_id": position + 1})
+        elif isinstance(item, Mapping) and isinstance(item.get("answer"), str):
+            records.append(dict(item))
+        else:
+            raise DataFormatError(
+                f"a ground-truth answer must be a string or an object with a string 'answer', "
+                f"got {item!r}")
+    return records
+
+
+def leave_one_out_accuracies(prediction: str, answers: Sequence[AnswerRecord]) -> List[float]:
+    """The official per-annotator accuracies ``acc_g`` of one raw predicted answer (VQA rules).
+
+    ``answers`` are the question's ground-truth answer records (``{"answer": ..., ...}``) or
+    strings. The question's accuracy is their mean; the last one is what the v1.0 script's
+    per-type tables average.
+    """
+    if not answers:
+        raise DataFormatError("a question needs at least one ground-truth answer to be scored")
+    predicted = normalize_answer(prediction)
+    records = _answer_records(answers)
+    if len({record["answer"] for record in records}) > 1:
+        for record in records:
+            record["answer"] = process_punctuation(record["answer"])
+    accuracies = []
+    for record in records:
+        matches = sum(1 for other in records if other != record and other["answer"] == predicted)
+        accuracies.append(min(1.0, matches / 3))
+    return accuracies
+
+
+def vizwiz_leave_one_out_accuracies(prediction: str, answers: Sequence[str]) -> List[float]:
+    """VizWiz's per-annotator accuracies: raw ground truth, "other" = the other positions."""
+    if not answers:
+        raise DataFormatError("a question needs at least one ground-truth answer to be scored")
+    predicted = normalize_answer(prediction)
+    accuracies = []
+    for position in range(len(answers)):
+        matches = sum(1 for other, answer in enumerate(answers)
+                      if other != position and answer == predicted)
+        accuracies.append(min(1.0, matches / 3))
+    return accuracies
+
+
+def question_accuracy(prediction: str, answers: Sequence[AnswerRecord]) -> float:
+    """Official VQA accuracy in ``[0, 1]`` of one prediction (for validation inside training)."""
+    accuracies = leave_one_out_accuracies(prediction, answers)
+    return sum(accuracies) / len(accuracies)
+
+
+def _percent(values: Sequence[float]) -> float:
+    # Same arithmetic and rounding as the script's setAccuracy: round(100*float(sum(a))/len(a), n)
+    return round(100 * float(sum(values)) / len(values), _DIGITS)
+
+
+def _describe_ids(ids: Sequence[Hashable], limit: int = 5) -> str:
+    shown = ", ".join(repr(i) for i in sorted(ids, key=str)[:limit])
+    return shown + (", ..." if len(ids) > limit else "")
+
+
+def _index_results(results: Any, key: str) -> Dict[Hashable, str]:
+    """``{id: raw answer}`` in file order; rejects malformed entries and duplicate ids."""
+    if not isinstance(results, list):
+        raise VQAEvalError(
+            f"results must be a JSON list of {{{key!r}, 'answer'}} objects, "
+            f"got {type(results).__name__}")
+    answers: Dict[Hashable, str] = {}
+    duplicates = []
+    for position, entry in enumerate(results):
+        require_keys(entry, (key, "answer"), f"result #{position}")
+        if not isinstance(entry["answer"], str):
+            raise VQAEvalError(f"result #{position} ({key} {entry[key]!r}): 'answer' must be a "
+                               f"string, got {type(entry['answer']).__name__}")
+        if entry[key] in answers:
+            duplicates.append(entry[key])
+        answers[entry[key]] = entry["answer"]
+    if duplicates:
+        raise VQAEvalError(f"results answer {len(duplicates)} {key}(s) more than once: "
+                           f"{_describe_ids(duplicates)}")
+    return answers
+
+
+def _check_same_ids(annotated: Sequence[Hashable], answered: Mapping[Hashable, str],
+                    key: str) -> None:
+    missing = set(annotated) - set(answered)
+    extra = set(answered) - set(annotated)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} annotated {key}(s) have no prediction "
+                         f"({_describe_ids(list(missing))})")
+        if extra:
+            parts.append(f"{len(extra)} predicted {key}(s) are not in the annotations "
+                         f"({_describe_ids(list(extra))})")
+        raise VQAEvalError("results do not correspond to the annotation set: " + "; ".join(parts))
+
+
+def _check_questions(questions: Any, annotations: Mapping[Hashable, Mapping[str, Any]],
+                     answered: Mapping[Hashable, str]) -> None:
+    """Catches a questions file from another split; enforces multiple-choice answers."""
+    if not isinstance(questions, Mapping) or not isinstance(questions.get("questions"), list):
+        raise VQAEvalError("VQA questions must be a JSON object with a 'questions' list")
+    by_id = {}
+    for position, entry in enumerate(questions["questions"]):
+        require_keys(entry, ("question_id",), f"question #{position}")
+        by_id[entry["question_id"]] = entry
+    unknown = set(annotations) - set(by_id)
+    if unknown:
+        raise VQAEvalError(f"the questions file does not match the annotations: {len(unknown)} "
+                           f"annotated question_id(s) are not in it ({_describe_ids(list(unknown))})")
+    if questions.get("task_type") == "Multiple Choice":
+        for question_id, answer in answered.items():
+            choices = by_id[question_id].get("multiple_choices", [])
+            if answer not in choices:
+                raise VQAEvalError(f"question_id {question_id!r}: predicted answer {answer!r} is "
+                                   f"not one of its multiple choices")
+
+
+def _evaluate_vqa_v2(annotations: Mapping[str, Any], questions: Any, results: Any,
+                     per_type: str) -> Dict[str, Any]:
+    entries = annotations["annotations"]
+    if not isinstance(entries, list):
+        raise VQAEvalError("VQA annotations: 'annotations' must be a list")
+    by_id: Dict[Hashable, Mapping[str, Any]] = {}
+    for position, entry in enumerate(entries):
+        require_keys(entry, ("question_id", "answers", "question_type", "answer_type"),
+                     f"annotation #{position}")
+        by_id[entry["question_id"]] = entry
+    answered = _index_results(results, "question_id")
+    _check_same_ids(list(by_id), answered, "question_id")
+    if questions is not None:
+        _check_questions(questions, by_id, answered)
+
+    overall: List[float] = []
+    per_question_type: Dict[str, List[float]] = {}
+    per_answer_type: Dict[str, List[float]] = {}
+    for question_id, prediction in answered.items():
+        entry = by_id[question_id]
+        accuracies = leave_one_out_accuracies(prediction, entry["answers"])
+        mean = float(sum(accuracies)) / len(accuracies)
+        overall.append(mean)
+        typed = accuracies[-1] if per_type == "last_answer" else mean
+        per_question_type.setdefault(entry["question_type"], []).append(typed)
+        per_answer_type.setdefault(entry["answer_type"], []).append(typed)
+    return {
+        "overall": _percent(overall),
+        "perQuestionType": {name: _percent(v) for name, v in per_question_type.items()},
+        "perAnswerType": {name: _percent(v) for name, v in per_answer_type.items()},
+    }
+
+
+def _evaluate_vizwiz(entries: List[Any], results: Any) -> Dict[str, Any]:
+    by_image: Dict[Hashable, Mapping[str, Any]] = {}
+    for position, entry in enumerate(entries):
+        require_keys(entry, ("image", "answers", "answer_type"), f"VizWiz annotation #{position}")
+        by_image[entry["image"]] = entry
+    answered = _index_results(results, "image")
+    _check_same_ids(list(by_image), answered, "image")
+
+    overall: List[float] = []
+    per_answer_type: Dict[str, List[float]] = {}
+    for image, entry in by_image.items():  # VizWiz's script walks the annotations in order
+        prediction = answered[image]
+        answers = [record["answer"] for record in _answer_records(entry["answers"])]
+        accuracies = vizwiz_leave_one_out_accuracies(prediction, answers)
+        mean = float(sum(accuracies)) / len(accuracies)
+        overall.append(mean)
+        per_answer_type.setdefault(entry["answer_type"], []).append(mean)
+    return {
+        "overall": _percent(overall),
+        "perQuestionType": {},
+        "perAnswerType": {name: _percent(v) for name, v in per_answer_type.items()},
+    }
+
+
+def evaluate_vqa(annotations: JsonSource, questions: Optional[JsonSource],
+                 results: JsonSource, per_type: str = "last_answer") -> Dict[str, Any]:
+    """Official accuracy of ``results`` -> ``{"overall", "perQuestionType", "perAnswerType"}``.
+
+    Each argument is a path or the loaded JSON. ``annotations`` is a VQA annotation file (a dict
+    with ``"annotations"``) or a VizWiz file (a list; ``questions`` is then unused and may be
+    None). ``questions``, when given for VQA, must contain every annotated question (this catches
+    a file pair from different splits) and enforces the choices of a "Multiple Choice" task.
+    Numbers are percentages rounded to 2 decimals; see the module docstring for ``per_type``.
+    Raises ``VQAEvalError`` (a ``ValueError``) with a specific message on any mismatch.
+    """
+    if per_type not in PER_TYPE_RULES:
+        raise ValueError(f"per_type must be one of {PER_TYPE_RULES}, got {per_type!r}")
+    loaded_annotations = read_json(annotations, "VQA annotations")
+    loaded_results = read_json(results, "VQA results")
+    if isinstance(loaded_annotations, list):
+        if not loaded_annotations:
+            raise VQAEvalError("the VizWiz annotations are empty: nothing to evaluate")
+        return _evaluate_vizwiz(loaded_annotations, loaded_results)
+    if not isinstance(loaded_annotations, Mapping) or "annotations" not in loaded_annotations:
+        raise VQAEvalError("VQA annotations must be a JSON object with an 'annotations' list "
+                           "(VQA) or a JSON list (VizWiz)")
+    if not loaded_annotations["annotations"]:
+        raise VQAEvalError("the VQA annotations are empty: nothing to evaluate")
+    loaded_questions = None if questions is None else read_json(questions, "VQA questions")
+    return _evaluate_vqa_v2(loaded_annotations, loaded_questions, loaded_results, per_type)
