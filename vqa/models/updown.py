@@ -12,7 +12,7 @@ search. Token id 0 is padding; ``bos_id``/``eos_id`` come from the caption vocab
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -87,8 +87,17 @@ class UpDownCaptioner(nn.Module):
 
     # ----------------------------------------------------------------- training
     def forward(self, feats: torch.Tensor, feat_mask: torch.Tensor,
-                boxes: Optional[torch.Tensor], captions_in: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: ``captions_in [B, L]`` (starting with BOS) -> logits ``[B, L, V]``."""
+                boxes: Optional[torch.Tensor], captions_in: Optional[torch.Tensor] = None,
+                mode: str = "teacher_forcing", **sample_options: Any) -> Any:
+        """Teacher forcing: ``captions_in [B, L]`` (starting with BOS) -> logits ``[B, L, V]``.
+
+        ``mode="sample"`` runs ``sample(**sample_options)`` instead: SCST must go through
+        ``forward`` so that DistributedDataParallel sees the call and syncs its gradients.
+        """
+        if mode == "sample":
+            return self.sample(feats, feat_mask, boxes, **sample_options)
+        if mode != "teacher_forcing" or captions_in is None:
+            raise ValueError("forward needs captions_in (teacher forcing) or mode='sample'")
         image = self.encode(feats, feat_mask, boxes)
         state = self.initial_state(feats.shape[0], image.mean)
         logits = []

@@ -1,0 +1,138 @@
+"""The heads' YAML config: defaults, ``_base_`` inheritance, ``key.sub=value`` overrides.
+
+A deliberately small schema (plain nested dicts) rather than Detectron2's CfgNode: the heads have
+a few dozen settings, and a typo must fail loudly. Every section except ``model`` (validated by
+the model builder against the constructor's arguments) is checked against the defaults, so an
+unknown key is an error naming the key and the accepted ones.
+
+A config file may start with ``_base_: other.yaml`` (relative to the file) to inherit and
+override another file, which is how mcan-small and mcan-large share their training recipe.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
+
+import yaml
+
+FREE_FORM_SECTIONS = ("model",)
+
+COMMON_DEFAULTS: Dict[str, Any] = {
+    "model": {},
+    "optim": {
+        "name": "adam",  # adam | adamw | adamax | sgd
+        "lr": 1e-4,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "momentum": 0.9,  # sgd only
+        "grad_clip": 0.0,  # max global L2 norm; 0 disables
+    },
+    "schedule": {
+        "unit": "epoch",  # unit of warmup and milestones: epoch | step
+        "warmup": 0,
+        "warmup_method": "none",  # none | staircase (MCAN) | linear (Pythia)
+        "warmup_factor": 0.2,  # linear warm-up's starting multiplier
+        "milestones": [],
+        "gamma": 0.1,
+    },
+    "train": {
+        "epochs": 1,
+        "batch_size": 64,
+        "eval_batch_size": 128,
+        "seed": 0,
+        "num_workers": 0,
+        "device": "auto",  # auto | cpu | cuda
+        "deterministic": False,
+        "checkpoint_every_steps": 0,  # mid-epoch checkpoints; 0: only at epoch ends
+        "log_every_steps": 20,
+        "eval_every_epochs": 1,
+        "tensorboard": False,
+        "progress": True,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _merge(base: Dict[str, Any], update: Mapping[str, Any], defaults: Mapping[str, Any],
+           where: str) -> Dict[str, Any]:
+    for key, value in update.items():
+        path = f"{where}.{key}" if where else str(key)
+        free_form = where.split(".")[0] in FREE_FORM_SECTIONS if where else False
+        if not free_form and key not in defaults:
+            accepted = ", ".join(sorted(map(str, defaults))) or "(none)"
+            raise ConfigError(f"unknown config key {path!r}; accepted here: {accepted}")
+        default = defaults.get(key) if not free_form else None
+        if isinstance(value, Mapping) and (isinstance(default, Mapping) or key in FREE_FORM_SECTIONS
+                                           or free_form):
+            base[key] = _merge(dict(base.get(key) or {}), value, default or {}, path)
+        elif isinstance(default, Mapping):
+            raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
+        else:
+            base[key] = value
+    return base
+
+
+def _read_yaml(path: Path, seen: tuple) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config files include each other in a loop at {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    base_name = data.pop("_base_", None)
+    if base_name is None:
+        return data
+    base = _read_yaml((path.parent / base_name), seen + (path.resolve(),))
+    return _deep_update(base, data)
+
+
+def _deep_update(base: Dict[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_update(dict(out[key]), value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
+    for key in reversed(keys):
+        value = {key: value}
+    return value
+
+
+def load_config(path: Optional[Union[str, Path]], defaults: Mapping[str, Any],
+                overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    """Defaults, then the file (with its ``_base_`` chain), then ``key=value`` overrides."""
+    config = copy.deepcopy(dict(defaults))
+    if path is not None:
+        config = _merge(config, _read_yaml(Path(path), ()), defaults, "")
+    for text in overrides:
+        config = _merge(config, parse_override(text), defaults, "")
+    return config
+
+
+def with_task_defaults(task_defaults: Mapping[str, Any]) -> Dict[str, Any]:
+    """The common defaults plus a task's own sections (``data``, ``loss``, ``decode`` ...)."""
+    return _deep_update(COMMON_DEFAULTS, task_defaults)
