@@ -104,7 +104,8 @@ def normalize_record(image_id: str, record: Mapping[str, Any], meta: StoreMetada
             raise ValueError(
                 f"record for {image_id!r}: {name} has shape {list(value.shape)}, expected {[count, *trailing]}"
             )
-        converted = np.array(value, dtype=dtype, copy=True, order="C")
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
+            converted = np.array(value, dtype=dtype, copy=True, order="C")
         if dtype.kind == "f" and not np.isfinite(converted).all():
             if np.isfinite(value).all():
                 raise ValueError(f"record for {image_id!r}: {name} overflows {dtype} storage (max {np.finfo(dtype).max})")
