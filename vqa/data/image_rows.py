@@ -1,0 +1,142 @@
+"""Image feature rows for the heads, read from a ``gridfeats`` feature store.
+
+Every image becomes ``ImageRows``: ``features [n, D]`` float32, ``boxes [n, 4]`` normalised
+``(x1, y1, x2, y2)`` in ``[0, 1]`` and the grid size. Row positions follow the convention of
+``vqa.models.inputs`` (one convention for all models):
+
+* grid store: row ``y * w + x`` of an ``h x w`` map is the cell ``(x/w, y/h, (x+1)/w, (y+1)/h)``,
+  i.e. its normalised (y, x) position and the grid size; ``grid_hw = (h, w)``;
+* region store: the detected box divided by the original image width/height, clipped to
+  ``[0, 1]``; ``grid_hw = (0, 0)``.
+
+At most ``max_rows`` rows are kept (MCAN uses 100 regions; a 600x1000 grid is 19x32 = 608):
+regions keep the ``max_rows`` highest-scoring boxes; a larger grid is average-pooled to the
+largest grid of the same aspect ratio that fits, so the whole image stays visible rather than
+being cropped.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vqa.models.inputs import grid_cell_boxes
+
+StoreLike = Union[str, "os.PathLike[str]", Any]  # a path or a gridfeats.store.FeatureStore
+
+
+@dataclass
+class ImageRows:
+    """One image's rows: ``features [n, D]``, ``boxes [n, 4]`` (normalised), ``grid_hw``."""
+
+    features: torch.Tensor
+    boxes: torch.Tensor
+    grid_hw: Tuple[int, int]
+
+
+def fitted_grid_size(h: int, w: int, max_rows: int) -> Tuple[int, int]:
+    """Largest ``(h', w')`` with ``h' <= h``, ``w' <= w``, ``h' * w' <= max_rows``, aspect kept."""
+    if h * w <= max_rows:
+        return h, w
+    scale = math.sqrt(max_rows / (h * w))
+    new_h, new_w = max(1, min(h, int(h * scale))), max(1, min(w, int(w * scale)))
+    while new_h * new_w > max_rows:  # guards rounding at the edges (e.g. a 1-pixel-wide side)
+        if new_h >= new_w:
+            new_h -= 1
+        else:
+            new_w -= 1
+    return new_h, new_w
+
+
+class ImageRowReader:
+    """Reads ``ImageRows`` by image id from a feature store (a path or a ``FeatureStore``).
+
+    Given a path, the store is opened here; ``gridfeats.store.FeatureStore`` opens its HDF5
+    handle lazily per process, so the reader can be used inside DataLoader workers.
+    """
+
+    def __init__(self, store: StoreLike, max_rows: Optional[int] = None) -> None:
+        if isinstance(store, (str, os.PathLike)):
+            from gridfeats.store import FeatureStore
+
+            if not os.path.isfile(store) and not os.path.isdir(os.fspath(store) + ".parts"):
+                raise FileNotFoundError(f"feature store not found: {os.fspath(store)}")
+            store = FeatureStore(os.fspath(store))
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.store = store
+        self.max_rows = max_rows
+        self.mode: str = store.mode
+        self.feature_dim: int = int(store.feature_dim)
+
+    def __contains__(self, image_id: Any) -> bool:
+        return image_id in self.store
+
+    def read(self, image_id: Any) -> ImageRows:
+        item = self.store[image_id]
+        features = torch.from_numpy(np.asarray(item["features"], dtype=np.float32))
+        if self.mode == "grid":
+            return self._grid_rows(features, item["grid_hw"])
+        return self._region_rows(features, item)
+
+    def _grid_rows(self, features: torch.Tensor, grid_hw: Any) -> ImageRows:
+        h, w = int(grid_hw[0]), int(grid_hw[1])
+        if self.max_rows is not None and h * w > self.max_rows:
+            new_h, new_w = fitted_grid_size(h, w, self.max_rows)
+            fmap = features.t().reshape(1, -1, h, w)
+            features = F.adaptive_avg_pool2d(fmap, (new_h, new_w))[0].reshape(-1, new_h * new_w).t()
+            h, w = new_h, new_w
+        return ImageRows(features.contiguous(), grid_cell_boxes(h, w), (h, w))
+
+    def _region_rows(self, features: torch.Tensor, item: Any) -> ImageRows:
+        boxes = torch.from_numpy(np.asarray(item["boxes"], dtype=np.float32)).reshape(-1, 4)
+        if self.max_rows is not None and features.shape[0] > self.max_rows:
+            scores = torch.from_numpy(np.asarray(item["scores"], dtype=np.float32))
+            keep = torch.argsort(scores, descending=True, stable=True)[: self.max_rows]
+            keep = torch.sort(keep).values  # keep the stored order among the survivors
+            features, boxes = features[keep], boxes[keep]
+        image_h, image_w = (max(int(v), 1) for v in item["image_hw"])
+        scale = torch.tensor([image_w, image_h, image_w, image_h], dtype=torch.float32)
+        return ImageRows(features.contiguous(), (boxes / scale).clamp(0.0, 1.0), (0, 0))
+
+
+def as_row_reader(features: Union["ImageRowReader", StoreLike],
+                  max_rows: Optional[int] = None) -> "ImageRowReader":
+    """``features`` as an ``ImageRowReader``: a reader is used as is, a store/path is wrapped."""
+    if isinstance(features, ImageRowReader):
+        if max_rows is not None and max_rows != features.max_rows:
+            raise ValueError("pass max_rows to the ImageRowReader itself when giving a reader")
+        return features
+    return ImageRowReader(features, max_rows=max_rows)
+
+
+MISSING_IMAGE_POLICIES = ("error", "skip")
+
+
+def find_missing_images(reader: ImageRowReader, image_ids: Any, policy: str,
+                        what: str) -> set:
+    """Image ids (of ``image_ids``) absent from the store; raises under ``policy="error"``.
+
+    The message names the store, a few ids and, when the store recorded why an image failed
+    extraction, that reason, so "missing" is never a mystery.
+    """
+    if policy not in MISSING_IMAGE_POLICIES:
+        raise ValueError(f"missing_images must be one of {MISSING_IMAGE_POLICIES}, got {policy!r}")
+    missing = {image_id for image_id in dict.fromkeys(image_ids) if image_id not in reader}
+    if missing and policy == "error":
+        from vqa.data.json_files import DataFormatError
+
+        shown = sorted(missing, key=str)[:5]
+        failed = dict(getattr(reader.store, "errors", []) or [])
+        reasons = [f"{i!r}: {failed[str(i)]}" for i in shown if str(i) in failed]
+        detail = f"; extraction failed for {', '.join(reasons)}" if reasons else ""
+        raise DataFormatError(
+            f"{len(missing)} image(s) of the {what} are not in the feature store "
+            f"{getattr(reader.store, 'path', '')} (e.g. {', '.join(map(repr, shown))}){detail}. "
+            f"Extract them, or pass missing_images='skip' to leave their entries out")
+    return missing
