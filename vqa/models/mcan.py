@@ -1,7 +1,8 @@
 """MCAN: Deep Modular Co-Attention Networks for VQA (Yu et al., CVPR 2019), encoder-decoder form.
 
 Structure, following the paper and MILVLG/mcan-vqa's configs:
-  * words: embeddings (300-d, GloVe in the paper) -> one-layer LSTM of width ``hidden``;
+  * words: embeddings (300-d, GloVe in the paper) -> one-layer LSTM of width ``hidden`` (or,
+    optionally, a pretrained transformer from a local directory and a linear map);
   * image rows: a linear map to ``hidden`` (plus this project's row-position encoding);
   * encoder: ``layers`` self-attention (SA) blocks over words;
   * decoder: ``layers`` SGA blocks over image rows, each = SA over rows, then guided attention
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from vqa.models.inputs import ImageRowEncoder, WordEmbedding, masked_softmax, run_lstm
+from vqa.models.text_encoder import PretrainedTextEncoder
 
 MCAN_SIZES: Dict[str, Dict[str, int]] = {
     "small": {"hidden": 512, "heads": 8, "ffn": 2048, "flat_mlp": 512, "flat_out": 1024},
@@ -125,7 +127,8 @@ class MCAN(nn.Module):
                  flat_mlp: Optional[int] = None, flat_out: Optional[int] = None,
                  layers: int = 6, word_dim: int = 300, dropout: float = 0.1,
                  flat_glimpses: int = 1, use_position: bool = True,
-                 word_vectors: Optional[np.ndarray] = None, freeze_words: bool = False) -> None:
+                 word_vectors: Optional[np.ndarray] = None, freeze_words: bool = False,
+                 text_encoder: Optional[str] = None, freeze_text_encoder: bool = False) -> None:
         super().__init__()
         if size is not None and size not in MCAN_SIZES:
             raise ValueError(f"unknown MCAN size {size!r}; choose one of {sorted(MCAN_SIZES)}")
@@ -135,8 +138,14 @@ class MCAN(nn.Module):
             if value is not None:
                 dims[name] = value
         h = dims["hidden"]
-        self.embedding = WordEmbedding(vocab_size, word_dim, word_vectors, freeze_words)
-        self.lstm = nn.LSTM(word_dim, h, batch_first=True)
+        if text_encoder:
+            self.text_encoder: Optional[PretrainedTextEncoder] = PretrainedTextEncoder(
+                text_encoder, freeze_text_encoder)
+            self.text_proj = nn.Linear(self.text_encoder.out_dim, h)
+        else:
+            self.text_encoder = None
+            self.embedding = WordEmbedding(vocab_size, word_dim, word_vectors, freeze_words)
+            self.lstm = nn.LSTM(word_dim, h, batch_first=True)
         self.image_encoder = ImageRowEncoder(feature_dim, h, use_position, activation=False)
         self.encoder = nn.ModuleList(
             SelfAttentionBlock(h, dims["heads"], dims["ffn"], dropout) for _ in range(layers))
@@ -151,10 +160,17 @@ class MCAN(nn.Module):
         self.classifier = nn.Linear(dims["flat_out"], num_answers)
 
     def forward(self, feats: torch.Tensor, feat_mask: torch.Tensor,
-                boxes: Optional[torch.Tensor], question: torch.Tensor) -> torch.Tensor:
-        """``feats [B,N,D]``, ``feat_mask [B,N]`` bool, ``boxes [B,N,4]``, ``question [B,T]``."""
-        word_mask = question != 0
-        words = run_lstm(self.lstm, self.embedding(question), word_mask.sum(1))
+                boxes: Optional[torch.Tensor], question: torch.Tensor,
+                question_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``feats [B,N,D]``, ``feat_mask [B,N]`` bool, ``boxes [B,N,4]``, ``question [B,T]``.
+
+        ``question_mask`` defaults to ``question != 0`` (id 0 is padding).
+        """
+        word_mask = question != 0 if question_mask is None else question_mask
+        if self.text_encoder is not None:
+            words = self.text_proj(self.text_encoder(question, word_mask))
+        else:
+            words = run_lstm(self.lstm, self.embedding(question), word_mask.sum(1))
         rows = self.image_encoder(feats, boxes)
         for block in self.encoder:
             words = block(words, word_mask)
