@@ -1,0 +1,3 @@
+from gridfeats.modeling.detector import GeneralizedRCNN, postprocess
+
+__all__ = ["GeneralizedRCNN", "postprocess"]

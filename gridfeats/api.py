@@ -1,0 +1,221 @@
+"""``Detector``: the one entry point the CLI, the batch job, the service and the tests use.
+
+It owns a :class:`~gridfeats.modeling.GeneralizedRCNN` in eval mode and turns images into
+grid features (grid-feats-vqa's C5 map) or detections with region features. Every path goes through
+:func:`gridfeats.data.preprocess.prepare_image`, so the numbers are the same whoever calls.
+
+Batches: Detectron2 pads a batch to its largest image, which changes the features near the
+bottom/right borders of the smaller images. To give exactly the batch-size-1 results, a batch is run
+as one forward per group of images that share the same network input size.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from gridfeats.checkpoint import LoadReport, load_checkpoint, sha256_file
+from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
+from gridfeats.data.preprocess import PreparedImage, prepare_image
+from gridfeats.modeling import GeneralizedRCNN, postprocess
+from gridfeats.modeling.roi_heads import BoxPredictions
+from gridfeats.precision import autocast, check_precision
+
+logger = logging.getLogger(__name__)
+
+#: grid-feats-vqa's extraction script forces this res5 dilation (stride-32 C5 map).
+GRID_RES5_DILATION = 1
+
+
+@dataclass
+class DetectionResult:
+    """Detections of one image with everything needed to check or store them."""
+
+    boxes: torch.Tensor  # [K, 4] original-image pixels
+    boxes_input: torch.Tensor  # [K, 4] network-input pixels
+    scores: torch.Tensor  # [K]
+    classes: torch.Tensor  # [K] int64, 0-based
+    features: torch.Tensor  # [K, D] box-head features pooled again (see Detector.pool_on_input_boxes)
+    attr_scores: Optional[torch.Tensor]  # [K, A] softmax, or None without an attribute head
+    orig_hw: Tuple[int, int]
+    input_hw: Tuple[int, int]
+
+    def as_dict(self) -> Dict[str, torch.Tensor]:
+        out = {"boxes": self.boxes, "scores": self.scores, "classes": self.classes, "features": self.features}
+        if self.attr_scores is not None:
+            out["attr_scores"] = self.attr_scores
+        return out
+
+
+@dataclass
+class RegionCandidates:
+    """Per-proposal outputs of the box branch for one image (input to custom region selection)."""
+
+    predictions: BoxPredictions
+    orig_hw: Tuple[int, int]
+    input_hw: Tuple[int, int]
+
+
+def _is_batch(images: Any) -> bool:
+    return isinstance(images, (list, tuple))
+
+
+class Detector:
+    """A Detectron2-compatible grid-feats-vqa detector in inference mode.
+
+    Args:
+        cfg: a config from :func:`gridfeats.get_cfg`, or a path / shipped name passed to it.
+        weights: a ``.pth``/``.pkl`` checkpoint; ``None`` keeps the seeded random initialisation.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        allow_partial: accept a checkpoint that leaves some tensors at init (refused by default).
+        precision: ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` (fast modes, where the hardware has them).
+        seed: seed of the random initialisation (used for every tensor the checkpoint does not set).
+        max_pixels: decompression-bomb guard of the image reader.
+        pool_on_input_boxes: where :meth:`detect` pools region features. ``False`` (default)
+            reproduces Detectron2 + grid-feats-vqa exactly: their ``detector_postprocess`` rescales
+            the detections' box tensor in place, so features are pooled again on the *returned*
+            boxes (original-image pixels) read on the network-input feature map. ``True`` pools on the
+            boxes in network-input pixels instead (geometrically aligned; differs from the reference
+            whenever the image was resized).
+    """
+
+    def __init__(self, cfg: Any, weights: Optional[Union[str, os.PathLike]] = None, device: Union[str, torch.device] = "cpu",
+                 allow_partial: bool = False, precision: str = "fp32", seed: int = 0,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, pool_on_input_boxes: bool = False):
+        if not hasattr(cfg, "MODEL"):
+            from gridfeats.config import get_cfg
+
+            cfg = get_cfg(cfg)
+        self.cfg = cfg
+        self.device = torch.device(device)
+        check_precision(precision, self.device)
+        self.precision = precision
+        self.max_pixels = max_pixels
+        self.pool_on_input_boxes = pool_on_input_boxes
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = GeneralizedRCNN(cfg)
+        self.load_report: Optional[LoadReport] = None
+        self.weights_sha256 = ""
+        if weights is not None:
+            self.load_report, _ = load_checkpoint(model, weights, allow_partial=allow_partial)
+            self.weights_sha256 = sha256_file(weights)
+        else:
+            logger.warning("no weights given: the detector uses a seeded random initialisation (seed %d)", seed)
+        self.model = model.eval().to(self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if self.device.type == "cuda" and precision == "fp32":
+            # Ampere+ GPUs default to TF32 convolutions (~1e-3 relative error); exact mode turns it off.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+    # -- properties ----------------------------------------------------------------------------------
+    @property
+    def random_init(self) -> bool:
+        return self.load_report is None
+
+    @property
+    def grid_dim(self) -> int:
+        return self.model.backbone._out_channels.get("res5", self.model.roi_heads.feature_dim)
+
+    @property
+    def region_dim(self) -> int:
+        return self.model.roi_heads.feature_dim
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.roi_heads.num_classes
+
+    @property
+    def num_attributes(self) -> int:
+        return self.cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_CLASSES if self.cfg.MODEL.ATTRIBUTE_ON else 0
+
+    # -- input -----------------------------------------------------------------------------------------
+    def prepare(self, image: Union[ImageSource, PreparedImage]) -> PreparedImage:
+        """Decode and resize one image as the config says (Detectron2's test mapper)."""
+        if isinstance(image, PreparedImage):
+            return image
+        return prepare_image(image, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST,
+                             self.cfg.INPUT.FORMAT, self.max_pixels)
+
+    def _prepare_all(self, images: Sequence[Union[ImageSource, PreparedImage]]) -> List[PreparedImage]:
+        return [self.prepare(im) for im in images]
+
+    def _groups(self, prepared: Sequence[PreparedImage]) -> List[List[int]]:
+        groups: Dict[Tuple[int, int], List[int]] = defaultdict(list)
+        for i, p in enumerate(prepared):
+            groups[p.input_hw].append(i)
+        return list(groups.values())
+
+    def _context(self):
+        return autocast(self.precision, self.device)
+
+    # -- grid features -------------------------------------------------------------------------------
+    def grid_batch(self, prepared: Sequence[PreparedImage]) -> List[torch.Tensor]:
+        """C5 grids ``[C, ceil(h/32), ceil(w/32)]`` (float32, on the model device) for prepared images."""
+        out: List[Optional[torch.Tensor]] = [None] * len(prepared)
+        with torch.inference_mode(), self._context():
+            for group in self._groups(prepared):
+                images = self.model.preprocess([prepared[i].image for i in group])
+                features = self.model.backbone(images.tensor, res5_dilation=GRID_RES5_DILATION)
+                grids = self.model.roi_heads.conv5_features(features).float()
+                for j, i in enumerate(group):
+                    out[i] = grids[j]
+        return out  # type: ignore[return-value]
+
+    def extract_grid(self, images: Union[ImageSource, Sequence[ImageSource]]) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """grid-feats-vqa's grid feature: the stride-32 C5 map as a CPU float32 ``[C, H', W']`` tensor.
+
+        Accepts one image (path, PIL image, HxWx3 uint8 RGB array) or a list of them.
+        """
+        single = not _is_batch(images)
+        grids = [g.cpu() for g in self.grid_batch(self._prepare_all([images] if single else images))]
+        return grids[0] if single else grids
+
+    # -- detections -----------------------------------------------------------------------------------
+    def detect_batch(self, prepared: Sequence[PreparedImage]) -> List[DetectionResult]:
+        """Detectron2 inference as configured, plus region features and attribute probabilities."""
+        out: List[Optional[DetectionResult]] = [None] * len(prepared)
+        heads = self.model.roi_heads
+        with torch.inference_mode(), self._context():
+            for group in self._groups(prepared):
+                images = self.model.preprocess([prepared[i].image for i in group])
+                features, detections = self.model.inference(images)
+                for j, i in enumerate(group):
+                    p = prepared[i]
+                    final, kept = postprocess(detections[j], p.input_hw, p.orig_hw)
+                    boxes_input = detections[j].boxes[kept]
+                    single = {k: v[j:j + 1] for k, v in features.items()}
+                    pool_boxes = boxes_input if self.pool_on_input_boxes else final.boxes
+                    feats = heads.box_features(single, [pool_boxes]).float()
+                    attrs = heads.attribute_probs(feats, final.classes).float() if heads.attribute_on else None
+                    out[i] = DetectionResult(final.boxes.float(), boxes_input.float(), final.scores.float(), final.classes,
+                                             feats, attrs, p.orig_hw, p.input_hw)
+        return out  # type: ignore[return-value]
+
+    def detect(self, images: Union[ImageSource, Sequence[ImageSource]]) -> Union[Dict[str, torch.Tensor], List[Dict[str, torch.Tensor]]]:
+        """Detections as a dict of CPU tensors: ``boxes [K,4]`` (xyxy, original pixels), ``scores``,
+        ``classes`` (0-based), ``features [K,D]`` and ``attr_scores [K,A]``, in Detectron2's order."""
+        single = not _is_batch(images)
+        results = self.detect_batch(self._prepare_all([images] if single else images))
+        dicts = [{k: v.cpu() for k, v in r.as_dict().items()} for r in results]
+        return dicts[0] if single else dicts
+
+    def region_candidates(self, prepared: Sequence[PreparedImage]) -> List[RegionCandidates]:
+        """Every proposal's box-branch output, for selection rules other than Detectron2's
+        (e.g. bottom-up-attention's), computed on the detection model (dilated res5)."""
+        out: List[Optional[RegionCandidates]] = [None] * len(prepared)
+        with torch.inference_mode(), self._context():
+            for group in self._groups(prepared):
+                images = self.model.preprocess([prepared[i].image for i in group])
+                features = self.model.backbone(images.tensor)
+                proposals = self.model.proposal_generator(images, features)
+                predictions = self.model.roi_heads.predict(features, proposals)
+                for j, i in enumerate(group):
+                    out[i] = RegionCandidates(predictions[j], prepared[i].orig_hw, prepared[i].input_hw)
+        return out  # type: ignore[return-value]

@@ -1,0 +1,55 @@
+"""Conv2d carrying its norm as a child module (Detectron2's naming: ``conv.weight``, ``conv.norm.*``)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_Pair = Union[int, Tuple[int, int]]
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` + optional ``norm`` child; stride/padding/dilation can be overridden per call.
+
+    The per-call override lets one set of weights run both as the dilated detector (res5 stride 16)
+    and as grid-feats-vqa's undilated extractor (stride 32) without copying the model or mutating
+    it, so concurrent callers never see each other's setting.
+    """
+
+    def __init__(self, *args, norm: Optional[nn.Module] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm = norm
+        self._folded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def forward(self, x: torch.Tensor, stride: Optional[_Pair] = None, padding: Optional[_Pair] = None,
+                dilation: Optional[_Pair] = None) -> torch.Tensor:
+        stride = self.stride if stride is None else stride
+        padding = self.padding if padding is None else padding
+        dilation = self.dilation if dilation is None else dilation
+        if self._folded is not None:
+            weight, bias = self._folded
+            return F.conv2d(x, weight, bias, stride, padding, dilation, self.groups)
+        x = F.conv2d(x, self.weight, self.bias, stride, padding, dilation, self.groups)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+    def fold_norm(self) -> None:
+        """Precompute ``conv`` with the frozen norm folded in (faster inference, float noise only).
+
+        The original weights and buffers stay untouched (state dicts and exact mode are unchanged);
+        :meth:`unfold_norm` returns to the exact two-step computation.
+        """
+        scale_and_shift = getattr(self.norm, "scale_and_shift", None)
+        if scale_and_shift is None:
+            return
+        with torch.no_grad():
+            scale, shift = scale_and_shift()
+            weight = self.weight * scale.reshape(-1, 1, 1, 1)
+            bias = shift if self.bias is None else self.bias * scale + shift
+        self._folded = (weight.contiguous(), bias.contiguous())
+
+    def unfold_norm(self) -> None:
+        self._folded = None

@@ -1,0 +1,38 @@
+"""ROI pooling from a single feature map with torchvision's ``roi_align`` (ROIAlignV2 = aligned)."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+
+class ROIPooler(nn.Module):
+    """Pool ``output_size x output_size`` features for boxes given in input-image pixels.
+
+    ``ROIAlignV2`` shifts boxes by -0.5 pixel (``aligned=True``), which the released models were
+    trained with; ``ROIAlign`` is the legacy unshifted variant. There is one level, so there is no
+    FPN level assignment.
+    """
+
+    def __init__(self, output_size: int, spatial_scale: float, sampling_ratio: int, pooler_type: str = "ROIAlignV2"):
+        super().__init__()
+        if pooler_type not in ("ROIAlignV2", "ROIAlign"):
+            raise ValueError(f"POOLER_TYPE {pooler_type!r} is not supported (ROIAlignV2, ROIAlign)")
+        self.output_size = (output_size, output_size)
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = pooler_type == "ROIAlignV2"
+
+    def forward(self, feature: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
+        """``boxes[i]`` are image i's ``[R_i, 4]`` boxes; returns ``[sum R_i, C, S, S]``."""
+        rois = torch.cat(
+            [torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1)
+             for i, b in enumerate(boxes)],
+            dim=0,
+        )
+        if rois.numel() == 0:
+            return feature.new_zeros((0, feature.shape[1], *self.output_size))
+        return roi_align(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale,
+                         self.sampling_ratio, self.aligned)
