@@ -57,7 +57,7 @@ from gridfeats.data.synthetic_questions import QuestionAnswer, make_questions
 from gridfeats.data.synthetic_scene import COLORS, SHAPES, SIZES, SceneObject, render_scene
 from gridfeats.data.vocab import write_vocab
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike]
 
 MAX_IMAGES = 999_999  # six-digit file names
 MAX_QUESTIONS_PER_IMAGE = 10

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
-from gridfeats.data.synthetic_scene import COLORS, SHAPES, SIZES, Scene, Word
+from gridfeats.data.synthetic_scene import COLORS, SHAPES, SIZES, Scene
 
 ANSWERS_PER_QUESTION = 10
 FULL_AGREEMENT_RATE = 0.6  # share of questions where all ten annotators give the same answer

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import List, Sequence, Union
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike]
 
 
 class VocabError(ValueError):
