@@ -38,6 +38,7 @@ setup(
         "vqa": [
             "pycocoevalcap>=1.2",
             "transformers>=4.30",
+            "lmdb>=1.0",  # `gridfeats export --format mmf-lmdb` (MMF's LMDB feature reader)
         ],
         "dev": [
             "pytest>=7.0",

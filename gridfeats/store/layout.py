@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import h5py
 import numpy as np
@@ -213,24 +214,12 @@ def read_errors(f: h5py.File) -> List[Tuple[str, str]]:
 
 
 def open_store_file(path: str, rdcc_nbytes: int = 16 << 20) -> h5py.File:
-    """Open a store file read-only, turning 'not HDF5' into a :class:`StoreFormatError`."""
+    """Open a store file read-only, with clear errors for missing, non-file or non-HDF5 paths."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"feature store not found: {path}")
+    if os.path.isdir(path):
+        raise StoreFormatError(f"{path}: is a directory, not a feature store file")
     try:
         return h5py.File(path, "r", rdcc_nbytes=rdcc_nbytes)
-    except FileNotFoundError:
-        raise
     except OSError as exc:
-        import os
-
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"feature store not found: {path}") from None
-        if os.path.isdir(path):
-            raise StoreFormatError(f"{path}: is a directory, not a feature store file") from None
         raise StoreFormatError(f"{path}: cannot be opened as HDF5 ({exc})") from None
-
-
-def index_hw_row(index: StoreIndex, i: int) -> Mapping[str, np.ndarray]:
-    return {name: arr[i] for name, arr in index.hw.items()}
-
-
-def optional_str(value: Optional[str]) -> str:
-    return "" if value is None else value
