@@ -34,10 +34,13 @@ class ServiceSettings(BaseModel):
     weights: Optional[str] = Field(None, description="checkpoint file (None: random init)")
     opts: Tuple[str, ...] = Field((), description="config overrides as KEY VALUE pairs")
     device: str = Field("cpu", description="torch device for the model, e.g. cpu, cuda, cuda:1")
-    precision: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="compute precision of the model (autocast when not float32)"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="compute precision of the model (gridfeats.precision; fp32 is exact)"
     )
-    vocab_file: Optional[str] = Field(None, description="JSON with 'objects' and 'attributes' name lists")
+    objects_vocab: Optional[str] = Field(None, description="objects_vocab.txt: class names in answers")
+    attributes_vocab: Optional[str] = Field(
+        None, description="attributes_vocab.txt: attribute names in answers"
+    )
 
     # The socket.
     host: str = "127.0.0.1"
