@@ -372,3 +372,24 @@ def assert_same_content(a: FeatureStore, b: FeatureStore) -> None:
         for key in left:
             np.testing.assert_array_equal(left[key], right[key], err_msg=f"{image_id}/{key}")
     assert sorted(a.errors) == sorted(b.errors)
+
+
+def test_reader_refuses_to_mix_its_index_with_a_replaced_file(tmp_path):
+    out = str(tmp_path / "r.h5")
+    write_grid(out, [0, 1])
+    store = FeatureStore(out)
+    write_grid(out, [5], meta_kw={})  # extends the run: the file is replaced by a consolidated one
+    assert len(FeatureStore(out)) == 3
+    with pytest.raises(StoreError, match="was replaced"):
+        store[0]
+
+
+def test_merge_refuses_a_shard_with_an_unfinished_run(tmp_path):
+    a, b = str(tmp_path / "a.h5"), str(tmp_path / "b.h5")
+    write_grid(a, [0])
+    write_grid(b, [1])
+    writer = FeatureWriter(b, grid_meta())
+    writer.add("2", grid_record(grid_map(2), (1, 1), (1, 1)))
+    writer.abort()
+    with pytest.raises(StoreError, match="unfinished run"):
+        merge_stores(str(tmp_path / "m.h5"), [a, b])

@@ -31,7 +31,7 @@ from gridfeats.store.layout import (
 # Largest block of rows copied at once; bounds memory while consolidating big stores.
 _COPY_BLOCK_BYTES = 64 << 20
 # Upper bound of one chunk of rows/*: small enough to read one image without decompressing much.
-_MAX_CHUNK_BYTES = 4 << 20
+_MAX_CHUNK_BYTES = 1 << 20
 
 
 class RowSource(Protocol):

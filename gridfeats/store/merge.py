@@ -29,9 +29,9 @@ def merge_stores(out_path: str, shard_paths: Sequence[str], compression: str = "
     if len(set(shards)) != len(shards):
         raise StoreError("a shard file is listed twice")
     for shard in shards:
+        if os.path.isdir(shard + ".parts"):
+            raise StoreError(f"shard {shard} has an unfinished run ({shard}.parts exists); finish it first")
         if not os.path.exists(shard):
-            if os.path.isdir(shard + ".parts"):
-                raise StoreError(f"shard {shard} is unfinished (only {shard}.parts exists); finish its run first")
             raise StoreError(f"shard not found: {shard}")
     if os.path.exists(out_abs) and not overwrite:
         raise StoreError(f"{out_path} already exists; remove it or pass overwrite")

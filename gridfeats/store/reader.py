@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import h5py
 import numpy as np
 
-from gridfeats.store.errors import StoreIncompleteError
+from gridfeats.store.errors import StoreError, StoreIncompleteError
 from gridfeats.store.layout import (
     StoreIndex,
     StoreMetadata,
@@ -52,6 +52,7 @@ class FeatureStore:
                 stacklevel=2,
             )
         with open_store_file(self.path) as f:
+            self._identity = _file_identity(self.path)
             self.meta: StoreMetadata = StoreMetadata.from_file(f)
             self.attrs: Dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
             self._index: StoreIndex = read_index(f, self.meta.mode)
@@ -118,6 +119,13 @@ class FeatureStore:
         pid = os.getpid()
         if self._file is None or self._pid != pid:
             # A handle inherited through fork belongs to the parent: never touch it here.
+            if _file_identity(self.path) != self._identity:
+                # The index in memory describes the old file; reading the new one with it would
+                # return other images' rows.
+                raise StoreError(
+                    f"{self.path} was replaced after this FeatureStore loaded its index (a run finished "
+                    "or extended it); create a new FeatureStore"
+                )
             self._file = open_store_file(self.path, rdcc_nbytes=self._cache_bytes)
             self._pid = pid
         return self._file
@@ -141,6 +149,11 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.path!r}, mode={self.meta.mode}, images={len(self)}, errors={len(self.errors)})"
+
+
+def _file_identity(path: str) -> Tuple[int, int, int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _key(image_id: Any) -> str:

@@ -40,11 +40,10 @@ def grid_rows_to_map(rows: np.ndarray, grid_hw: Sequence[int]) -> np.ndarray:
 
 def grid_record(feature_map: Any, image_hw: Sequence[int], input_hw: Sequence[int]) -> Record:
     """The record of one grid image from its ``[D,h,w]`` C5 map and its two sizes."""
-    rows = grid_map_to_rows(feature_map)
-    fmap_shape = _to_numpy(feature_map).shape
+    fmap = _to_numpy(feature_map)  # once: a GPU tensor is copied to the host a single time
     return {
-        "features": rows,
-        "grid_hw": np.asarray(fmap_shape[-2:], dtype=np.int32),
+        "features": grid_map_to_rows(fmap),
+        "grid_hw": np.asarray(fmap.shape[-2:], dtype=np.int32),
         "image_hw": np.asarray(image_hw, dtype=np.int32),
         "input_hw": np.asarray(input_hw, dtype=np.int32),
     }
