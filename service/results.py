@@ -97,7 +97,8 @@ def cast_features(features: np.ndarray, dtype: np.dtype, index: int) -> np.ndarr
     """``features`` in the requested dtype, refusing NaN/inf (model fault) and float16 overflow."""
     if not np.isfinite(features).all():
         raise ModelFailure(f"image {index}: the model produced NaN or infinite features")
-    cast = features.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # overflow is detected below and reported to the client
+        cast = features.astype(dtype, copy=False)
     if cast.dtype != features.dtype and not np.isfinite(cast).all():
         raise InvalidParameter(
             f"image {index}: features exceed the {dtype} range (max {np.finfo(dtype).max:g}); "

@@ -1,0 +1,202 @@
+"""Small parts of the service on their own: settings, API keys, media types, content negotiation,
+result shaping and the command line's start-up checks."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from service import cli
+from service.auth import ApiKeyChecker, ApiKeyFileError, read_key_file
+from service.backend import GridOutput, RegionOutput
+from service.encoding import choose_media_type, encode_npy, npz_arrays
+from service.errors import InvalidParameter, ModelFailure, NotAcceptable, UnsupportedMediaType
+from service.results import ImageResult, Vocabulary, VocabularyError, cast_features, pool_grid, shape_results, top_attributes
+from service.schemas import FeatureQuery
+from service.settings import ServiceSettings, SettingsError, load_settings
+from service.uploads import base_media_type, check_media_type, sniff_image_type
+from tests.test_service_support import image_bytes
+
+
+# ---------------------------------------------------------------------------------- settings
+def test_settings_come_from_env_and_flags_win():
+    env = {"GRIDFEATS_MAX_BATCH": "16", "GRIDFEATS_PORT": "9000", "GRIDFEATS_API_KEYS": "a, b,,c",
+           "GRIDFEATS_OPTS": "INPUT.MIN_SIZE_TEST 96 MODEL.DEVICE 'cpu'", "GRIDFEATS_WARMUP": "false",
+           "UNRELATED": "x"}
+    settings = load_settings({"port": 8123, "host": None}, environ=env)
+    assert settings.max_batch == 16 and settings.port == 8123 and settings.host == "127.0.0.1"
+    assert [k.get_secret_value() for k in settings.api_keys] == ["a", "b", "c"]
+    assert settings.opts == ("INPUT.MIN_SIZE_TEST", "96", "MODEL.DEVICE", "cpu")
+    assert settings.warmup is False
+    assert "a" not in repr(settings.api_keys)  # secrets stay hidden in reprs and logs
+
+
+@pytest.mark.parametrize("env,phrase", [
+    ({"GRIDFEATS_MAX_BATCH": "0"}, "max_batch (flag or GRIDFEATS_MAX_BATCH)"),
+    ({"GRIDFEATS_PORT": "http"}, "port (flag or GRIDFEATS_PORT)"),
+    ({"GRIDFEATS_PRECISION": "int8"}, "precision"),
+])
+def test_invalid_settings_name_the_setting(env, phrase):
+    with pytest.raises(SettingsError) as err:
+        load_settings({}, environ=env)
+    assert phrase in str(err.value)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_flags_map_onto_settings():
+    args = _parse(["--max-batch", "4", "--max-wait-ms", "2.5", "--cors-origins", "https://a.example, https://b.example",
+                   "--no-warmup", "--opts", "INPUT.MIN_SIZE_TEST", "96"])
+    settings = load_settings(cli._overrides(args), environ={})
+    assert (settings.max_batch, settings.max_wait_ms, settings.warmup) == (4, 2.5, False)
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.opts == ("INPUT.MIN_SIZE_TEST", "96")
+
+
+@pytest.mark.parametrize("overrides,phrase", [
+    (dict(config="no-such-config.yaml"), "config:"),
+    (dict(opts=("INPUT.NOT_A_KEY", "1")), "config:"),
+    (dict(opts=("INPUT.MIN_SIZE_TEST",)), "KEY VALUE pairs"),
+    (dict(weights="/nonexistent/model.pth"), "weights: file not found"),
+    (dict(objects_vocab="/nonexistent/objects.txt"), "objects_vocab: file not found"),
+    (dict(device="tpu:0"), "device:"),
+])
+def test_start_up_checks_fail_fast_with_one_line(overrides, phrase):
+    with pytest.raises(SettingsError) as err:
+        cli.check_model_settings(ServiceSettings(**overrides))
+    assert phrase in str(err.value)
+
+
+def test_cli_run_returns_2_and_prints_the_reason(capsys):
+    code = cli.run(_parse(["--weights", "/nonexistent/model.pth"]))
+    assert code == 2
+    assert "gridfeats serve: error: weights: file not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- API keys
+def test_api_key_checker():
+    off = ApiKeyChecker([])
+    assert not off.enabled and off.is_valid(None)
+    on = ApiKeyChecker(["alpha", "beta"])
+    assert on.enabled
+    assert on.is_valid("alpha") and on.is_valid("beta")
+    assert not on.is_valid("alph") and not on.is_valid("") and not on.is_valid(None)
+
+
+def test_api_key_file(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# comment\n\n  k1  \nk2\n")
+    assert read_key_file(str(path)) == ["k1", "k2"]
+    assert ApiKeyChecker.from_sources(["k0"], str(path)).is_valid("k2")
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(ApiKeyFileError, match="holds no keys"):
+        read_key_file(str(tmp_path / "empty"))
+    with pytest.raises(ApiKeyFileError, match="not found"):
+        read_key_file(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------- media types
+@pytest.mark.parametrize("fmt,media", [("PNG", "image/png"), ("JPEG", "image/jpeg"), ("GIF", "image/gif"),
+                                       ("BMP", "image/bmp"), ("TIFF", "image/tiff"), ("WEBP", "image/webp")])
+def test_sniffing_recognises_each_accepted_format(fmt, media):
+    assert sniff_image_type(image_bytes(8, 8, fmt=fmt)) == media
+
+
+def test_media_type_checks():
+    png = image_bytes(8, 8)
+    assert base_media_type("Image/JPG; charset=binary") == "image/jpeg"
+    check_media_type("image/png", png, "x")
+    check_media_type("application/octet-stream", png, "x")  # multipart parts: the bytes decide
+    check_media_type("image/png", b"unknown bytes", "x")  # left to the decoder's 400
+    with pytest.raises(UnsupportedMediaType, match="which is image/png"):
+        check_media_type("image/webp", png, "x")
+    with pytest.raises(UnsupportedMediaType, match="unsupported content type 'application/pdf'"):
+        check_media_type("application/pdf", png, "x")
+
+
+# ------------------------------------------------------------------------------- negotiation
+@pytest.mark.parametrize("accept,chosen", [
+    (None, "application/json"),
+    ("*/*", "application/json"),
+    ("application/x-npy", "application/x-npy"),
+    ("text/html, application/x-npz;q=0.5, application/json;q=0.4", "application/x-npz"),
+    ("application/json;q=0.1, application/x-npy", "application/x-npy"),
+    ("text/html, */*;q=0.1", "application/json"),
+])
+def test_accept_header_negotiation(accept, chosen):
+    assert choose_media_type(accept) == chosen
+
+
+def test_unsatisfiable_accept_headers_are_406():
+    for accept in ("text/html", "application/x-npy;q=0"):
+        with pytest.raises(NotAcceptable):
+            choose_media_type(accept)
+    two = [ImageResult(i, (1, 1), (1, 1), {"features": np.zeros((1, 2), np.float32)}) for i in range(2)]
+    with pytest.raises(NotAcceptable):
+        encode_npy(two)
+    assert sorted(npz_arrays(two)) == ["0/features", "0/image_hw", "0/input_hw", "1/features", "1/image_hw",
+                                       "1/input_hw"]
+
+
+# ----------------------------------------------------------------------------------- shaping
+@pytest.mark.parametrize("h,w,size", [(7, 5, 3), (4, 4, 2), (5, 9, 4), (3, 3, 1)])
+def test_grid_pooling_matches_torch_adaptive_pooling(h, w, size):
+    fmap = np.random.RandomState(h * w).randn(6, h, w).astype(np.float32)
+    tensor = torch.from_numpy(fmap)[None]
+    np.testing.assert_allclose(pool_grid(fmap, "avg", size),
+                               torch.nn.functional.adaptive_avg_pool2d(tensor, (size, size))[0].numpy(), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_array_equal(pool_grid(fmap, "max", size),
+                                  torch.nn.functional.adaptive_max_pool2d(tensor, (size, size))[0].numpy())
+    assert pool_grid(fmap, "avg", 100).shape == (6, h, w)
+    assert pool_grid(fmap, "none", 1) is fmap
+
+
+def test_top_attributes_orders_by_probability_with_stable_ties():
+    scores = np.array([[0.1, 0.5, 0.2, 0.5], [0.7, 0.1, 0.1, 0.1]], np.float32)
+    ids, probs = top_attributes(scores, 3, 2)
+    assert ids.tolist() == [[1, 3, 2], [0, 1, 2]]
+    np.testing.assert_array_equal(probs, np.array([[0.5, 0.5, 0.2], [0.7, 0.1, 0.1]], np.float32))
+    ids, _ = top_attributes(scores, 10, 2)
+    assert ids.shape == (2, 4)
+    ids, probs = top_attributes(None, 5, 3)
+    assert ids.shape == (3, 0) and probs.shape == (3, 0)
+
+
+def test_feature_casts_refuse_overflow_and_non_finite_values():
+    assert cast_features(np.ones((2, 2), np.float32), np.dtype("float16"), 0).dtype == np.float16
+    with pytest.raises(InvalidParameter, match="exceed the float16 range"):
+        cast_features(np.full((1, 2), 1e6, np.float32), np.dtype("float16"), 3)
+    with pytest.raises(ModelFailure, match="image 1"):
+        cast_features(np.array([[np.nan]], np.float32), np.dtype("float32"), 1)
+
+
+def test_region_shaping_uses_the_vocabulary_names():
+    output = RegionOutput(
+        features=np.ones((2, 3), np.float32), boxes=np.zeros((2, 4), np.float32),
+        scores=np.array([0.9, 0.2], np.float32), classes=np.array([2, 0]),
+        attr_scores=np.array([[0.1, 0.9], [0.6, 0.4]], np.float32), image_hw=(5, 6), input_hw=(10, 12))
+    vocab = Vocabulary(objects=("cat", "dog", "tree"), attributes=("red", "tall"))
+    (result,) = shape_results([output], FeatureQuery(mode="region", attr_topk=1), vocab)
+    assert result.names == {"class_names": ["tree", "cat"], "attr_names": [["tall"], ["red"]]}
+    assert result.arrays["classes"].dtype == np.int32
+    grid = GridOutput(np.zeros((3, 2, 2), np.float32), (5, 6), (10, 12))
+    (grid_result,) = shape_results([grid], FeatureQuery(), Vocabulary())
+    assert grid_result.arrays["features"].shape == (4, 3) and grid_result.names == {}
+
+
+def test_vocabulary_files_must_match_the_model(tmp_path):
+    objects = tmp_path / "objects_vocab.txt"
+    objects.write_text("cat\ndog,puppy\ntree")
+    attributes = tmp_path / "attributes_vocab.txt"
+    attributes.write_text("red\ntall")
+    vocab = Vocabulary.load(str(objects), str(attributes), num_classes=3, num_attributes=2)
+    assert vocab.objects == ("cat", "dog", "tree") and vocab.loaded
+    with pytest.raises(VocabularyError, match="names 3 objects but the model has 1600 classes"):
+        Vocabulary.load(str(objects), None, num_classes=1600, num_attributes=400)
