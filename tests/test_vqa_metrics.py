@@ -304,3 +304,16 @@ def test_spice_is_skipped_or_refused_without_its_models():
     with pytest.raises(CaptionEvalError, match="SPICE was requested but cannot run"):
         evaluate_captions(_caption_annotations(), [{"image_id": 1, "caption": "a dog"}],
                           use_spice=True)
+
+
+@pytest.mark.parametrize("statement", ["import vqa.metrics", "import vqa.data.answer_vocab",
+                                       "from vqa.data import VQADataset"])
+def test_modules_import_on_their_own(statement):
+    # vqa.metrics and vqa.data import each other's modules; a fresh interpreter catches cycles.
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", statement], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

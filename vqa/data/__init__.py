@@ -13,23 +13,38 @@ Modules (each with one job):
   collate               collate_vqa / collate_captions: dicts of padded tensors and masks
   json_files            path-or-loaded JSON reading with clear errors (DataFormatError)
 
-Names used by the engine and CLIs are re-exported here.
+Names used by the engine and CLIs are re-exported here, imported on first use: the metrics
+import ``answer_normalization`` and ``json_files`` from this package while ``answer_vocab``
+imports the metric, so an eager ``__init__`` would make that a circular import (and would load
+torch for a plain ``import vqa.data``).
 """
-from vqa.data.answer_normalization import normalize_answer
-from vqa.data.answer_vocab import AnswerVocab, answer_scores
-from vqa.data.caption_dataset import CaptionDataset
-from vqa.data.collate import collate_captions, collate_vqa
-from vqa.data.hf_tokenizer import HFQuestionTokenizer
-from vqa.data.image_rows import ImageRowReader, ImageRows
-from vqa.data.json_files import DataFormatError, read_json
-from vqa.data.text import tokenize
-from vqa.data.vqa_dataset import VQADataset
-from vqa.data.word_vectors import load_word_vectors
-from vqa.data.word_vocab import CAPTION_SPECIALS, QUESTION_SPECIALS, WordVocab
+import importlib
+from typing import Any
 
-__all__ = [
-    "AnswerVocab", "CAPTION_SPECIALS", "CaptionDataset", "DataFormatError", "HFQuestionTokenizer",
-    "ImageRowReader", "ImageRows", "QUESTION_SPECIALS", "VQADataset", "WordVocab",
-    "answer_scores", "collate_captions", "collate_vqa", "load_word_vectors", "normalize_answer",
-    "read_json", "tokenize",
-]
+_LAZY = {
+    "normalize_answer": "vqa.data.answer_normalization",
+    "AnswerVocab": "vqa.data.answer_vocab",
+    "answer_scores": "vqa.data.answer_vocab",
+    "CaptionDataset": "vqa.data.caption_dataset",
+    "collate_captions": "vqa.data.collate",
+    "collate_vqa": "vqa.data.collate",
+    "HFQuestionTokenizer": "vqa.data.hf_tokenizer",
+    "ImageRowReader": "vqa.data.image_rows",
+    "ImageRows": "vqa.data.image_rows",
+    "DataFormatError": "vqa.data.json_files",
+    "read_json": "vqa.data.json_files",
+    "tokenize": "vqa.data.text",
+    "VQADataset": "vqa.data.vqa_dataset",
+    "load_word_vectors": "vqa.data.word_vectors",
+    "CAPTION_SPECIALS": "vqa.data.word_vocab",
+    "QUESTION_SPECIALS": "vqa.data.word_vocab",
+    "WordVocab": "vqa.data.word_vocab",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vqa.data' has no attribute {name!r}")
