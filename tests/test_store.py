@@ -393,3 +393,17 @@ def test_merge_refuses_a_shard_with_an_unfinished_run(tmp_path):
     writer.abort()
     with pytest.raises(StoreError, match="unfinished run"):
         merge_stores(str(tmp_path / "m.h5"), [a, b])
+
+
+def test_consolidate_mid_run_publishes_committed_images_and_readers_are_warned(tmp_path):
+    out = str(tmp_path / "live.h5")
+    writer = FeatureWriter(out, grid_meta(), commit_every=2)
+    for i in range(5):
+        writer.add(str(i), grid_record(grid_map(i), (100 + i, 200), (600, 1000)))
+    writer.consolidate()  # 4 committed, 1 still buffered
+    with pytest.warns(RuntimeWarning, match="unfinished"):
+        live = FeatureStore(out)
+    assert live.ids == ["0", "1", "2", "3"]
+    np.testing.assert_array_equal(live.grid("3"), grid_map(3))
+    writer.close()
+    assert FeatureStore(out).ids == [str(i) for i in range(5)]
