@@ -236,6 +236,11 @@ class FeatureWriter:
     def __enter__(self) -> "FeatureWriter":
         return self
 
+    def __del__(self) -> None:
+        # A writer dropped without close/abort must not keep the output locked for the rest of
+        # the process; its buffered (uncommitted) images are simply not committed.
+        self._release_lock()
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close()
@@ -311,8 +316,9 @@ class FeatureWriter:
             return False
 
     def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
+        fd = getattr(self, "_lock_fd", None)  # may run from __del__ of a half-built writer
+        if fd is not None:
+            os.close(fd)
             self._lock_fd = None
 
     def _create_parts_dir(self) -> None:
