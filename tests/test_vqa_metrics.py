@@ -317,3 +317,14 @@ def test_modules_import_on_their_own(statement):
     done = subprocess.run([sys.executable, "-c", statement], cwd=root, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_allow_missing_scores_the_answered_subset():
+    annotations, questions, results = _three()
+    scores = evaluate_vqa(annotations, questions, results[1:], allow_missing=True)
+    assert scores["overall"] == round(100 * sum(c["accuracy"] for c in CASES[1:3]) / 2, 2)
+    with pytest.raises(VQAEvalError, match="not in the annotations"):
+        evaluate_vqa(annotations, questions, results + [{"question_id": 5, "answer": "x"}],
+                     allow_missing=True)
+    with pytest.raises(VQAEvalError, match="results are empty"):
+        evaluate_vqa(annotations, questions, [], allow_missing=True)

@@ -25,7 +25,7 @@ empty).
 
 Result files must answer exactly the annotated questions, once each: like the official
 ``loadRes`` assertion, a missing or unknown id is an error (``VQAEvalError``), here with the
-counts and a few example ids.
+counts and a few example ids. ``allow_missing=True`` relaxes only the "missing" half.
 """
 from __future__ import annotations
 
@@ -137,8 +137,8 @@ def _index_results(results: Any, key: str) -> Dict[Hashable, str]:
 
 
 def _check_same_ids(annotated: Sequence[Hashable], answered: Mapping[Hashable, str],
-                    key: str) -> None:
-    missing = set(annotated) - set(answered)
+                    key: str, allow_missing: bool = False) -> None:
+    missing = set() if allow_missing else set(annotated) - set(answered)
     extra = set(answered) - set(annotated)
     if missing or extra:
         parts = []
@@ -173,7 +173,7 @@ def _check_questions(questions: Any, annotations: Mapping[Hashable, Mapping[str,
 
 
 def _evaluate_vqa_v2(annotations: Mapping[str, Any], questions: Any, results: Any,
-                     per_type: str) -> Dict[str, Any]:
+                     per_type: str, allow_missing: bool) -> Dict[str, Any]:
     entries = annotations["annotations"]
     if not isinstance(entries, list):
         raise VQAEvalError("VQA annotations: 'annotations' must be a list")
@@ -183,7 +183,9 @@ def _evaluate_vqa_v2(annotations: Mapping[str, Any], questions: Any, results: An
                      f"annotation #{position}")
         by_id[entry["question_id"]] = entry
     answered = _index_results(results, "question_id")
-    _check_same_ids(list(by_id), answered, "question_id")
+    _check_same_ids(list(by_id), answered, "question_id", allow_missing)
+    if not answered:
+        raise VQAEvalError("the results are empty: nothing to evaluate")
     if questions is not None:
         _check_questions(questions, by_id, answered)
 
@@ -205,17 +207,21 @@ def _evaluate_vqa_v2(annotations: Mapping[str, Any], questions: Any, results: An
     }
 
 
-def _evaluate_vizwiz(entries: List[Any], results: Any) -> Dict[str, Any]:
+def _evaluate_vizwiz(entries: List[Any], results: Any, allow_missing: bool) -> Dict[str, Any]:
     by_image: Dict[Hashable, Mapping[str, Any]] = {}
     for position, entry in enumerate(entries):
         require_keys(entry, ("image", "answers", "answer_type"), f"VizWiz annotation #{position}")
         by_image[entry["image"]] = entry
     answered = _index_results(results, "image")
-    _check_same_ids(list(by_image), answered, "image")
+    _check_same_ids(list(by_image), answered, "image", allow_missing)
+    if not answered:
+        raise VQAEvalError("the results are empty: nothing to evaluate")
 
     overall: List[float] = []
     per_answer_type: Dict[str, List[float]] = {}
     for image, entry in by_image.items():  # VizWiz's script walks the annotations in order
+        if image not in answered:
+            continue  # allow_missing: scored on the answered subset
         prediction = answered[image]
         answers = [record["answer"] for record in _answer_records(entry["answers"])]
         accuracies = vizwiz_leave_one_out_accuracies(prediction, answers)
@@ -230,7 +236,8 @@ def _evaluate_vizwiz(entries: List[Any], results: Any) -> Dict[str, Any]:
 
 
 def evaluate_vqa(annotations: JsonSource, questions: Optional[JsonSource],
-                 results: JsonSource, per_type: str = "last_answer") -> Dict[str, Any]:
+                 results: JsonSource, per_type: str = "last_answer",
+                 allow_missing: bool = False) -> Dict[str, Any]:
     """Official accuracy of ``results`` -> ``{"overall", "perQuestionType", "perAnswerType"}``.
 
     Each argument is a path or the loaded JSON. ``annotations`` is a VQA annotation file (a dict
@@ -238,6 +245,8 @@ def evaluate_vqa(annotations: JsonSource, questions: Optional[JsonSource],
     None). ``questions``, when given for VQA, must contain every annotated question (this catches
     a file pair from different splits) and enforces the choices of a "Multiple Choice" task.
     Numbers are percentages rounded to 2 decimals; see the module docstring for ``per_type``.
+    ``allow_missing=True`` scores the answered subset (e.g. validation on the questions whose
+    images were extracted; the v1.0 ``loadRes`` allowed this too); unknown ids stay an error.
     Raises ``VQAEvalError`` (a ``ValueError``) with a specific message on any mismatch.
     """
     if per_type not in PER_TYPE_RULES:
@@ -247,11 +256,12 @@ def evaluate_vqa(annotations: JsonSource, questions: Optional[JsonSource],
     if isinstance(loaded_annotations, list):
         if not loaded_annotations:
             raise VQAEvalError("the VizWiz annotations are empty: nothing to evaluate")
-        return _evaluate_vizwiz(loaded_annotations, loaded_results)
+        return _evaluate_vizwiz(loaded_annotations, loaded_results, allow_missing)
     if not isinstance(loaded_annotations, Mapping) or "annotations" not in loaded_annotations:
         raise VQAEvalError("VQA annotations must be a JSON object with an 'annotations' list "
                            "(VQA) or a JSON list (VizWiz)")
     if not loaded_annotations["annotations"]:
         raise VQAEvalError("the VQA annotations are empty: nothing to evaluate")
     loaded_questions = None if questions is None else read_json(questions, "VQA questions")
-    return _evaluate_vqa_v2(loaded_annotations, loaded_questions, loaded_results, per_type)
+    return _evaluate_vqa_v2(loaded_annotations, loaded_questions, loaded_results, per_type,
+                            allow_missing)
