@@ -6,7 +6,7 @@ accuracy for no reason (``"2"`` vs ``"two"``, ``"dont"`` vs ``"don’t"``), so t
 functions.
 
 The rules are those of ``vqaEval.py`` in GT-Vision-Lab/VQA (PythonEvaluationTools, the Python
-evaluation code released with VQA v1.0), reimplemented here with all their quirks, because
+evaluation code released with VQA v1.0, commit 07aecec), reimplemented here with all their quirks, because
 matching the published numbers matters more than tidy rules:
 
 * ``process_punctuation``: for each mark of ``PUNCTUATION``, if the mark stands next to a space

@@ -14,7 +14,7 @@ text rules):
 * ``overall = round(100 * sum / n, 2)`` over questions, in the order of the results file;
 * ``perQuestionType``/``perAnswerType``: by default (``per_type="last_answer"``) each question
   contributes the ``acc_g`` of its **last** ground-truth answer, the variable the v1.0 script
-  leaves over from its loop. Later revisions of the official repository and the EvalAI server
+  (GT-Vision-Lab/VQA at commit 07aecec) leaves over from its loop. Later revisions of the official repository and the EvalAI server
   average the question's mean instead; ``per_type="mean"`` gives those numbers.
 
 VizWiz (annotations are a JSON list of ``{"image", "answers", "answer_type", ...}``, results
