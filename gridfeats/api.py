@@ -21,6 +21,8 @@ import torch
 from gridfeats.checkpoint import LoadReport, load_checkpoint, sha256_file
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
 from gridfeats.data.preprocess import PreparedImage, prepare_image
+from gridfeats.layers import Conv2d
+from gridfeats.structures import ImageList
 from gridfeats.modeling import GeneralizedRCNN, postprocess
 from gridfeats.modeling.roi_heads import BoxPredictions
 from gridfeats.precision import autocast, check_precision
@@ -81,11 +83,14 @@ class Detector:
             boxes (original-image pixels) read on the network-input feature map. ``True`` pools on the
             boxes in network-input pixels instead (geometrically aligned; differs from the reference
             whenever the image was resized).
+        fast: fold every FrozenBN into its convolution and run in channels-last memory format
+            (about 1.5x faster on CPUs). Results differ from the exact mode by float32 rounding only
+            (relative ~1e-6, well inside the parity tolerance); the checkpoint tensors are untouched.
     """
 
     def __init__(self, cfg: Any, weights: Optional[Union[str, os.PathLike]] = None, device: Union[str, torch.device] = "cpu",
                  allow_partial: bool = False, precision: str = "fp32", seed: int = 0,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, pool_on_input_boxes: bool = False):
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, pool_on_input_boxes: bool = False, fast: bool = False):
         if not hasattr(cfg, "MODEL"):
             from gridfeats.config import get_cfg
 
@@ -109,6 +114,12 @@ class Detector:
         self.model = model.eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.fast = fast
+        if fast:
+            for module in self.model.modules():
+                if isinstance(module, Conv2d):
+                    module.fold_norm()
+            self.model.to(memory_format=torch.channels_last)
         if self.device.type == "cuda" and precision == "fp32":
             # Ampere+ GPUs default to TF32 convolutions (~1e-3 relative error); exact mode turns it off.
             torch.backends.cudnn.allow_tf32 = False
@@ -155,17 +166,23 @@ class Detector:
     def _context(self):
         return autocast(self.precision, self.device)
 
+    def _batch(self, prepared: Sequence[PreparedImage], group: Sequence[int]) -> ImageList:
+        images = self.model.preprocess([prepared[i].image for i in group])
+        if self.fast:
+            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
+        return images
+
     # -- grid features -------------------------------------------------------------------------------
     def grid_batch(self, prepared: Sequence[PreparedImage]) -> List[torch.Tensor]:
         """C5 grids ``[C, ceil(h/32), ceil(w/32)]`` (float32, on the model device) for prepared images."""
         out: List[Optional[torch.Tensor]] = [None] * len(prepared)
         with torch.inference_mode(), self._context():
             for group in self._groups(prepared):
-                images = self.model.preprocess([prepared[i].image for i in group])
+                images = self._batch(prepared, group)
                 features = self.model.backbone(images.tensor, res5_dilation=GRID_RES5_DILATION)
                 grids = self.model.roi_heads.conv5_features(features).float()
                 for j, i in enumerate(group):
-                    out[i] = grids[j]
+                    out[i] = grids[j].contiguous()
         return out  # type: ignore[return-value]
 
     def extract_grid(self, images: Union[ImageSource, Sequence[ImageSource]]) -> Union[torch.Tensor, List[torch.Tensor]]:
@@ -184,7 +201,7 @@ class Detector:
         heads = self.model.roi_heads
         with torch.inference_mode(), self._context():
             for group in self._groups(prepared):
-                images = self.model.preprocess([prepared[i].image for i in group])
+                images = self._batch(prepared, group)
                 features, detections = self.model.inference(images)
                 for j, i in enumerate(group):
                     p = prepared[i]
@@ -212,7 +229,7 @@ class Detector:
         out: List[Optional[RegionCandidates]] = [None] * len(prepared)
         with torch.inference_mode(), self._context():
             for group in self._groups(prepared):
-                images = self.model.preprocess([prepared[i].image for i in group])
+                images = self._batch(prepared, group)
                 features = self.model.backbone(images.tensor)
                 proposals = self.model.proposal_generator(images, features)
                 predictions = self.model.roi_heads.predict(features, proposals)

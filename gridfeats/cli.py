@@ -1,4 +1,4 @@
-"""The ``gridfeats`` command line.
+"""gridfeats: grid and region features, their store, service and VQA heads.
 
 Each subcommand lives in the module that owns its feature; this file only maps names to modules,
 so importing the CLI stays cheap (torch is imported by a subcommand only when it runs). A command

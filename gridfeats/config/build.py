@@ -9,6 +9,7 @@ to know where the repository's ``configs/`` folder is.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -16,8 +17,10 @@ from gridfeats.config.defaults import add_attribute_config, detectron2_defaults
 from gridfeats.config.node import CfgNode
 
 # The repository's configs/ folder (beside the gridfeats package in a checkout or editable
-# install).
-SHIPPED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# install), else the copy a regular install puts under <prefix>/share/gridfeats/configs.
+_REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+SHIPPED_CONFIG_DIR = (_REPO_CONFIG_DIR if _REPO_CONFIG_DIR.is_dir()
+                      else Path(sys.prefix) / "share" / "gridfeats" / "configs")
 
 
 def get_cfg(
