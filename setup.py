@@ -16,6 +16,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["gridfeats*", "vqa*", "service*"]),
+    # The shipped configs, for installs that are not editable (found by gridfeats.config).
+    data_files=[("share/gridfeats/configs", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")))],
     install_requires=[
         "torch>=2.0",
         "torchvision>=0.15",
