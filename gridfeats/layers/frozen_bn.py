@@ -47,8 +47,8 @@ class FrozenBatchNorm2d(nn.Module):
             # Very old checkpoints had no running stats: they were identity statistics.
             state_dict.setdefault(prefix + "running_mean", torch.zeros_like(self.running_mean))
             state_dict.setdefault(prefix + "running_var", torch.ones_like(self.running_var))
-        elif version < 3 and prefix + "running_var" in state_dict:
-            # FrozenBN v2 stored running_var + eps (Detectron2 < 2019-12); undo it.
+        if version is not None and version < 3 and prefix + "running_var" in state_dict:
+            # FrozenBN v1/v2 stored running_var + eps (Detectron2 < 2019-12); undo it.
             state_dict[prefix + "running_var"] = state_dict[prefix + "running_var"] - self.eps
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
