@@ -1,0 +1,54 @@
+"""``gridfeats vqa train|predict|eval``: the VQA heads (Pythia, MCAN) on stored features.
+
+    gridfeats vqa train --config configs/vqa/mcan-small.yaml --out runs/mcan [--resume] [KEY=VALUE ...]
+    gridfeats vqa predict --checkpoint runs/mcan --questions val_questions.json --out results.json
+    gridfeats vqa eval --annotations ANN --questions QS --results RES [--out METRICS.json]
+
+``eval`` needs no model: it scores any results file with the official VQA accuracy and prints
+the official script's report (overall, per answer type, per question type).
+Under torchrun (``torchrun --nproc_per_node N -m gridfeats vqa train ...``) training is DDP.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vqa.engine import commands
+
+PROG = "gridfeats vqa"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    commands.add_train_arguments(actions.add_parser("train", help="train a VQA head"))
+    predict = actions.add_parser("predict", help="answer questions; writes the official results json")
+    commands.add_predict_arguments(predict)
+    predict.add_argument("--questions", required=True, help="VQA questions json")
+    evaluate = actions.add_parser("eval", help="official VQA accuracy of a results file")
+    evaluate.add_argument("--annotations", required=True,
+                          help="VQA annotations json (or a VizWiz annotations list)")
+    evaluate.add_argument("--questions", help="VQA questions json (checks the pair matches)")
+    evaluate.add_argument("--results", required=True, help='results json [{"question_id", "answer"}]')
+    evaluate.add_argument("--out", type=Path, help="write the metrics json here")
+    evaluate.add_argument("--per-type", choices=("last_answer", "mean"), default="last_answer",
+                          help="per-type averaging: the v1.0 script's (default) or the later one")
+
+
+@commands.reports_user_errors(PROG)
+def run(args: argparse.Namespace) -> int:
+    if args.action == "train":
+        return commands.train(args, "vqa")
+    if args.action == "predict":
+        task = commands.load_for_inference(args, "vqa")
+        results = task.predict(task.model, task.questions_dataset(args.questions),
+                               batch_size=args.batch_size)
+        commands.write_json(args.out, results)
+        print(f"wrote {len(results)} answers to {args.out}")
+        return 0
+    from vqa.metrics import evaluate_vqa
+
+    metrics = evaluate_vqa(args.annotations, args.questions, args.results, per_type=args.per_type)
+    commands.print_vqa_metrics(metrics)
+    if args.out:
+        commands.write_json(args.out, metrics)
+    return 0

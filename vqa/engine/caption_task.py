@@ -1,0 +1,197 @@
+"""The Up-Down captioner as a training task: cross-entropy, then optional self-critical training.
+
+Config (``configs/vqa/updown.yaml``)::
+
+    model: {name: updown, hidden: 1000, attention_dim: 512, word_dim: 1000, dropout: 0.5}
+    data:
+      features: feats.h5
+      train_captions / val_captions: COCO caption json files
+      min_word_count: 5, max_caption_length: 16, max_rows: 100, missing_images: error
+    decode: {beam_size: 3, max_length: 16}
+    scst: {start_epoch: null, samples_per_image: 5}
+
+Epochs before ``scst.start_epoch`` (0-based; null = never) minimise cross-entropy on every
+reference caption. From that epoch on, SCST (Rennie et al. 2017): for each image of the batch,
+``samples_per_image`` captions are sampled and rewarded with CIDEr-D minus the CIDEr-D of the
+greedy caption (the baseline), against the training references with document frequencies of the
+whole training set. The training batches stay those of the reference-caption view, so an image
+with five references is visited five times per epoch in both phases.
+
+Validation during training decodes with beam search and scores CIDEr-D on the tokeniser's words
+(``vqa.engine.cider_reward``, no Java); official numbers come from ``gridfeats caption eval``
+(PTB tokenizer, BLEU/METEOR/ROUGE-L/CIDEr-D through pycocoevalcap) on ``predict``'s output.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vqa.data import CaptionDataset, DataFormatError, ImageRowReader, WordVocab, tokenize
+from vqa.engine.checkpoint import unwrap
+from vqa.engine.cider_reward import CiderD
+from vqa.engine.trainer import move_to_device
+from vqa.models import build_captioner
+
+CAPTION_DEFAULTS: Dict[str, Any] = {
+    "model": {"name": "updown"},
+    "data": {
+        "features": None,
+        "train_captions": None,
+        "val_captions": None,
+        "min_word_count": 5,
+        "max_caption_length": 16,
+        "max_rows": 100,
+        "missing_images": "error",
+    },
+    "decode": {"beam_size": 3, "max_length": 16},
+    "scst": {"start_epoch": None, "samples_per_image": 5},
+}
+
+
+def caption_cross_entropy(logits: torch.Tensor, captions_out: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy; padding (id 0) is ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), captions_out.reshape(-1),
+                           ignore_index=0)
+
+
+def _strip(tokens: List[int], eos_id: int) -> List[int]:
+    """Token ids up to (not including) EOS, without padding."""
+    out = []
+    for token in tokens:
+        if token == eos_id:
+            break
+        if token != 0:
+            out.append(token)
+    return out
+
+
+class CaptionTask:
+    """Builds the caption vocabulary, datasets and the Up-Down model from a config/checkpoint."""
+
+    kind = "caption"
+
+    def __init__(self, cfg: Mapping[str, Any], state: Optional[Mapping[str, Any]] = None,
+                 features: Optional[str] = None, for_training: bool = True) -> None:
+        self.cfg = cfg
+        data = cfg["data"]
+        self.features_path = features or data["features"]
+        if not self.features_path:
+            raise DataFormatError("no feature store given (data.features or --features)")
+        self.reader = ImageRowReader(self.features_path, max_rows=data["max_rows"])
+        if state is not None:
+            self.vocab = WordVocab(**state["vocab"])
+            if self.reader.feature_dim != int(state["feature_dim"]):
+                raise DataFormatError(
+                    f"the feature store {self.features_path} has {self.reader.feature_dim}-d "
+                    f"features but the model was trained on {state['feature_dim']}-d features")
+        else:
+            if not data["train_captions"]:
+                raise DataFormatError("the config lacks data.train_captions")
+            self.vocab = WordVocab.from_captions(data["train_captions"],
+                                                 min_count=int(data["min_word_count"]))
+        self.model: nn.Module = build_captioner(cfg["model"], len(self.vocab),
+                                                self.reader.feature_dim, self.vocab.bos_id,
+                                                self.vocab.eos_id)
+        self.train_dataset = self.val_images = None
+        self._reward: Optional[CiderD] = None
+        self._val_cider: Optional[CiderD] = None
+        if for_training:
+            self.train_dataset = self.captions_dataset(data["train_captions"], per_image=False)
+            if data["val_captions"]:
+                self.val_images = self.captions_dataset(data["val_captions"], per_image=True)
+
+    def captions_dataset(self, captions: Any, per_image: bool) -> CaptionDataset:
+        data = self.cfg["data"]
+        return CaptionDataset(captions, self.reader, self.vocab,
+                              max_length=int(data["max_caption_length"]), per_image=per_image,
+                              missing_images=data["missing_images"])
+
+    # ----------------------------------------------------------------- TrainingTask protocol
+    def collate(self, items: List[Any]) -> Dict[str, Any]:
+        return self.train_dataset.collate(items)
+
+    def training_loss(self, model: nn.Module, batch: Dict[str, Any], epoch: int) -> torch.Tensor:
+        start = self.cfg["scst"]["start_epoch"]
+        if start is not None and epoch >= int(start):
+            return self.self_critical_loss(model, batch)
+        logits = model(batch["feats"], batch["feat_mask"], batch["boxes"], batch["captions_in"])
+        return caption_cross_entropy(logits, batch["captions_out"])
+
+    def _reward_scorer(self) -> CiderD:
+        if self._reward is None:
+            dataset = self.train_dataset
+            self._reward = CiderD({
+                index: [self.vocab.encode(c, int(self.cfg["data"]["max_caption_length"]))
+                        for c in dataset.references(index)]
+                for index in range(len(dataset.image_ids))})
+        return self._reward
+
+    def self_critical_loss(self, model: nn.Module, batch: Dict[str, Any]) -> torch.Tensor:
+        """SCST: -(CIDEr-D(sample) - CIDEr-D(greedy)) * log p(sample), averaged over tokens."""
+        scorer = self._reward_scorer()
+        max_len = int(self.cfg["decode"]["max_length"])
+        samples_per_image = int(self.cfg["scst"]["samples_per_image"])
+        images = batch["image_index"].tolist()
+        inputs = (batch["feats"], batch["feat_mask"], batch["boxes"])
+        bare = unwrap(model)
+        bare.eval()
+        with torch.no_grad():
+            greedy, _ = bare.sample(*inputs, max_len=max_len, greedy=True)
+        bare.train()
+        eos = bare.eos_id
+        baseline = [scorer.score(i, _strip(t, eos)) for i, t in zip(images, greedy.tolist())]
+        tokens, logprobs = model(*inputs, mode="sample", max_len=max_len, greedy=False,
+                                 samples_per_image=samples_per_image)
+        rewards = []
+        for row, sampled in enumerate(tokens.tolist()):
+            image = row // samples_per_image
+            rewards.append(scorer.score(images[image], _strip(sampled, eos)) - baseline[image])
+        advantage = torch.tensor(rewards, dtype=logprobs.dtype, device=logprobs.device)
+        mask = (tokens != 0).to(logprobs.dtype)
+        return -(advantage.unsqueeze(1) * logprobs * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def evaluate(self, model: nn.Module) -> Dict[str, Any]:
+        """Beam-search captions of the validation images, CIDEr-D on tokeniser words."""
+        if self.val_images is None:
+            return {}
+        results = self.predict(model, self.val_images)
+        if self._val_cider is None:
+            dataset = self.val_images
+            self._val_cider = CiderD({i: [tokenize(c) for c in dataset.references(i)]
+                                      for i in range(len(dataset.image_ids))})
+        scores = [self._val_cider.score(i, tokenize(r["caption"])) for i, r in enumerate(results)]
+        cider = sum(scores) / len(scores)
+        return {"score": cider, "CIDEr-D": cider}
+
+    def checkpoint_state(self) -> Dict[str, Any]:
+        return {"vocab": {"specials": list(self.vocab.specials),
+                          "words": self.vocab.itos[len(self.vocab.specials):]},
+                "feature_dim": self.reader.feature_dim}
+
+    # ----------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict(self, model: nn.Module, dataset: CaptionDataset, beam_size: Optional[int] = None,
+                batch_size: Optional[int] = None) -> List[Dict[str, Any]]:
+        """``[{"image_id", "caption"}]`` for every image of a per-image ``dataset``."""
+        bare = unwrap(model)
+        was_training = bare.training
+        bare.eval()
+        device = next(bare.parameters()).device
+        decode = self.cfg["decode"]
+        loader = DataLoader(dataset, batch_size=batch_size or int(self.cfg["train"]["eval_batch_size"]),
+                            shuffle=False, collate_fn=dataset.collate, generator=torch.Generator())
+        results = []
+        for batch in loader:
+            batch = move_to_device(batch, device)
+            tokens = bare.beam_search(batch["feats"], batch["feat_mask"], batch["boxes"],
+                                      beam_size=int(beam_size or decode["beam_size"]),
+                                      max_len=int(decode["max_length"]))
+            for index, row in zip(batch["image_index"].tolist(), tokens.tolist()):
+                results.append({"image_id": dataset.image_ids[index],
+                                "caption": self.vocab.decode(row)})
+        bare.train(was_training)
+        return results
