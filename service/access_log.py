@@ -72,9 +72,12 @@ def _request_id(headers: Any) -> str:
 
 def route_label(scope: MutableMapping[str, Any]) -> str:
     """The route's path template (bounded label cardinality), or 'unmatched' for 404s."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    return path if isinstance(path, str) else "unmatched"
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str):
+        return path
+    if scope.get("endpoint") is not None:  # plain Starlette routes (/openapi.json, /docs) have fixed paths
+        return str(scope["path"])
+    return "unmatched"
 
 
 class AccessLogMiddleware:
