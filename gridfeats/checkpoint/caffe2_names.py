@@ -32,7 +32,7 @@ _DETECTION_RULES = [
 
 def convert_caffe2_name(name: str) -> str:
     """Rename one blob, applying the rules in Detectron2's order."""
-    name = name.replace("pred_b", "linear_b").replace("pred_w", "linear_w")
+    name = {"pred_b": "linear_b", "pred_w": "linear_w"}.get(name, name)  # whole names only: bbox_pred_w stays
     name = name.replace("_", ".")
     name = re.sub(r"\.b$", ".bias", name)
     name = re.sub(r"\.w$", ".weight", name)
