@@ -9,7 +9,8 @@ with an error instead of leaving it up and never ready.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+import signal
+from typing import Any, Callable, Dict, Optional
 
 import uvicorn
 
@@ -37,6 +38,25 @@ def uvicorn_config(app: Any, settings: ServiceSettings, **overrides: Any) -> uvi
     return uvicorn.Config(app, **options)
 
 
+class _stop_signals_end_cleanly:
+    """Make SIGTERM/SIGINT end the process with status 0 once uvicorn has drained.
+
+    uvicorn handles the signal itself (stop accepting, drain, shut down) and afterwards re-raises it
+    to whatever handler was installed before it started; with the default handler the process would
+    die by the signal after a perfectly clean shutdown. A recording handler makes that re-raise a
+    no-op, so ``gridfeats serve`` returns normally.
+    """
+
+    def __enter__(self) -> None:
+        self._previous: Dict[int, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, lambda signum, frame: None)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def serve(settings: ServiceSettings, backend_factory: Optional[Callable[[], FeatureBackend]] = None) -> int:
     """Run the service in the foreground until SIGTERM/SIGINT; 0 on a clean stop, 1 if the model failed."""
     from service.app import create_app
@@ -54,7 +74,8 @@ def serve(settings: ServiceSettings, backend_factory: Optional[Callable[[], Feat
     app = create_app(settings, backend_factory, on_load_failure=on_load_failure)
     server = uvicorn.Server(uvicorn_config(app, settings))
     server_box["server"] = server
-    server.run()
+    with _stop_signals_end_cleanly():
+        server.run()
     if failure:
         logger.error("stopped: the model failed to load: %s", failure["reason"])
         return 1
