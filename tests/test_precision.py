@@ -1,0 +1,68 @@
+"""Precision checks: fp32 always; bf16 only where the CPU has native bf16; fp16 only on GPUs."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import gridfeats.precision as precision
+from gridfeats.precision import PrecisionError, autocast, check_precision
+
+CPU = torch.device("cpu")
+
+
+def test_fp32_is_always_accepted_and_autocast_is_a_no_op():
+    check_precision("fp32", CPU)
+    assert isinstance(autocast("fp32", CPU), contextlib.nullcontext)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(PrecisionError, match="unknown precision 'fp64'"):
+        check_precision("fp64", CPU)
+    assert issubclass(PrecisionError, ValueError)
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(PrecisionError, match="fp16 is a GPU mode"):
+        check_precision("fp16", CPU)
+
+
+def test_bf16_on_cpu_without_native_bf16_is_refused(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(PrecisionError, match="no native bf16"):
+        check_precision("bf16", CPU)
+
+
+def test_bf16_on_cpu_with_native_bf16_is_accepted_with_a_bf16_autocast(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    check_precision("bf16", CPU)
+    ctx = autocast("bf16", CPU)
+    assert isinstance(ctx, torch.autocast)
+    with ctx:
+        out = torch.mm(torch.ones(2, 2), torch.ones(2, 2))
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("capability,flags,expected", [
+    ("AVX2", {"avx512_bf16", "amx_bf16"}, False),  # torch not using AVX512 kernels
+    ("AVX512", {"avx512f"}, False),
+    ("AVX512", {"avx512f", "avx512_bf16"}, True),
+    ("AVX512", {"amx_bf16"}, True),
+])
+def test_native_bf16_detection(monkeypatch, capability, flags, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
+    assert precision.cpu_has_native_bf16() is expected
+
+
+def test_cpu_flags_reads_the_flags_line(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512_bf16\nbugs\t\t: none\n")
+    real_path = precision.Path
+    monkeypatch.setattr(precision, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
+    precision.cpu_flags.cache_clear()
+    try:
+        assert precision.cpu_flags() == frozenset({"fpu", "sse", "avx512_bf16"})
+    finally:
+        precision.cpu_flags.cache_clear()
