@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vqa.data.answer_normalization import DEFAULT_OFFICIAL, OFFICIAL_VERSIONS
 from vqa.engine import commands
 
 PROG = "gridfeats vqa"
@@ -30,8 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--questions", help="VQA questions json (checks the pair matches)")
     evaluate.add_argument("--results", required=True, help='results json [{"question_id", "answer"}]')
     evaluate.add_argument("--out", type=Path, help="write the metrics json here")
-    evaluate.add_argument("--per-type", choices=("last_answer", "mean"), default="last_answer",
-                          help="per-type averaging: the v1.0 script's (default) or the later one")
+    evaluate.add_argument("--official", choices=OFFICIAL_VERSIONS, default=DEFAULT_OFFICIAL,
+                          help="which revision of the official script to reproduce "
+                               "(default: %(default)s)")
+    evaluate.add_argument("--allow-missing", action="store_true",
+                          help="score only the answered questions instead of refusing a results "
+                               "file that leaves some out")
 
 
 @commands.reports_user_errors(PROG)
@@ -47,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from vqa.metrics import evaluate_vqa
 
-    metrics = evaluate_vqa(args.annotations, args.questions, args.results, per_type=args.per_type)
+    metrics = evaluate_vqa(args.annotations, args.questions, args.results,
+                           official=args.official, allow_missing=args.allow_missing)
     commands.print_vqa_metrics(metrics)
     if args.out:
         commands.write_json(args.out, metrics)

@@ -1,0 +1,211 @@
+"""Training the VQA heads on synthetic features: learning, CLI round trip, exact resume after a kill.
+
+Features come from ``vqa.examples.synthetic_features`` (stores written through the project's
+FeatureWriter that encode each synthetic object's shape/colour/size where it is), so the heads
+can learn in seconds; models are tiny instances of the shipped configs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gridfeats.cli import main as gridfeats_main
+from vqa.engine.checkpoint import FINAL, LAST, CheckpointError, load_checkpoint
+from vqa.engine.metrics_log import read_metrics
+from vqa.engine.trainer import KILL_ENV
+from vqa.engine.vqa_task import majority_answer
+from vqa.examples.synthetic_features import make_feature_dataset
+from vqa.metrics import evaluate_vqa
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "vqa"
+TINY_MODELS = {
+    "pythia": {"word_dim": 32, "question_hidden": 64, "question_attention": 32, "image_dim": 128,
+               "fusion_dim": 256, "classifier_hidden": 256, "dropout": 0.1},
+    "mcan-small": {"size": None, "hidden": 64, "heads": 4, "ffn": 128, "flat_mlp": 64,
+                   "flat_out": 128, "layers": 2, "word_dim": 32},
+}
+TINY_TRAINING = {
+    "pythia": {"optim": {"lr": 0.003}, "schedule": {"warmup": 20, "milestones": []}},
+    "mcan-small": {"optim": {"lr": 1.0e-3}, "schedule": {"warmup": 1, "milestones": []}},
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    torch.set_num_threads(1)
+    return make_feature_dataset(tmp_path_factory.mktemp("vqa_synthetic"), 160, seed=0,
+                                modes=("grid", "region"))
+
+
+def write_config(tmp_path: Path, synthetic, model: str, mode: str, **train) -> Path:
+    """A YAML inheriting a shipped config, with a tiny model and the synthetic data."""
+    config = {
+        "_base_": str(CONFIGS / f"{model}.yaml"),
+        "model": TINY_MODELS[model],
+        "data": {
+            "features": str(synthetic[f"{mode}_features"]),
+            "train_questions": str(synthetic["train_questions"]),
+            "train_annotations": str(synthetic["train_annotations"]),
+            "val_questions": str(synthetic["val_questions"]),
+            "val_annotations": str(synthetic["val_annotations"]),
+            "min_answer_count": 1,
+        },
+        **TINY_TRAINING[model],
+        "train": {"batch_size": 32, "eval_batch_size": 64, "progress": False, "device": "cpu",
+                  "checkpoint_every_steps": 0, **train},
+    }
+    path = tmp_path / f"{model}-{mode}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def majority_accuracy(synthetic) -> float:
+    answer = majority_answer(synthetic["train_annotations"])
+    questions = json.loads(Path(synthetic["val_questions"]).read_text())["questions"]
+    results = [{"question_id": q["question_id"], "answer": answer} for q in questions]
+    return evaluate_vqa(synthetic["val_annotations"], synthetic["val_questions"],
+                        results)["overall"]
+
+
+# --------------------------------------------------------------------------- learning
+@pytest.mark.parametrize("model,mode,epochs", [("mcan-small", "region", 8),
+                                               ("pythia", "grid", 8)])
+def test_head_beats_majority_answer_on_held_out_questions(tmp_path, synthetic, model, mode,
+                                                          epochs):
+    config = write_config(tmp_path, synthetic, model, mode, epochs=epochs)
+    out = tmp_path / "run"
+    assert gridfeats_main(["vqa", "train", "--config", str(config), "--out", str(out)]) == 0
+    final = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"][-1]
+    baseline = majority_accuracy(synthetic)
+    assert final["overall"] >= baseline + 10.0, (final["overall"], baseline)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,mode", [("mcan-small", "grid"), ("pythia", "region")])
+def test_head_learns_on_the_other_feature_mode(tmp_path, synthetic, model, mode):
+    config = write_config(tmp_path, synthetic, model, mode, epochs=12)
+    out = tmp_path / "run"
+    assert gridfeats_main(["vqa", "train", "--config", str(config), "--out", str(out)]) == 0
+    final = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"][-1]
+    assert final["overall"] >= majority_accuracy(synthetic) + 10.0
+
+
+# --------------------------------------------------------------------------- CLI round trip
+def test_train_predict_eval_round_trip(tmp_path, synthetic, capsys):
+    config = write_config(tmp_path, synthetic, "mcan-small", "grid", epochs=1)
+    out = tmp_path / "run"
+    assert gridfeats_main(["vqa", "train", "--config", str(config), "--out", str(out),
+                           "model.layers=1"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["layers"] == 1 and saved["optim"]["betas"] == [0.9, 0.98]
+
+    results = tmp_path / "results.json"
+    assert gridfeats_main(["vqa", "predict", "--checkpoint", str(out), "--questions",
+                           str(synthetic["val_questions"]), "--out", str(results)]) == 0
+    answers = json.loads(results.read_text())
+    questions = json.loads(Path(synthetic["val_questions"]).read_text())["questions"]
+    assert sorted(a["question_id"] for a in answers) == sorted(q["question_id"] for q in questions)
+    assert all(set(a) == {"question_id", "answer"} and isinstance(a["answer"], str)
+               for a in answers)
+
+    metrics_path = tmp_path / "metrics.json"
+    capsys.readouterr()
+    assert gridfeats_main(["vqa", "eval", "--annotations", str(synthetic["val_annotations"]),
+                           "--questions", str(synthetic["val_questions"]), "--results",
+                           str(results), "--out", str(metrics_path)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(metrics_path.read_text())
+    assert set(metrics) == {"overall", "perAnswerType", "perQuestionType"}
+    assert f"Overall Accuracy is: {metrics['overall']:.2f}" in printed
+    assert "Per Question Type Accuracy is the following:" in printed
+    # predict on the stored weights reproduces the validation score the trainer logged
+    final = load_checkpoint(out / FINAL, kind="vqa")
+    assert metrics["overall"] == final["metrics"]["overall"]
+
+
+def test_user_errors_are_one_line_messages(tmp_path, synthetic, capsys):
+    config = write_config(tmp_path, synthetic, "pythia", "grid", epochs=1)
+    assert gridfeats_main(["vqa", "train", "--config", str(config), "--out",
+                           str(tmp_path / "r"), "train.epoch=2"]) == 2
+    assert "unknown config key 'train.epoch'" in capsys.readouterr().err
+
+    assert gridfeats_main(["vqa", "train", "--config", str(config), "--out", str(tmp_path / "r"),
+                           f"data.train_questions={tmp_path / 'nope.json'}"]) == 2
+    assert "VQA questions file not found" in capsys.readouterr().err
+
+    bad_results = tmp_path / "results.json"
+    bad_results.write_text(json.dumps([{"question_id": 1, "answer": "yes"}]))
+    assert gridfeats_main(["vqa", "eval", "--annotations", str(synthetic["val_annotations"]),
+                           "--results", str(bad_results)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gridfeats vqa: error:") and "no prediction" in err
+
+    assert gridfeats_main(["vqa", "predict", "--checkpoint", str(tmp_path / "missing.pt"),
+                           "--questions", str(synthetic["val_questions"]),
+                           "--out", str(tmp_path / "o.json")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path, synthetic):
+    config = write_config(tmp_path, synthetic, "mcan-small", "region", epochs=1)
+    out = tmp_path / "run"
+    assert gridfeats_main(["vqa", "train", "--config", str(config), "--out", str(out),
+                           "model.layers=1"]) == 0
+    with pytest.raises(CheckpointError, match="'vqa' checkpoint, expected a 'caption'"):
+        load_checkpoint(out / FINAL, kind="caption")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "garbage.pt")
+
+
+# --------------------------------------------------------------------------- kill and resume
+def _train_subprocess(config: Path, out: Path, *extra: str, kill_at: int = 0):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop(KILL_ENV, None)
+    if kill_at:
+        env[KILL_ENV] = str(kill_at)
+    return subprocess.run([sys.executable, "-m", "gridfeats", "vqa", "train", "--config",
+                           str(config), "--out", str(out), *extra], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(tmp_path, synthetic):
+    # About 20 steps per epoch; checkpoints every 3 steps; killed right after step 7, so the
+    # resume starts from the step-6 checkpoint in the middle of the first epoch and redoes step 7.
+    config = write_config(tmp_path, synthetic, "mcan-small", "region", epochs=3,
+                          checkpoint_every_steps=3, deterministic=True, log_every_steps=1)
+    extra = ("model.layers=1",)
+    straight = _train_subprocess(config, tmp_path / "straight", *extra)
+    assert straight.returncode == 0, straight.stderr
+
+    killed_dir = tmp_path / "killed"
+    killed = _train_subprocess(config, killed_dir, *extra, kill_at=7)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (killed_dir / FINAL).exists()
+    position = load_checkpoint(killed_dir / LAST)["position"]
+    assert position["global_step"] == 6 and position["batch"] != 0  # a mid-epoch checkpoint
+
+    resumed = _train_subprocess(config, killed_dir, *extra, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = load_checkpoint(tmp_path / "straight" / FINAL)
+    b = load_checkpoint(killed_dir / FINAL)
+    assert a["model"].keys() == b["model"].keys()
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["metrics"] == b["metrics"]
+    log_a = [(r["kind"], r["step"], r.get("loss"), r.get("overall"))
+             for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+    log_b = [(r["kind"], r["step"], r.get("loss"), r.get("overall"))
+             for r in read_metrics(killed_dir / "metrics.jsonl")]
+    assert log_a == log_b
