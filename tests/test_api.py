@@ -1,0 +1,167 @@
+"""The public ``Detector`` API on R-50-grid with small test sizes (random weights).
+
+``INPUT.MIN_SIZE_TEST 64 / MAX_SIZE_TEST 96`` keeps forwards cheap; ``SCORE_THRESH_TEST 0.0`` makes
+random weights produce detections (their softmax scores are ~1/1601, below the default 0.05).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gridfeats.precision as precision
+from gridfeats.api import Detector
+from gridfeats.checkpoint import CheckpointError
+from gridfeats.config import get_cfg
+from gridfeats.data.image_io import ImageReadError
+from gridfeats.precision import PrecisionError
+
+SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return get_cfg("R-50-grid", opts=SMALL)
+
+
+@pytest.fixture(scope="module")
+def detector(cfg):
+    return Detector(cfg, seed=0)
+
+
+def _image(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth image with some structure (random noise gives degenerate, all-alike detections)."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:h, 0:w]
+    img = np.stack([(ys * 255 // max(h - 1, 1)), (xs * 255 // max(w - 1, 1)), np.full((h, w), 128)], axis=2)
+    img[h // 4: h // 2, w // 3: 2 * w // 3] = rng.integers(0, 256, 3)
+    return img.astype(np.uint8)
+
+
+def _assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_random_init_is_deterministic_per_seed_and_leaves_global_rng_alone(cfg, detector):
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    again = Detector(cfg, seed=0)
+    assert torch.equal(torch.rand(3), expected_next)
+    other = Detector(cfg, seed=1)
+    assert detector.random_init and detector.load_report is None
+    same = detector.model.state_dict()
+    for key, value in again.model.state_dict().items():
+        assert torch.equal(value, same[key]), key
+    key = "roi_heads.box_predictor.cls_score.weight"
+    assert not torch.equal(other.model.state_dict()[key], same[key])
+    img = _image(60, 90, 0)
+    _assert_same(again.detect(img), detector.detect(img))
+
+
+def test_grid_output_shape_and_dtype(detector):
+    grid = detector.extract_grid(_image(60, 90, 1))  # resized to 64 x 96: stride 32 -> 2 x 3
+    assert isinstance(grid, torch.Tensor)
+    assert grid.dtype == torch.float32 and grid.device.type == "cpu"
+    assert grid.shape == (2048, 2, 3)
+    assert detector.grid_dim == 2048 and detector.region_dim == 1024
+    assert torch.isfinite(grid).all() and (grid >= 0).all()  # post-ReLU C5 map
+
+
+def test_detect_output_shapes_dtypes_and_order(detector):
+    out = detector.detect(_image(60, 90, 2))
+    assert set(out) == {"boxes", "scores", "classes", "features", "attr_scores"}
+    k = len(out["scores"])
+    assert 0 < k <= 100  # TEST.DETECTIONS_PER_IMAGE
+    assert out["boxes"].shape == (k, 4) and out["boxes"].dtype == torch.float32
+    assert out["scores"].dtype == torch.float32
+    assert out["classes"].shape == (k,) and out["classes"].dtype == torch.int64
+    assert out["features"].shape == (k, 1024) and out["features"].dtype == torch.float32
+    assert out["attr_scores"].shape == (k, 400) and out["attr_scores"].dtype == torch.float32
+    assert torch.all(out["scores"][:-1] >= out["scores"][1:])
+    assert out["classes"].min() >= 0 and out["classes"].max() < 1600
+    torch.testing.assert_close(out["attr_scores"].sum(dim=1), torch.ones(k))
+    boxes = out["boxes"]  # original pixels: clipped to the 90 x 60 input, non-empty
+    assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 90).all()
+    assert (boxes[:, 1] >= 0).all() and (boxes[:, 3] <= 60).all()
+    assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+
+
+def test_path_pil_and_array_inputs_agree(detector, tmp_path):
+    img = _image(70, 50, 3)
+    path = tmp_path / "x.png"
+    Image.fromarray(img).save(path)
+    grids = [detector.extract_grid(src) for src in (str(path), path, Image.open(path), img)]
+    for g in grids[1:]:
+        assert torch.equal(g, grids[0])
+    dets = [detector.detect(src) for src in (str(path), Image.open(path), img)]
+    for d in dets[1:]:
+        _assert_same(d, dets[0])
+
+
+def _assert_close(a: dict, b: dict):
+    """Equal up to float noise: same detections (classes, count, order), boxes within 1e-3 px (the
+    parity fixtures allow 1e-2), other values within 1e-5."""
+    assert a.keys() == b.keys()
+    assert torch.equal(a["classes"], b["classes"])
+    for k in a:
+        atol = 1e-3 if k == "boxes" else 1e-5
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=k)
+
+
+def test_list_input_equals_one_by_one(detector, tmp_path):
+    """Images of different input sizes run separately (never padded together): exactly the single-call
+    results. Same-size images share one forward; a batch of 2 changes the convolutions' float
+    rounding (about 2e-6 here, the size of a thread-count change), so those are compared within 1e-5."""
+    a, b, c = _image(60, 90, 4), _image(90, 60, 5), _image(61, 92, 6)  # a and c share the input size
+    Image.fromarray(b).save(tmp_path / "b.png")
+    batch = [a, str(tmp_path / "b.png"), Image.fromarray(c)]
+    singles_grid = [detector.extract_grid(x) for x in (a, b, c)]
+    grids = detector.extract_grid(batch)
+    assert isinstance(grids, list) and len(grids) == 3
+    assert [tuple(g.shape) for g in grids] == [(2048, 2, 3), (2048, 3, 2), (2048, 2, 3)]
+    assert torch.equal(grids[1], singles_grid[1])
+    for i in (0, 2):
+        torch.testing.assert_close(grids[i], singles_grid[i], rtol=1e-5, atol=1e-5)
+    dets = detector.detect(batch)
+    assert isinstance(dets, list) and len(dets) == 3
+    _assert_same(dets[1], detector.detect(b))
+    _assert_close(dets[0], detector.detect(a))
+    _assert_close(dets[2], detector.detect(c))
+
+
+def test_bad_image_is_an_image_read_error(detector):
+    with pytest.raises(ImageReadError) as err:
+        detector.detect(b"definitely not an image")
+    assert err.value.reason.startswith("not an image")
+
+
+def test_partial_checkpoint_is_refused_unless_allowed(cfg, tmp_path):
+    path = tmp_path / "partial.pth"
+    torch.save({"model": {"backbone.stem.conv1.weight": torch.zeros(64, 3, 7, 7)}}, path)
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        Detector(cfg, weights=path)
+    det = Detector(cfg, weights=path, allow_partial=True)
+    assert not det.random_init and det.load_report.loaded == ["backbone.stem.conv1.weight"]
+    assert "roi_heads.box_predictor.cls_score.weight" in det.load_report.missing
+    assert torch.count_nonzero(det.model.backbone.stem.conv1.weight) == 0
+    assert len(det.weights_sha256) == 64
+
+
+def test_precision_errors(cfg, monkeypatch):
+    with pytest.raises(PrecisionError, match="fp16"):
+        Detector(cfg, precision="fp16")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(PrecisionError, match="bf16"):
+        Detector(cfg, precision="bf16")
