@@ -1,0 +1,21 @@
+"""Batch extraction of grid or region features into one HDF5 feature store (``gridfeats extract``).
+
+Modules, one job each:
+
+* :mod:`~gridfeats.extract.sources`: folder / COCO json / path list -> ``ImageItem`` (stable ids);
+* :mod:`~gridfeats.extract.loader`: DataLoader workers decode and resize, failures become records;
+* :mod:`~gridfeats.extract.regions`: Detectron2's and bottom-up-attention's box selection;
+* :mod:`~gridfeats.extract.features`: prepared images -> store records (grid or region);
+* :mod:`~gridfeats.extract.speed`: folded norms and channels-last for inference;
+* :mod:`~gridfeats.extract.distributed` and :mod:`~gridfeats.extract.outputs`: torchrun ranks,
+  shard/rank file names and the final merge;
+* :mod:`~gridfeats.extract.job`: the run loop (:func:`run_extraction`), resume, summary;
+* :mod:`~gridfeats.extract.cli`: the command line (``docs/extract.md``).
+
+Programmatic use::
+
+    from gridfeats.extract.job import ExtractOptions, run_extraction
+    summary = run_extraction(ExtractOptions(input="images/", output="feats.h5", config="R-50-grid",
+                                            weights="R-50.pth", mode="grid"))
+    print(summary.format())
+"""

@@ -1,0 +1,126 @@
+"""Prepared images in, feature-store records out: the model side of the extraction job.
+
+Two makers with one interface (``mode``, ``feature_dim``, ``attr_topk``, ``settings()`` and
+``records(prepared)``), so the run loop does not care which features it extracts.
+
+**Why one forward per image by default.** CPU (oneDNN) and GPU (cuDNN) kernels pick different
+algorithms for different batch sizes, so a batch of 8 gives features that differ from batch 1 in
+the last bits, even without padding. The store promises the same rows whatever the batch size, so
+images go through the model one at a time (on a CPU, batching 600x1000 images buys nothing: each
+convolution is already large enough to keep every core busy). ``batched_forward=True`` runs each
+batch as one forward per group of same-size images instead (faster on GPUs; float-rounding level
+differences).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gridfeats.data.preprocess import PreparedImage
+from gridfeats.extract.regions import (
+    BottomUpSettings,
+    Regions,
+    bottom_up_regions,
+    detectron2_regions,
+    top_attributes,
+)
+from gridfeats.store.records import Record, grid_record, region_record
+
+T = TypeVar("T")
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _forward(run: Callable[[Sequence[PreparedImage]], List[T]], prepared: Sequence[PreparedImage],
+             batched: bool) -> List[T]:
+    if batched:
+        return run(prepared)
+    return [run([p])[0] for p in prepared]
+
+
+class GridFeatureMaker:
+    """grid-feats-vqa's C5 grid per image, optionally average-pooled to a fixed ``h x w``."""
+
+    mode = "grid"
+    attr_topk = 0
+
+    def __init__(self, detector, pool_hw: Optional[Tuple[int, int]] = None, batched_forward: bool = False):
+        if pool_hw is not None and (len(pool_hw) != 2 or min(pool_hw) < 1):
+            raise ValueError(f"grid pooling size must be two positive ints, got {pool_hw}")
+        self.detector = detector
+        self.pool_hw = None if pool_hw is None else (int(pool_hw[0]), int(pool_hw[1]))
+        self.batched_forward = batched_forward
+        self.feature_dim = int(detector.grid_dim)
+
+    def settings(self) -> List[str]:
+        pool = "none" if self.pool_hw is None else f"{self.pool_hw[0]}x{self.pool_hw[1]}"
+        return ["mode: grid", f"grid_pool: {pool}"]
+
+    def records(self, prepared: Sequence[PreparedImage]) -> List[Record]:
+        grids = _forward(self.detector.grid_batch, prepared, self.batched_forward)
+        out = []
+        for grid, p in zip(grids, prepared):
+            if self.pool_hw is not None:
+                grid = F.adaptive_avg_pool2d(grid[None], self.pool_hw)[0]
+            out.append(grid_record(grid.cpu(), p.orig_hw, p.input_hw))
+        return out
+
+
+class RegionFeatureMaker:
+    """Region features of the boxes a selection rule keeps, with their top-``attr_topk`` attributes.
+
+    ``selection`` is ``"detectron2"`` or a :class:`BottomUpSettings`. ``attr_topk`` is capped at the
+    model's number of attributes (0 for a model without an attribute head).
+    """
+
+    mode = "region"
+
+    def __init__(self, detector, selection="detectron2", attr_topk: int = 10, batched_forward: bool = False):
+        if selection != "detectron2" and not isinstance(selection, BottomUpSettings):
+            raise ValueError(f"region selection must be 'detectron2' or BottomUpSettings, got {selection!r}")
+        if attr_topk < 0:
+            raise ValueError(f"the number of attributes per box cannot be negative, got {attr_topk}")
+        self.detector = detector
+        self.selection = selection
+        self.attr_topk = min(int(attr_topk), int(detector.num_attributes))
+        self.batched_forward = batched_forward
+        self.feature_dim = int(detector.region_dim)
+
+    def settings(self) -> List[str]:
+        rule = "detectron2" if self.selection == "detectron2" else self.selection.describe()
+        return ["mode: region", f"regions: {rule}", f"attr_topk: {self.attr_topk}"]
+
+    def _regions(self, prepared: Sequence[PreparedImage]) -> List[Regions]:
+        if self.selection == "detectron2":
+            return detectron2_regions(self.detector, prepared)
+        return bottom_up_regions(self.detector, prepared, self.selection)
+
+    def records(self, prepared: Sequence[PreparedImage]) -> List[Record]:
+        out = []
+        for regions, p in zip(_forward(self._regions, prepared, self.batched_forward), prepared):
+            attr_ids, attr_scores = top_attributes(regions.attr_scores, self.attr_topk, len(regions.boxes))
+            out.append(region_record(
+                regions.features.cpu(), regions.boxes.cpu(), regions.scores.cpu(), regions.classes.cpu().to(torch.int32),
+                attr_ids.cpu(), attr_scores.cpu(), p.orig_hw, p.input_hw,
+            ))
+        return out
+
+
+def storage_problem(record: Record, dtype: str) -> Optional[str]:
+    """Why ``record`` cannot be stored faithfully in ``dtype`` (non-finite or float16 overflow), else None.
+
+    Checked before the record reaches the writer thread, so one bad image becomes an entry in
+    ``errors/`` instead of stopping the run.
+    """
+    features = record["features"]
+    if features.size == 0:
+        return None
+    if not np.isfinite(features).all():
+        return "non-finite features (NaN or inf) from the model"
+    if dtype == "float16":
+        peak = float(np.abs(features).max())
+        if peak > _FLOAT16_MAX:
+            return f"features overflow float16 storage (max |value| {peak:.4g} > {_FLOAT16_MAX:.0f}); use --dtype float32"
+    return None
