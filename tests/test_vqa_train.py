@@ -209,3 +209,125 @@ def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(tmp_path,
     log_b = [(r["kind"], r["step"], r.get("loss"), r.get("overall"))
              for r in read_metrics(killed_dir / "metrics.jsonl")]
     assert log_a == log_b
+
+
+# --------------------------------------------------------------------------- engine pieces
+def test_mcan_and_pythia_learning_rate_schedules():
+    from vqa.engine.schedules import WarmupStepDecay
+
+    mcan = WarmupStepDecay(steps_per_epoch=10, unit="epoch", warmup=3,
+                           warmup_method="staircase", milestones=[10, 12], gamma=0.2)
+    per_epoch = [mcan(epoch * 10 + 5) for epoch in range(13)]
+    assert per_epoch[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert per_epoch[9] == 1.0 and per_epoch[10] == pytest.approx(0.2)
+    assert per_epoch[12] == pytest.approx(0.04)
+    pythia = WarmupStepDecay(steps_per_epoch=100, unit="step", warmup=1000,
+                             warmup_method="linear", warmup_factor=0.2,
+                             milestones=[5000, 7000, 9000, 11000], gamma=0.1)
+    assert pythia(0) == pytest.approx(0.2) and pythia(500) == pytest.approx(0.6)
+    assert pythia(1000) == 1.0 and pythia(4999) == 1.0
+    assert pythia(5000) == pytest.approx(0.1) and pythia(11000) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="warmup_method"):
+        WarmupStepDecay(steps_per_epoch=1, warmup_method="cosine")
+
+
+def test_scheduler_state_resumes_the_same_learning_rates():
+    from vqa.engine.schedules import build_scheduler
+
+    def make():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        cfg = {"unit": "step", "warmup": 4, "warmup_method": "linear", "milestones": [6],
+               "gamma": 0.5}
+        return optimizer, build_scheduler(optimizer, cfg, steps_per_epoch=3)
+
+    optimizer, scheduler = make()
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    optimizer2, scheduler2 = make()
+    for _ in range(3):
+        optimizer2.step()
+        scheduler2.step()
+    optimizer3, scheduler3 = make()  # restored as the trainer does: optimizer, then scheduler
+    optimizer3.load_state_dict(optimizer2.state_dict())
+    scheduler3.load_state_dict(scheduler2.state_dict())
+    resumed = []
+    for _ in range(5):
+        resumed.append(optimizer3.param_groups[0]["lr"])
+        optimizer3.step()
+        scheduler3.step()
+    assert resumed == pytest.approx(lrs[3:])
+
+
+def test_batch_order_is_a_function_of_seed_and_epoch_and_shards_cover_the_data():
+    from vqa.engine.sampler import ResumableBatchSampler
+
+    sampler = ResumableBatchSampler(23, batch_size=4, seed=7)
+    sampler.set_epoch(2)
+    epoch2 = list(sampler)
+    assert sorted(i for b in epoch2 for i in b) == list(range(23))
+    sampler.set_epoch(2, skip_batches=3)
+    assert list(sampler) == epoch2[3:] and len(sampler) == len(epoch2) - 3
+    sampler.set_epoch(3)
+    assert list(sampler) != epoch2
+    shards = []
+    for rank in range(3):
+        shard = ResumableBatchSampler(23, batch_size=4, seed=7, rank=rank, world_size=3)
+        shard.set_epoch(2)
+        shards.append([i for b in shard for i in b])
+    assert len({len(s) for s in shards}) == 1  # equal shard sizes (padded), as DDP needs
+    assert set().union(*shards) == set(range(23))
+
+
+def test_config_inheritance_overrides_and_unknown_keys(tmp_path):
+    from vqa.engine.commands import task_defaults
+    from vqa.engine.config import ConfigError, load_config
+
+    large = load_config(CONFIGS / "mcan-large.yaml", task_defaults("vqa"),
+                        ["train.epochs=2", "optim.betas=[0.8, 0.9]", "model.layers=4"])
+    assert large["model"] == {"name": "mcan", "layers": 4, "word_dim": 300, "dropout": 0.1,
+                              "flat_glimpses": 1, "use_position": True, "size": "large"}
+    assert large["schedule"]["milestones"] == [10, 12] and large["train"]["epochs"] == 2
+    assert large["optim"]["betas"] == [0.8, 0.9] and large["optim"]["eps"] == 1e-9
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  nmae: adam\n")
+    with pytest.raises(ConfigError, match="unknown config key 'optim.nmae'"):
+        load_config(bad, task_defaults("vqa"))
+    bad.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="'train' must be a mapping"):
+        load_config(bad, task_defaults("vqa"))
+    with pytest.raises(ConfigError, match="must look like"):
+        load_config(None, task_defaults("vqa"), ["train.epochs"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml", task_defaults("vqa"))
+
+
+def test_every_shipped_config_loads_and_builds_its_model():
+    from vqa.engine.commands import task_defaults
+    from vqa.engine.config import load_config
+    from vqa.models import build_captioner, build_vqa_model
+
+    for name in ("pythia", "mcan-small", "mcan-large"):
+        cfg = load_config(CONFIGS / f"{name}.yaml", task_defaults("vqa"),
+                          ["model.layers=1"] if name.startswith("mcan") else [])
+        model = build_vqa_model(cfg["model"], vocab_size=30, num_answers=9, feature_dim=16)
+        assert sum(p.numel() for p in model.parameters()) > 0
+    cfg = load_config(CONFIGS / "updown.yaml", task_defaults("caption"))
+    assert build_captioner(cfg["model"], 30, 16, 1, 2).hidden == 1000
+
+
+def test_metrics_log_drops_records_after_the_resumed_step(tmp_path):
+    from vqa.engine.metrics_log import MetricsLog
+
+    log = MetricsLog(tmp_path / "m.jsonl")
+    for step in (1, 2, 3, 4):
+        log.log("train", step, 0, loss=float(step))
+    log.close()
+    with open(tmp_path / "m.jsonl", "a") as handle:
+        handle.write('{"kind": "train", "st')  # a line torn by a kill
+    resumed = MetricsLog(tmp_path / "m.jsonl", resume_from_step=2)
+    resumed.log("train", 3, 0, loss=30.0)
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "m.jsonl")] == \
+        [(1, 1.0), (2, 2.0), (3, 30.0)]

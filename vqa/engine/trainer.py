@@ -55,6 +55,10 @@ class TrainingTask(Protocol):
 
     def checkpoint_state(self) -> Dict[str, Any]: ...
 
+    def step_stats(self) -> Dict[str, float]:
+        """Extra numbers about the last training step for the log (e.g. SCST rewards)."""
+        ...
+
 
 @dataclass
 class Position:
@@ -195,7 +199,8 @@ class Trainer:
             pos.global_step += 1
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
             if log is not None and pos.global_step % every_log == 0:
-                log.log("train", pos.global_step, pos.epoch, loss=loss.item(), lr=lr)
+                log.log("train", pos.global_step, pos.epoch, loss=loss.item(), lr=lr,
+                        **self.task.step_stats())
             if every_ckpt and pos.global_step % every_ckpt == 0 and pos.batch < self.steps_per_epoch:
                 self._save(LAST)
             if kill_at is not None and pos.global_step == kill_at:

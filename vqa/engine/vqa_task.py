@@ -154,6 +154,9 @@ class VQATask:
         metrics = evaluate_vqa(data["val_annotations"], data["val_questions"], results)
         return {"score": metrics["overall"], **metrics}
 
+    def step_stats(self) -> Dict[str, float]:
+        return {}
+
     def checkpoint_state(self) -> Dict[str, Any]:
         return {"question_vocab": _vocab_state(self.question_vocab),
                 "answers": list(self.answer_vocab.answers),
