@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Dict, Optional
+from typing import Annotated, AsyncIterator, Callable, Dict, Optional
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from typing_extensions import Annotated
+
 
 from gridfeats.version import __version__
 from service.access_log import STATE_ACCESS_FIELDS, STATE_CLIENT_GONE, AccessLogMiddleware
@@ -31,7 +31,7 @@ from service.backend import FeatureBackend
 from service.encoding import choose_media_type, encode
 from service.errors import ApiError, InvalidParameter, NotAcceptable, RequestTimeout, Unauthorized
 from service.metrics import CLIENT_CLOSED_REQUEST, ServiceMetrics
-from service.results import shape_results
+from service.results import feature_spec, shape_results
 from service.runtime import ClientGone, ServiceRuntime
 from service.schemas import (
     NPY_MEDIA_TYPE,
@@ -252,7 +252,7 @@ def create_app(
         prepared = await runtime.run_in_thread(runtime.decode, uploads)
         try:
             outputs = await runtime.compute(
-                query.mode, prepared, deadline - time.monotonic(), lambda: _wait_for_disconnect(request)
+                feature_spec(query), prepared, deadline - time.monotonic(), lambda: _wait_for_disconnect(request)
             )
         except ClientGone:
             setattr(request.state, STATE_CLIENT_GONE, True)

@@ -1,22 +1,29 @@
-"""The model behind the service: a small interface, and its implementation on ``gridfeats.api.Detector``.
+"""The model behind the service: a small interface, and its implementation on ``gridfeats extract``'s path.
 
 The app talks to a :class:`FeatureBackend` only, so it can be tested with a tiny fake model and
-the dynamic batcher stays generic. :class:`DetectorBackend` is the real one; it adds no image
-processing of its own: decoding and resizing are ``Detector.prepare`` (the project's one image
-reader and one resize) and the forwards are ``Detector.grid_batch`` / ``Detector.detect_batch``,
-the same calls ``gridfeats extract`` makes, so the service answers with the extraction's numbers.
+the dynamic batcher stays generic. :class:`DetectorBackend` is the real one and adds no image or
+feature processing of its own: decoding and resizing are ``Detector.prepare`` (the project's one
+image reader and one resize), and features come from the extraction job's own
+:class:`~gridfeats.extract.features.GridFeatureMaker` / ``RegionFeatureMaker`` on a detector built
+the way the job builds it (same config, fast kernels unless ``exact_kernels``, one forward per
+image unless ``batched_forward``). So an answer holds the numbers ``gridfeats extract`` stores for
+the same image and options, as the feature store's records.
 """
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import numpy as np
 
 from service.settings import ServiceSettings
 
 logger = logging.getLogger("gridfeats.service.backend")
+
+#: A feature-store record: dict of numpy arrays (see gridfeats.store.records).
+Record = Dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -37,36 +44,30 @@ class BackendInfo:
 
 
 @dataclass(frozen=True)
+class BottomUpRule:
+    """bottom-up-attention's selection parameters a request may set (hashable, for grouping)."""
+
+    score_thresh: float
+    min_boxes: int
+    max_boxes: int
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What to compute for an image; requests with equal specs can share a feature maker."""
+
+    mode: str  # "grid" or "region"
+    grid_pool: Optional[Tuple[int, int]] = None
+    regions: Union[str, BottomUpRule] = "detectron2"
+    attr_topk: int = 0
+
+
+@dataclass(frozen=True)
 class ModelRequest:
-    """One image to run: the backend's prepared input and the mode asked for."""
+    """One image to run: the backend's prepared input and what to compute."""
 
-    mode: str
+    spec: FeatureSpec
     image: Any
-
-
-@dataclass
-class GridOutput:
-    """The ``[C, h, w]`` float32 C5 map of one image and its two sizes."""
-
-    feature_map: np.ndarray
-    image_hw: Tuple[int, int]
-    input_hw: Tuple[int, int]
-
-
-@dataclass
-class RegionOutput:
-    """Detections of one image (highest score first) as float32/int64 arrays."""
-
-    features: np.ndarray  # [K, D]
-    boxes: np.ndarray  # [K, 4] original-image pixels
-    scores: np.ndarray  # [K]
-    classes: np.ndarray  # [K]
-    attr_scores: Optional[np.ndarray]  # [K, A] probabilities, None without an attribute head
-    image_hw: Tuple[int, int]
-    input_hw: Tuple[int, int]
-
-
-ModelOutput = Union[GridOutput, RegionOutput]
 
 
 class FeatureBackend(Protocol):
@@ -77,21 +78,26 @@ class FeatureBackend(Protocol):
     def prepare(self, source: Any) -> Any:
         """Decode and resize one image (bytes or an RGB array); raises ``ImageReadError``."""
 
-    def run_batch(self, requests: Sequence[ModelRequest]) -> List[ModelOutput]:
-        """Outputs for prepared images, in order; called from one worker thread at a time."""
+    def run_batch(self, requests: Sequence[ModelRequest]) -> List[Record]:
+        """Feature-store records for prepared images, in order; called from one thread at a time."""
 
 
-def _hw(pair: Sequence[int]) -> Tuple[int, int]:
-    return int(pair[0]), int(pair[1])
+def group_by_spec(requests: Sequence[ModelRequest]) -> "OrderedDict[FeatureSpec, List[int]]":
+    """Indices of ``requests`` per distinct spec, in first-seen order."""
+    groups: "OrderedDict[FeatureSpec, List[int]]" = OrderedDict()
+    for index, request in enumerate(requests):
+        groups.setdefault(request.spec, []).append(index)
+    return groups
 
 
 class DetectorBackend:
-    """:class:`FeatureBackend` on a :class:`gridfeats.api.Detector`."""
+    """:class:`FeatureBackend` on a :class:`gridfeats.api.Detector` and the extraction's feature makers."""
 
-    def __init__(self, detector: Any) -> None:
+    def __init__(self, detector: Any, batched_forward: bool = False) -> None:
         from gridfeats.config import cfg_source_name
 
         self.detector = detector
+        self.batched_forward = batched_forward
         cfg = detector.cfg
         self.info = BackendInfo(
             config=cfg_source_name(cfg) or "default",
@@ -106,12 +112,14 @@ class DetectorBackend:
             input_min_size=int(cfg.INPUT.MIN_SIZE_TEST),
             input_max_size=int(cfg.INPUT.MAX_SIZE_TEST),
         )
+        self._makers: Dict[FeatureSpec, Any] = {}
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> "DetectorBackend":
-        """Build the detector the settings describe (config, overrides, weights, device, precision)."""
+        """Build the detector as ``gridfeats extract`` does with the same config and options."""
         from gridfeats.api import Detector
         from gridfeats.config import get_cfg
+        from gridfeats.extract.speed import apply_fast_inference
 
         cfg = get_cfg(settings.config, list(settings.opts))
         detector = Detector(
@@ -121,34 +129,37 @@ class DetectorBackend:
             precision=settings.precision,
             max_pixels=settings.max_pixels,
         )
-        return cls(detector)
+        if not settings.exact_kernels:
+            apply_fast_inference(detector)
+        return cls(detector, batched_forward=settings.batched_forward)
 
     def prepare(self, source: Any) -> Any:
         return self.detector.prepare(source)
 
-    def run_batch(self, requests: Sequence[ModelRequest]) -> List[ModelOutput]:
-        outputs: List[Optional[ModelOutput]] = [None] * len(requests)
-        grid_idx = [i for i, r in enumerate(requests) if r.mode == "grid"]
-        region_idx = [i for i, r in enumerate(requests) if r.mode == "region"]
-        unknown = [r.mode for r in requests if r.mode not in ("grid", "region")]
-        if unknown:
-            raise ValueError(f"unknown feature mode(s): {sorted(set(unknown))}")
-        if grid_idx:
-            prepared = [requests[i].image for i in grid_idx]
-            for i, p, fmap in zip(grid_idx, prepared, self.detector.grid_batch(prepared)):
-                outputs[i] = GridOutput(
-                    feature_map=fmap.detach().cpu().numpy(), image_hw=_hw(p.orig_hw), input_hw=_hw(p.input_hw)
-                )
-        if region_idx:
-            prepared = [requests[i].image for i in region_idx]
-            for i, det in zip(region_idx, self.detector.detect_batch(prepared)):
-                outputs[i] = RegionOutput(
-                    features=det.features.detach().cpu().numpy(),
-                    boxes=det.boxes.detach().cpu().numpy(),
-                    scores=det.scores.detach().cpu().numpy(),
-                    classes=det.classes.detach().cpu().numpy(),
-                    attr_scores=None if det.attr_scores is None else det.attr_scores.detach().cpu().numpy(),
-                    image_hw=_hw(det.orig_hw),
-                    input_hw=_hw(det.input_hw),
-                )
-        return outputs  # type: ignore[return-value]
+    def _maker(self, spec: FeatureSpec) -> Any:
+        maker = self._makers.get(spec)
+        if maker is None:
+            from gridfeats.extract.features import GridFeatureMaker, RegionFeatureMaker
+            from gridfeats.extract.regions import BottomUpSettings
+
+            if spec.mode == "grid":
+                maker = GridFeatureMaker(self.detector, spec.grid_pool, self.batched_forward)
+            elif spec.mode == "region":
+                rule = spec.regions
+                selection = rule if rule == "detectron2" else BottomUpSettings(
+                    score_thresh=rule.score_thresh, min_boxes=rule.min_boxes, max_boxes=rule.max_boxes)
+                maker = RegionFeatureMaker(self.detector, selection, spec.attr_topk, self.batched_forward)
+            else:
+                raise ValueError(f"unknown feature mode {spec.mode!r}")
+            if len(self._makers) > 256:  # specs come from clients: keep the cache bounded
+                self._makers.clear()
+            self._makers[spec] = maker
+        return maker
+
+    def run_batch(self, requests: Sequence[ModelRequest]) -> List[Record]:
+        records: List[Optional[Record]] = [None] * len(requests)
+        for spec, indices in group_by_spec(requests).items():
+            made = self._maker(spec).records([requests[i].image for i in indices])
+            for index, record in zip(indices, made):
+                records[index] = record
+        return records  # type: ignore[return-value]

@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", help="torch device: cpu (default), cuda, cuda:1")
     model.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                        help="compute precision (default fp32, exact); bf16/fp16 where the hardware has them")
+    model.add_argument("--exact-kernels", action="store_const", const=True,
+                       help="no folded norms / channels-last (slower; as gridfeats extract --exact-kernels)")
+    model.add_argument("--batched-forward", action="store_const", const=True,
+                       help="one forward per batch instead of per image: faster on GPUs, features then depend "
+                            "on the batch by float rounding (as gridfeats extract --batched-forward)")
     model.add_argument("--objects-vocab", help="objects_vocab.txt: return class names")
     model.add_argument("--attributes-vocab", help="attributes_vocab.txt: return attribute names")
 
@@ -49,16 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--api-keys-file", help="file with one API key per line (enables auth)")
     limits.add_argument("--cors-origins", help="comma-separated origins allowed by CORS (default: CORS off)")
 
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=None,
-                        help="config overrides KEY VALUE ... (must come last)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides, as for gridfeats extract, e.g. INPUT.MIN_SIZE_TEST 800")
 
 
 def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     values = {name: getattr(args, name, None) for name in ServiceSettings.model_fields}
     if args.cors_origins is not None:
         values["cors_origins"] = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
-    if args.opts is not None:
-        values["opts"] = tuple(args.opts)
+    values["opts"] = tuple(args.opts) if args.opts else None
     return values
 
 
@@ -70,7 +74,7 @@ def check_model_settings(settings: ServiceSettings) -> None:
     from gridfeats.precision import PrecisionError, check_precision
 
     if len(settings.opts) % 2:
-        raise SettingsError(f"--opts needs KEY VALUE pairs, got an odd count: {' '.join(settings.opts)}")
+        raise SettingsError(f"config overrides come in KEY VALUE pairs, got: {' '.join(settings.opts)}")
     try:
         get_cfg(settings.config, list(settings.opts))
     except (FileNotFoundError, KeyError, ValueError) as exc:

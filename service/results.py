@@ -1,9 +1,9 @@
-"""Model outputs -> what one request asked for: pooling, top-K attributes, names, output dtype.
+"""Request options -> feature spec, and feature-store records -> the answer of one request.
 
-This is the only post-processing the service does, and it only selects or summarises the model's
-numbers (pooling, top-K, truncation, a dtype cast); the arrays themselves come from the detector
-unchanged. Grid maps become rows with the feature store's own :func:`grid_map_to_rows`, so a
-service answer and a stored record have the same layout.
+The numbers come unchanged from the extraction's feature makers (see :mod:`service.backend`); this
+module only casts the features to the requested dtype (refusing casts that would corrupt them, with
+the extraction's own :func:`~gridfeats.extract.features.storage_problem` check) and adds display
+names from the optional vocabulary.
 """
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gridfeats.store.records import grid_map_to_rows
-from service.backend import GridOutput, ModelOutput, RegionOutput
+from gridfeats.extract.features import storage_problem
+from service.backend import BottomUpRule, FeatureSpec, Record
 from service.errors import InvalidParameter, ModelFailure
 from service.schemas import FeatureQuery
+
+#: Record fields that describe the image rather than its rows.
+_SIZE_FIELDS = ("image_hw", "input_hw")
 
 
 class VocabularyError(ValueError):
@@ -64,86 +67,42 @@ class ImageResult:
     names: Dict[str, List] = field(default_factory=dict)
 
 
-def pool_grid(feature_map: np.ndarray, op: str, size: int) -> np.ndarray:
-    """Adaptive avg/max pooling of a ``[C, h, w]`` map to ``min(size, h) x min(size, w)`` cells.
-
-    Cell ``i`` along an axis of length ``n`` pooled to ``m`` covers ``floor(i*n/m) : ceil((i+1)*n/m)``,
-    the same windows as torch's adaptive pooling.
-    """
-    if op == "none":
-        return feature_map
-    c, h, w = feature_map.shape
-    out_h, out_w = min(size, h), min(size, w)
-    reduce = np.mean if op == "avg" else np.max
-    out = np.empty((c, out_h, out_w), dtype=feature_map.dtype)
-    for i in range(out_h):
-        y0, y1 = (i * h) // out_h, -((-(i + 1) * h) // out_h)
-        for j in range(out_w):
-            x0, x1 = (j * w) // out_w, -((-(j + 1) * w) // out_w)
-            out[:, i, j] = reduce(feature_map[:, y0:y1, x0:x1], axis=(1, 2))
-    return out
+def feature_spec(query: FeatureQuery) -> FeatureSpec:
+    """The model-side part of a request's options (what the backend groups batches by)."""
+    if query.mode == "grid":
+        return FeatureSpec(mode="grid", grid_pool=query.pool_hw())
+    regions = "detectron2" if query.regions == "detectron2" else BottomUpRule(
+        score_thresh=query.bottom_up_thresh, min_boxes=query.min_boxes, max_boxes=query.max_boxes)
+    return FeatureSpec(mode="region", regions=regions, attr_topk=query.attr_topk)
 
 
-def top_attributes(attr_scores: Optional[np.ndarray], k: int, num_boxes: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The ``k`` most probable attribute ids per box and their probabilities (ties: lower id first)."""
-    if attr_scores is None or k == 0:
-        return np.zeros((num_boxes, 0), np.int32), np.zeros((num_boxes, 0), np.float32)
-    k = min(k, attr_scores.shape[1])
-    order = np.argsort(-attr_scores, axis=1, kind="stable")[:, :k]
-    return order.astype(np.int32), np.take_along_axis(attr_scores, order, axis=1).astype(np.float32)
-
-
-def cast_features(features: np.ndarray, dtype: np.dtype, index: int) -> np.ndarray:
-    """``features`` in the requested dtype, refusing NaN/inf (model fault) and float16 overflow."""
-    if not np.isfinite(features).all():
-        raise ModelFailure(f"image {index}: the model produced NaN or infinite features")
-    with np.errstate(over="ignore"):  # overflow is detected below and reported to the client
-        cast = features.astype(dtype, copy=False)
-    if cast.dtype != features.dtype and not np.isfinite(cast).all():
+def cast_features(features: np.ndarray, dtype: str, index: int) -> np.ndarray:
+    """``features`` as ``dtype``; NaN/inf from the model is a 500, a float16 overflow a 422."""
+    problem = storage_problem({"features": features}, dtype)
+    if problem is not None:
+        if not np.isfinite(features).all():
+            raise ModelFailure(f"image {index}: {problem}")
+        peak = float(np.abs(features).max())
         raise InvalidParameter(
-            f"image {index}: features exceed the {dtype} range (max {np.finfo(dtype).max:g}); "
-            "ask for precision=float32"
+            f"image {index}: features exceed the {dtype} range (max |value| {peak:.4g}); ask for precision=float32"
         )
-    return cast
+    return features.astype(dtype, copy=False)
 
 
-def _grid_result(index: int, output: GridOutput, query: FeatureQuery, dtype: np.dtype) -> ImageResult:
-    pooled = pool_grid(output.feature_map, query.pool, query.pool_size)
-    rows = cast_features(grid_map_to_rows(pooled), dtype, index)
-    arrays = {"features": rows, "grid_hw": np.asarray(pooled.shape[1:], dtype=np.int32)}
-    return ImageResult(index, output.image_hw, output.input_hw, arrays)
-
-
-def _region_result(
-    index: int, output: RegionOutput, query: FeatureQuery, dtype: np.dtype, vocab: Vocabulary
-) -> ImageResult:
-    keep = len(output.scores) if query.max_regions is None else min(query.max_regions, len(output.scores))
-    classes = output.classes[:keep].astype(np.int32)
-    attr_scores = None if output.attr_scores is None else output.attr_scores[:keep]
-    attr_ids, attr_probs = top_attributes(attr_scores, query.attr_topk, keep)
-    arrays = {
-        "features": cast_features(output.features[:keep], dtype, index),
-        "boxes": output.boxes[:keep].astype(np.float32, copy=False),
-        "scores": output.scores[:keep].astype(np.float32, copy=False),
-        "classes": classes,
-        "attr_ids": attr_ids,
-        "attr_scores": attr_probs,
-    }
+def _image_result(index: int, record: Record, dtype: str, vocab: Vocabulary) -> ImageResult:
+    arrays = {name: value for name, value in record.items() if name not in _SIZE_FIELDS}
+    arrays["features"] = cast_features(arrays["features"], dtype, index)
     names: Dict[str, List] = {}
-    if vocab.objects is not None:
-        names["class_names"] = [vocab.objects[c] for c in classes.tolist()]
-    if vocab.attributes is not None:
-        names["attr_names"] = [[vocab.attributes[a] for a in row] for row in attr_ids.tolist()]
-    return ImageResult(index, output.image_hw, output.input_hw, arrays, names)
+    if "classes" in arrays:
+        if vocab.objects is not None:
+            names["class_names"] = [vocab.objects[c] for c in arrays["classes"].tolist()]
+        if vocab.attributes is not None:
+            names["attr_names"] = [[vocab.attributes[a] for a in row] for row in arrays["attr_ids"].tolist()]
+    hw = tuple(int(v) for v in record["image_hw"])
+    input_hw = tuple(int(v) for v in record["input_hw"])
+    return ImageResult(index, hw, input_hw, arrays, names)  # type: ignore[arg-type]
 
 
-def shape_results(outputs: Sequence[ModelOutput], query: FeatureQuery, vocab: Vocabulary) -> List[ImageResult]:
-    """Turn the model outputs of one request into its per-image answers, in request order."""
-    dtype = np.dtype(query.precision)
-    results: List[ImageResult] = []
-    for index, output in enumerate(outputs):
-        if isinstance(output, GridOutput):
-            results.append(_grid_result(index, output, query, dtype))
-        else:
-            results.append(_region_result(index, output, query, dtype, vocab))
-    return results
+def shape_results(records: Sequence[Record], query: FeatureQuery, vocab: Vocabulary) -> List[ImageResult]:
+    """The per-image answers of one request, in request order."""
+    return [_image_result(index, record, query.precision, vocab) for index, record in enumerate(records)]

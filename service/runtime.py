@@ -19,18 +19,20 @@ import anyio
 import numpy as np
 
 from gridfeats.data.image_io import ImageReadError
-from service.backend import FeatureBackend, ModelOutput, ModelRequest
+from service.backend import FeatureBackend, FeatureSpec, ModelRequest, Record
 from service.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from service.errors import ApiError, BadImage, ModelFailure, NotReady, Overloaded, PayloadTooLarge, RequestTimeout
 from service.metrics import ServiceMetrics
-from service.results import Vocabulary
+from service.results import Vocabulary, feature_spec
+from service.schemas import FeatureQuery
 from service.settings import ServiceSettings
 from service.uploads import Upload
 
 logger = logging.getLogger("gridfeats.service")
 
 BackendFactory = Callable[[], FeatureBackend]
-MODES = ("grid", "region")
+#: One warm-up forward per mode, with the default options of each.
+WARMUP_SPECS = (feature_spec(FeatureQuery(mode="grid")), feature_spec(FeatureQuery(mode="region")))
 
 
 class ClientGone(Exception):
@@ -108,8 +110,8 @@ class ServiceRuntime:
         ramp = np.linspace(0, 255, size, dtype=np.float32)
         image = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], ramp[::-1, None]), axis=-1)
         prepared = await anyio.to_thread.run_sync(self.backend.prepare, image.astype(np.uint8))
-        for mode in MODES:
-            await self.batcher.submit(ModelRequest(mode, prepared))
+        for spec in WARMUP_SPECS:
+            await self.batcher.submit(ModelRequest(spec, prepared))
 
     async def stop(self) -> None:
         """Stop taking work, finish what is queued, release the model thread."""
@@ -154,17 +156,17 @@ class ServiceRuntime:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.cpu_limiter)
 
     # ----------------------------------------------------------------------------------- compute
-    def _run_batch(self, requests: List[ModelRequest]) -> List[ModelOutput]:
+    def _run_batch(self, requests: List[ModelRequest]) -> List[Record]:
         assert self.backend is not None
         return self.backend.run_batch(requests)
 
     async def compute(
         self,
-        mode: str,
+        spec: FeatureSpec,
         prepared: Sequence[Any],
         timeout_s: float,
         disconnected: Callable[[], Awaitable[None]],
-    ) -> List[ModelOutput]:
+    ) -> List[Record]:
         """Outputs for ``prepared`` through the batcher, within ``timeout_s``.
 
         Raises :class:`Overloaded` (queue full), :class:`RequestTimeout`, :class:`ClientGone`
@@ -173,7 +175,7 @@ class ServiceRuntime:
         """
         if timeout_s <= 0:
             raise RequestTimeout(f"request timed out after {self.settings.request_timeout_s:g} s")
-        work = asyncio.ensure_future(self.batcher.submit_many([ModelRequest(mode, p) for p in prepared]))
+        work = asyncio.ensure_future(self.batcher.submit_many([ModelRequest(spec, p) for p in prepared]))
         watcher = asyncio.ensure_future(disconnected())
         try:
             done, _ = await asyncio.wait({work, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -192,7 +194,7 @@ class ServiceRuntime:
             f"request timed out after {self.settings.request_timeout_s:g} s waiting for the model"
         )
 
-    def _outputs(self, work: "asyncio.Future[List[ModelOutput]]") -> List[ModelOutput]:
+    def _outputs(self, work: "asyncio.Future[List[Record]]") -> List[Record]:
         try:
             return work.result()
         except QueueFullError as exc:

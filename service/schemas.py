@@ -7,15 +7,18 @@ OpenAPI description is built here too, from the same media-type list the reader 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.uploads import GENERIC_BINARY, IMAGE_MEDIA_TYPES, IMAGES_FIELD, MULTIPART
 
 Mode = Literal["grid", "region"]
+RegionRule = Literal["detectron2", "bottom-up"]
 OutputDtype = Literal["float32", "float16"]
-GridPool = Literal["none", "avg", "max"]
+
+#: Largest grid_pool side accepted.
+MAX_POOL_SIDE = 64
 
 #: Response media types besides JSON.
 NPY_MEDIA_TYPE = "application/x-npy"
@@ -24,35 +27,55 @@ JSON_MEDIA_TYPE = "application/json"
 
 
 class FeatureQuery(BaseModel):
-    """Query parameters of ``POST /v1/features``."""
+    """Query parameters of ``POST /v1/features``; they mirror ``gridfeats extract``'s options."""
 
     model_config = ConfigDict(extra="forbid")
 
     mode: Mode = Field(
         "grid",
         description="grid: the C5 feature map as rows (row y*w+x is map[:, y, x]); "
-        "region: detected boxes with one pooled feature each",
+        "region: selected boxes with one pooled feature each",
     )
-    pool: GridPool = Field(
-        "none",
-        description="grid mode only: adaptive pooling of the feature map to pool_size x pool_size "
-        "cells (capped at the map's own size)",
+    grid_pool: Optional[str] = Field(
+        None,
+        pattern=r"^[0-9]{1,2}x[0-9]{1,2}$",
+        description=f"grid mode: average-pool the map to HxW cells (1..{MAX_POOL_SIDE} each), "
+        "as extract --grid-pool",
+        examples=["7x7"],
     )
-    pool_size: int = Field(1, ge=1, le=64, description="output cells per side when pool is avg or max")
+    regions: RegionRule = Field(
+        "detectron2",
+        description="region mode: detectron2 (the config's inference) or bottom-up "
+        "(bottom-up-attention's generate_tsv.py rule), as extract --regions",
+    )
+    min_boxes: int = Field(10, ge=1, le=1000, description="bottom-up: at least this many boxes")
+    max_boxes: int = Field(100, ge=1, le=1000, description="bottom-up: at most this many boxes")
+    bottom_up_thresh: float = Field(
+        0.2, ge=0.0, le=1.0, description="bottom-up: keep boxes whose best class score is at least this"
+    )
     attr_topk: int = Field(
-        5, ge=0, le=400,
-        description="region mode: how many attributes (by probability) per box, capped at the model's count",
-    )
-    max_regions: Optional[int] = Field(
-        None, ge=1, le=1000, description="region mode: keep at most this many boxes (highest scores)"
+        10, ge=0, le=400,
+        description="region mode: attributes per box by probability, capped at the model's count",
     )
     precision: OutputDtype = Field("float32", description="dtype of the returned features")
 
     @model_validator(mode="after")
-    def _pool_needs_grid(self) -> "FeatureQuery":
-        if self.pool != "none" and self.mode != "grid":
-            raise ValueError("pool applies to grid mode only")
+    def _consistent(self) -> "FeatureQuery":
+        if self.grid_pool is not None:
+            if self.mode != "grid":
+                raise ValueError("grid_pool applies to grid mode only")
+            if not all(1 <= side <= MAX_POOL_SIDE for side in self.pool_hw()):
+                raise ValueError(f"grid_pool sides must be 1..{MAX_POOL_SIDE}, got {self.grid_pool}")
+        if self.regions == "bottom-up" and self.min_boxes > self.max_boxes:
+            raise ValueError(f"min_boxes ({self.min_boxes}) exceeds max_boxes ({self.max_boxes})")
         return self
+
+    def pool_hw(self) -> Optional[Tuple[int, int]]:
+        """``grid_pool`` as ``(h, w)``, or None."""
+        if self.grid_pool is None:
+            return None
+        h, w = self.grid_pool.split("x")
+        return int(h), int(w)
 
 
 class ModelRef(BaseModel):
@@ -88,11 +111,11 @@ class GridImageFeatures(ImageFeaturesBase):
         }
     )
 
-    grid_hw: List[int] = Field(..., description="h, w of the returned grid (after pooling)")
+    grid_hw: List[int] = Field(..., description="h, w of the returned grid (after grid_pool)")
 
 
 class RegionImageFeatures(ImageFeaturesBase):
-    """Detected regions of one image, highest score first: ``shape == [K, D]``."""
+    """Selected regions of one image: ``shape == [K, D]``, in the selection rule's order."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -119,7 +142,7 @@ class RegionImageFeatures(ImageFeaturesBase):
     scores: List[float]
     classes: List[int] = Field(..., description="object class ids, 0-based, background excluded")
     class_names: Optional[List[str]] = Field(None, description="present when a vocabulary is configured")
-    attr_ids: List[List[int]] = Field(..., description="top attr_topk attribute ids per box")
+    attr_ids: List[List[int]] = Field(..., description="top attr_topk attribute ids per box, most probable first")
     attr_scores: List[List[float]] = Field(..., description="their probabilities")
     attr_names: Optional[List[List[str]]] = Field(None, description="present with an attribute vocabulary")
 

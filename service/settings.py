@@ -37,6 +37,14 @@ class ServiceSettings(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="compute precision of the model (gridfeats.precision; fp32 is exact)"
     )
+    exact_kernels: bool = Field(
+        False, description="no folded norms / channels-last (as gridfeats extract --exact-kernels)"
+    )
+    batched_forward: bool = Field(
+        False,
+        description="one forward per batch instead of per image: faster on GPUs, features then "
+        "depend on the batch by float rounding (as gridfeats extract --batched-forward)",
+    )
     objects_vocab: Optional[str] = Field(None, description="objects_vocab.txt: class names in answers")
     attributes_vocab: Optional[str] = Field(
         None, description="attributes_vocab.txt: attribute names in answers"

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from tests.test_service_model import CONFIG, OPTS
@@ -41,7 +40,7 @@ def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 120) -> No
 
 def test_serve_answers_then_drains_and_exits_cleanly_on_sigterm():
     port = free_port()
-    process = _serve(["--config", CONFIG, "--port", str(port), "--max-wait-ms", "1", "--opts", *OPTS],
+    process = _serve(["--config", CONFIG, "--port", str(port), "--max-wait-ms", "1", *OPTS],
                      env_extra={"GRIDFEATS_MAX_BATCH": "3", "GRIDFEATS_API_KEYS": "cli-secret"})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -71,7 +70,7 @@ def test_serve_exits_with_an_error_when_the_model_cannot_load(tmp_path):
     weights = tmp_path / "broken.pth"
     weights.write_bytes(b"this is not a checkpoint")
     process = _serve(["--config", CONFIG, "--weights", str(weights), "--port", str(free_port()),
-                      "--opts", *OPTS])
+                      *OPTS])
     try:
         _, stderr = process.communicate(timeout=120)
     finally:

@@ -17,13 +17,23 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gridfeats.data.image_io import read_image
 from gridfeats.store.records import grid_map_to_rows
-from service.results import top_attributes
+from gridfeats.extract.regions import top_attributes
+from service.backend import DetectorBackend, FeatureSpec
 from service.settings import ServiceSettings
-from tests.test_service_support import FakeBackend, ServerThread, fake_grid, fake_regions, image_bytes, metric_value
+from tests.test_service_support import (
+    FakeDetector,
+    ServerThread,
+    direct,
+    fake_backend,
+    fake_grid,
+    image_bytes,
+    metric_value,
+)
 
 PNG = {"content-type": "image/png"}
 
@@ -57,7 +67,7 @@ def zeros_png(width: int, height: int) -> bytes:
 def server():
     settings = ServiceSettings(max_wait_ms=20, max_upload_bytes=256 * 1024, max_pixels=10_000_000,
                                max_images_per_request=4)
-    backend = FakeBackend(max_pixels=settings.max_pixels)
+    backend = fake_backend(max_pixels=settings.max_pixels)
     with ServerThread(settings, lambda: backend) as srv:
         srv.backend = backend
         yield srv
@@ -69,7 +79,7 @@ def test_health_readiness_and_model_info(server):
     ready = httpx.get(server.url + "/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
     info = httpx.get(server.url + "/v1/model").json()
-    assert info["config"] == "fake"
+    assert info["config"] == "defaults"
     assert info["feature_dims"] == {"grid": 4, "region": 3}
     assert info["modes"] == ["grid", "region"]
     assert info["max_images_per_request"] == 4
@@ -83,7 +93,7 @@ def test_grid_json_has_the_model_numbers_as_store_rows(server):
     expected = grid_map_to_rows(fake_grid(read_image(data)))
     image = body["images"][0]
     assert body["mode"] == "grid" and body["dtype"] == "float32" and body["feature_dim"] == 4
-    assert body["model"] == {"config": "fake", "weights_sha256": ""}
+    assert body["model"] == {"config": "defaults", "weights_sha256": ""}
     assert image["image_hw"] == [24, 40] and image["grid_hw"] == [3, 5]
     assert image["shape"] == list(expected.shape)
     np.testing.assert_array_equal(np.asarray(image["features"], dtype=np.float32), expected)
@@ -106,19 +116,19 @@ def test_npy_and_npz_answers_carry_the_same_arrays(server):
     assert arrays["0/image_hw"].tolist() == [17, 33] and arrays["1/grid_hw"].tolist() == [2, 2]
 
 
-def test_region_answer_with_topk_attributes_and_truncation(server):
+def test_region_answer_with_topk_attributes(server):
     data = image_bytes(30, 20, seed=5)
-    response = httpx.post(server.url + "/v1/features?mode=region&attr_topk=2&max_regions=2", content=data, headers=PNG)
+    response = httpx.post(server.url + "/v1/features?mode=region&attr_topk=2", content=data, headers=PNG)
     assert response.status_code == 200
     image = response.json()["images"][0]
-    full = fake_regions(read_image(data))
-    ids, probs = top_attributes(full.attr_scores[:2], 2, 2)
-    assert image["shape"] == [2, 3]
-    np.testing.assert_array_equal(np.asarray(image["features"], np.float32), full.features[:2])
-    np.testing.assert_array_equal(np.asarray(image["boxes"], np.float32), full.boxes[:2])
-    assert image["classes"] == [1, 2]
-    assert image["attr_ids"] == ids.tolist()
-    np.testing.assert_array_equal(np.asarray(image["attr_scores"], np.float32), probs)
+    expected = direct(server.backend, data, FeatureSpec("region", attr_topk=2))
+    assert image["shape"] == [3, 3]
+    for field in ("features", "boxes", "scores", "attr_scores"):
+        np.testing.assert_array_equal(np.asarray(image[field], np.float32), expected[field])
+    assert image["boxes"][0] == [0.0, 0.0, 30.0, 20.0]
+    assert image["classes"] == [1, 2, 3]
+    softmax = torch.softmax(torch.arange(18, dtype=torch.float32).reshape(3, 6) % 5, dim=1)
+    assert image["attr_ids"] == top_attributes(softmax, 2, 3)[0].tolist()
     assert "class_names" not in image  # no vocabulary configured
 
     none = httpx.post(server.url + "/v1/features?mode=region&attr_topk=0", content=data, headers=PNG).json()
@@ -128,11 +138,15 @@ def test_region_answer_with_topk_attributes_and_truncation(server):
 def test_grid_pooling_and_float16_output(server):
     data = image_bytes(64, 48, seed=6)
     fmap = fake_grid(read_image(data))
-    avg = httpx.post(server.url + "/v1/features?pool=avg&pool_size=1", content=data, headers=PNG).json()
-    np.testing.assert_allclose(avg["images"][0]["features"], [fmap.mean(axis=(1, 2))], rtol=1e-6)
-    assert avg["images"][0]["grid_hw"] == [1, 1]
-    biggest = httpx.post(server.url + "/v1/features?pool=max&pool_size=64", content=data, headers=PNG).json()
-    assert biggest["images"][0]["grid_hw"] == list(fmap.shape[1:])  # capped at the map's own size
+    mean = httpx.post(server.url + "/v1/features?grid_pool=1x1", content=data, headers=PNG).json()
+    np.testing.assert_allclose(mean["images"][0]["features"], [fmap.mean(axis=(1, 2))], rtol=1e-6)
+    assert mean["images"][0]["grid_hw"] == [1, 1]
+    pooled = httpx.post(server.url + "/v1/features?grid_pool=2x3", content=data,
+                        headers={**PNG, "accept": "application/x-npz"})
+    arrays = np.load(io.BytesIO(pooled.content))
+    assert arrays["0/grid_hw"].tolist() == [2, 3]
+    expected = direct(server.backend, data, FeatureSpec("grid", (2, 3)))["features"]
+    np.testing.assert_array_equal(arrays["0/features"], expected)
     half = httpx.post(server.url + "/v1/features?precision=float16", content=data,
                       headers={**PNG, "accept": "application/x-npy"})
     rows = np.load(io.BytesIO(half.content))
@@ -182,12 +196,16 @@ BAD_INPUTS = [
      "bad_request", "unexpected form field(s) 'picture'"),
     ("bad-mode", "?mode=panoptic", dict(content=image_bytes(), headers=PNG), 422, "invalid_parameter",
      "query parameter 'mode'"),
-    ("bad-pool-size", "?pool=avg&pool_size=0", dict(content=image_bytes(), headers=PNG), 422,
-     "invalid_parameter", "query parameter 'pool_size'"),
+    ("bad-pool-size", "?grid_pool=0x3", dict(content=image_bytes(), headers=PNG), 422,
+     "invalid_parameter", "grid_pool sides must be 1..64"),
+    ("bad-pool-syntax", "?grid_pool=big", dict(content=image_bytes(), headers=PNG), 422,
+     "invalid_parameter", "query parameter 'grid_pool'"),
+    ("min-above-max", "?mode=region&regions=bottom-up&min_boxes=50&max_boxes=10",
+     dict(content=image_bytes(), headers=PNG), 422, "invalid_parameter", "min_boxes (50) exceeds max_boxes (10)"),
     ("unknown-parameter", "?image_url=http://example.com/a.jpg", dict(content=image_bytes(), headers=PNG), 422,
      "invalid_parameter", "query parameter 'image_url'"),
-    ("pool-on-regions", "?mode=region&pool=max", dict(content=image_bytes(), headers=PNG), 422,
-     "invalid_parameter", "pool applies to grid mode only"),
+    ("pool-on-regions", "?mode=region&grid_pool=2x2", dict(content=image_bytes(), headers=PNG), 422,
+     "invalid_parameter", "grid_pool applies to grid mode only"),
     ("unacceptable", "", dict(content=image_bytes(), headers={**PNG, "accept": "text/html"}), 406,
      "not_acceptable", "cannot answer with 'text/html'"),
     ("npy-for-two", "", dict(files=[("images", ("a.png", image_bytes(), "image/png"))] * 2,
@@ -221,10 +239,10 @@ def test_bad_requests_do_not_disturb_good_ones_or_the_server(server):
 
 
 def test_a_model_failure_fails_only_its_own_request_in_a_shared_batch():
-    backend = FakeBackend(fail_on=77)
+    fake = FakeDetector(fail_on=77)
     settings = ServiceSettings(max_wait_ms=300, max_batch=8)
-    with ServerThread(settings, lambda: backend) as srv:
-        backend.batches.clear()
+    with ServerThread(settings, lambda: DetectorBackend(fake, batched_forward=True)) as srv:
+        fake.batches.clear()
         bodies = [image_bytes(16, 16, seed=1, first_red=10), image_bytes(16, 16, seed=2, first_red=77),
                   image_bytes(16, 16, seed=3, first_red=20)]
         with ThreadPoolExecutor(3) as pool:
@@ -232,7 +250,7 @@ def test_a_model_failure_fails_only_its_own_request_in_a_shared_batch():
         assert [r.status_code for r in responses] == [200, 500, 200]
         assert responses[1].json()["code"] == "model_error"
         assert "Traceback" not in responses[1].text
-        assert backend.batches[0] == 3  # they really shared a forward before being isolated
+        assert fake.batches[0] == 3  # they really shared a forward before being isolated
         for body, response in zip(bodies[::2], responses[::2]):
             expected = grid_map_to_rows(fake_grid(read_image(body)))
             np.testing.assert_array_equal(np.asarray(response.json()["images"][0]["features"], np.float32), expected)
@@ -244,7 +262,7 @@ def test_api_keys_guard_the_feature_routes_but_not_probes(caplog, tmp_path):
     key_file.write_text("# team keys\nfile-key-123\n")
     settings = ServiceSettings(api_keys=("inline-key-456",), api_keys_file=str(key_file))
     with caplog.at_level(logging.INFO, logger="gridfeats.service.access"), \
-            ServerThread(settings, lambda: FakeBackend()) as srv:
+            ServerThread(settings, lambda: fake_backend()) as srv:
         missing = httpx.get(srv.url + "/v1/model")
         assert missing.status_code == 401 and "missing API key" in missing.json()["detail"]
         wrong = httpx.post(srv.url + "/v1/features", content=image_bytes(), headers={**PNG, "x-api-key": "nope"})
@@ -269,13 +287,13 @@ def test_without_keys_auth_is_off(server):
 # ------------------------------------------------------------------------ load and back-pressure
 def test_overload_answers_503_with_retry_after_then_recovers():
     gate = threading.Event()
-    backend = FakeBackend(gate=gate)
+    fake = FakeDetector(gate=gate)
     settings = ServiceSettings(max_batch=1, max_wait_ms=0, max_queue=2, warmup=False)
-    with ServerThread(settings, lambda: backend) as srv, ThreadPoolExecutor(8) as pool:
+    with ServerThread(settings, lambda: DetectorBackend(fake)) as srv, ThreadPoolExecutor(8) as pool:
         post = lambda seed: httpx.post(srv.url + "/v1/features", content=image_bytes(8, 8, seed=seed),  # noqa: E731
                                        headers=PNG, timeout=30)
         busy = pool.submit(post, 0)
-        assert backend.forward_started.wait(10)
+        assert fake.forward_started.wait(10)
         queued = [pool.submit(post, seed) for seed in (1, 2)]
         wait_for(lambda: metric_value(metrics_text(srv), "gridfeats_queue_depth") == 2, what="queue full")
         refused = [post(seed) for seed in (3, 4, 5)]
@@ -293,19 +311,19 @@ def test_overload_answers_503_with_retry_after_then_recovers():
 
 def test_request_timeout_answers_504_and_frees_the_slot():
     gate = threading.Event()
-    backend = FakeBackend(gate=gate)
+    fake = FakeDetector(gate=gate)
     settings = ServiceSettings(max_batch=1, max_wait_ms=0, max_queue=1, request_timeout_s=0.5, warmup=False)
-    with ServerThread(settings, lambda: backend) as srv, ThreadPoolExecutor(2) as pool:
+    with ServerThread(settings, lambda: DetectorBackend(fake)) as srv, ThreadPoolExecutor(2) as pool:
         blocked = pool.submit(httpx.post, srv.url + "/v1/features", content=image_bytes(seed=1), headers=PNG,
                               timeout=30)
-        assert backend.forward_started.wait(10)
+        assert fake.forward_started.wait(10)
         late = httpx.post(srv.url + "/v1/features", content=image_bytes(seed=2, first_red=55), headers=PNG)
         assert late.status_code == 504 and late.json()["code"] == "timeout"
         assert metric_value(metrics_text(srv), "gridfeats_queue_depth") == 0
         gate.set()
         assert blocked.result().status_code == 504  # its forward outlived the deadline too
         assert httpx.post(srv.url + "/v1/features", content=image_bytes(seed=3), headers=PNG).status_code == 200
-        assert 55 not in backend.seen  # the timed-out queued image never reached the model
+        assert 55 not in fake.seen  # the timed-out queued image never reached the model
 
 
 def _raw_request(port: int, body: bytes, send_bytes: int, content_type: bytes = b"image/png", path: bytes = b"/v1/features"):
@@ -335,12 +353,12 @@ def test_client_killed_mid_upload_leaves_the_server_serving(server):
 
 def test_client_gone_while_queued_frees_its_slot_and_is_never_computed():
     gate = threading.Event()
-    backend = FakeBackend(gate=gate)
+    fake = FakeDetector(gate=gate)
     settings = ServiceSettings(max_batch=1, max_wait_ms=0, max_queue=1, warmup=False)
-    with ServerThread(settings, lambda: backend) as srv, ThreadPoolExecutor(2) as pool:
+    with ServerThread(settings, lambda: DetectorBackend(fake)) as srv, ThreadPoolExecutor(2) as pool:
         busy = pool.submit(httpx.post, srv.url + "/v1/features", content=image_bytes(seed=1), headers=PNG,
                            timeout=30)
-        assert backend.forward_started.wait(10)
+        assert fake.forward_started.wait(10)
         body = image_bytes(seed=2, first_red=123)
         sock = _raw_request(srv.port, body, send_bytes=len(body))
         wait_for(lambda: metric_value(metrics_text(srv), "gridfeats_queue_depth") == 1, what="queued")
@@ -352,7 +370,7 @@ def test_client_gone_while_queued_frees_its_slot_and_is_never_computed():
         wait_for(lambda: metric_value(metrics_text(srv), "gridfeats_queue_depth") == 1, what="replacement queued")
         gate.set()
         assert busy.result().status_code == 200 and replacement.result().status_code == 200
-        assert 123 not in backend.seen and 7 in backend.seen
+        assert 123 not in fake.seen and 7 in fake.seen
 
 
 def test_client_killed_mid_response_leaves_the_server_serving(server):
@@ -369,12 +387,12 @@ def test_client_killed_mid_response_leaves_the_server_serving(server):
 # ----------------------------------------------------------------------------------- lifecycle
 def test_graceful_shutdown_finishes_in_flight_requests():
     gate = threading.Event()
-    backend = FakeBackend(gate=gate)
-    srv = ServerThread(ServiceSettings(warmup=False, max_wait_ms=0), lambda: backend)
+    fake = FakeDetector(gate=gate)
+    srv = ServerThread(ServiceSettings(warmup=False, max_wait_ms=0), lambda: DetectorBackend(fake))
     with srv, ThreadPoolExecutor(2) as pool:
         in_flight = pool.submit(httpx.post, srv.url + "/v1/features", content=image_bytes(seed=4), headers=PNG,
                                 timeout=30)
-        assert backend.forward_started.wait(10)
+        assert fake.forward_started.wait(10)
         stopping = pool.submit(srv.stop)  # what SIGTERM does: should_exit, then drain
         time.sleep(0.3)
         assert not stopping.done()  # waiting for the in-flight request
@@ -390,7 +408,7 @@ def test_not_ready_while_loading_then_ready():
 
     def slow_factory():
         assert release.wait(30)
-        return FakeBackend()
+        return fake_backend()
 
     with ServerThread(ServiceSettings(), slow_factory, wait_ready=False) as srv:
         assert httpx.get(srv.url + "/healthz").status_code == 200
@@ -417,9 +435,9 @@ def test_a_model_that_fails_to_load_is_reported_not_served():
 
 # ------------------------------------------------------------------------- metrics, logs, CORS
 def test_concurrent_requests_are_batched_and_counted_in_metrics():
-    backend = FakeBackend(delay_s=0.05)
+    fake = FakeDetector(delay_s=0.05)
     settings = ServiceSettings(max_batch=8, max_wait_ms=50, warmup=False)
-    with ServerThread(settings, lambda: backend) as srv:
+    with ServerThread(settings, lambda: DetectorBackend(fake)) as srv:
         bodies = [image_bytes(16, 16, seed=s) for s in range(24)]
         with ThreadPoolExecutor(24) as pool:
             responses = list(pool.map(lambda b: httpx.post(srv.url + "/v1/features", content=b, headers=PNG,
@@ -427,10 +445,10 @@ def test_concurrent_requests_are_batched_and_counted_in_metrics():
         for body, response in zip(bodies, responses):
             expected = grid_map_to_rows(fake_grid(read_image(body)))
             np.testing.assert_array_equal(np.asarray(response.json()["images"][0]["features"], np.float32), expected)
-        assert max(backend.batches) > 1 and sum(backend.batches) == 24
+        assert sum(fake.batches) == 24  # one forward per image (the extraction's default)...
         text = metrics_text(srv)
-        assert metric_value(text, "gridfeats_batch_size_count") == len(backend.batches)
         assert metric_value(text, "gridfeats_batch_size_sum") == 24
+        assert metric_value(text, "gridfeats_batch_size_count") < 24 / 2  # ...inside shared dynamic batches
         assert metric_value(text, "gridfeats_images_total", 'mode="grid"') == 24
         assert metric_value(text, "gridfeats_images_per_second") > 0
         assert metric_value(text, "gridfeats_http_request_duration_seconds_count", 'route="/v1/features"') == 24
@@ -452,7 +470,7 @@ def test_cors_is_off_by_default_and_on_for_configured_origins(server):
     preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
     off = httpx.options(server.url + "/v1/features", headers=preflight)
     assert "access-control-allow-origin" not in off.headers
-    with ServerThread(ServiceSettings(cors_origins=("https://app.example",)), lambda: FakeBackend()) as srv:
+    with ServerThread(ServiceSettings(cors_origins=("https://app.example",)), lambda: fake_backend()) as srv:
         on = httpx.options(srv.url + "/v1/features", headers=preflight)
         assert on.headers["access-control-allow-origin"] == "https://app.example"
         other = httpx.options(srv.url + "/v1/features", headers={**preflight, "origin": "https://evil.example"})
@@ -466,6 +484,7 @@ def test_openapi_schema_documents_bodies_errors_and_examples(server):
     assert {"200", "400", "401", "413", "415", "422", "503"} <= set(post["responses"])
     assert {"application/json", "application/x-npy", "application/x-npz"} <= set(post["responses"]["200"]["content"])
     names = {p["name"] for p in post["parameters"]}
-    assert names == {"mode", "pool", "pool_size", "attr_topk", "max_regions", "precision"}
+    assert names == {"mode", "grid_pool", "regions", "min_boxes", "max_boxes", "bottom_up_thresh", "attr_topk",
+                     "precision"}
     assert schema["components"]["schemas"]["ErrorResponse"]["examples"]
     assert "X-API-Key" in json.dumps(schema["components"]["securitySchemes"])

@@ -1,8 +1,10 @@
-"""Helpers for the service tests (no tests here): a tiny fake model and a real uvicorn server thread.
+"""Helpers for the service tests (no tests here): a tiny fake detector and a real uvicorn server thread.
 
-The fake model decodes with the project's one image reader, so every bad-input path is the real
-one; only the forward is replaced by a cheap, deterministic function of the pixels, which lets the
-HTTP tests check numbers exactly and hold or slow the "model" to create load.
+The fake detector stands in for the network only: images are decoded and resized by the project's
+own ``prepare_image`` (resizing is switched off with ``INPUT.MIN_SIZE_TEST 0``, so pixels stay
+recognisable), and features go through the real :class:`service.backend.DetectorBackend` and the
+extraction's feature makers. Its "forward" is cheap pixel arithmetic that tests can hold (``gate``),
+slow down (``delay_s``) or make fail (``fail_on``) to create load and faults.
 """
 from __future__ import annotations
 
@@ -14,19 +16,75 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import httpx
 import numpy as np
+import torch
 import uvicorn
 from PIL import Image
 
-from gridfeats.data.image_io import read_image
+from gridfeats.api import DetectionResult
+from gridfeats.config import get_cfg
+from gridfeats.data.preprocess import PreparedImage, prepare_image
 from service.app import create_app
-from service.backend import BackendInfo, GridOutput, ModelRequest, RegionOutput
+from service.backend import DetectorBackend, FeatureSpec, ModelRequest
 from service.server import uvicorn_config
 from service.settings import ServiceSettings
 
-FAKE_INFO = BackendInfo(
-    config="fake", weights_sha256="", random_init=True, device="cpu", precision="fp32",
-    grid_dim=4, region_dim=3, num_classes=5, num_attributes=6, input_min_size=32, input_max_size=64,
-)
+
+class FakeDetector:
+    """The parts of :class:`gridfeats.api.Detector` the backend and the feature makers use.
+
+    Grid: ``[4, ceil(h/8), ceil(w/8)]``, the RGB of every 8th pixel in [0, 1] plus the row index.
+    Regions: three boxes (whole image, top-left and bottom-right quarters) with features from the
+    mean colour and fixed attribute probabilities. ``seen`` records each image's top-left red value.
+    """
+
+    def __init__(self, max_pixels: int = 40_000_000, delay_s: float = 0.0, gate: Optional[threading.Event] = None,
+                 fail_on: Optional[int] = None) -> None:
+        self.cfg = get_cfg(None, ["INPUT.MIN_SIZE_TEST", "0", "INPUT.MAX_SIZE_TEST", "100000"])
+        self.weights_sha256 = ""
+        self.random_init = True
+        self.device = torch.device("cpu")
+        self.precision = "fp32"
+        self.grid_dim, self.region_dim, self.num_classes, self.num_attributes = 4, 3, 5, 6
+        self.max_pixels = max_pixels
+        self.delay_s = delay_s
+        self.gate = gate
+        self.fail_on = fail_on
+        self.batches: List[int] = []
+        self.seen: List[int] = []
+        self.forward_started = threading.Event()
+
+    def prepare(self, source: Any) -> PreparedImage:
+        return prepare_image(source, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST,
+                             self.cfg.INPUT.FORMAT, self.max_pixels)
+
+    def _forward(self, prepared: Sequence[PreparedImage]) -> List[np.ndarray]:
+        self.batches.append(len(prepared))
+        reds = [int(p.image[2, 0, 0]) for p in prepared]  # BGR network input
+        self.seen.extend(reds)
+        self.forward_started.set()
+        if self.gate is not None:
+            assert self.gate.wait(30), "test gate never opened"
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_on is not None and self.fail_on in reds:
+            raise RuntimeError("fake model failure")
+        return [p.image.numpy()[::-1].transpose(1, 2, 0) for p in prepared]  # back to HxWx3 RGB
+
+    def grid_batch(self, prepared: Sequence[PreparedImage]) -> List[torch.Tensor]:
+        return [torch.from_numpy(fake_grid(rgb)) for rgb in self._forward(prepared)]
+
+    def detect_batch(self, prepared: Sequence[PreparedImage]) -> List[DetectionResult]:
+        out = []
+        for p, rgb in zip(prepared, self._forward(prepared)):
+            h, w = p.orig_hw
+            mean = torch.from_numpy(rgb.reshape(-1, 3).mean(axis=0).astype(np.float32) / 255.0)
+            boxes = torch.tensor([[0, 0, w, h], [0, 0, w / 2, h / 2], [w / 2, h / 2, w, h]], dtype=torch.float32)
+            logits = torch.arange(18, dtype=torch.float32).reshape(3, 6) % 5
+            out.append(DetectionResult(
+                boxes=boxes, boxes_input=boxes, scores=torch.tensor([0.9, 0.5, 0.1]), classes=torch.tensor([1, 2, 3]),
+                features=torch.stack([mean + k for k in range(3)]), attr_scores=torch.softmax(logits, dim=1),
+                orig_hw=p.orig_hw, input_hw=p.input_hw))
+        return out
 
 
 def fake_grid(rgb: np.ndarray) -> np.ndarray:
@@ -36,66 +94,18 @@ def fake_grid(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([cells, rows[..., None]], axis=2).transpose(2, 0, 1))
 
 
-def fake_regions(rgb: np.ndarray) -> RegionOutput:
-    """Three boxes over the image with features from its mean colour and fixed attribute scores."""
-    h, w = rgb.shape[:2]
-    mean = rgb.reshape(-1, 3).mean(axis=0).astype(np.float32) / 255.0
-    boxes = np.array([[0, 0, w, h], [0, 0, w / 2, h / 2], [w / 2, h / 2, w, h]], dtype=np.float32)
-    attr_logits = np.arange(18, dtype=np.float32).reshape(3, 6) % 5
-    attr = np.exp(attr_logits) / np.exp(attr_logits).sum(axis=1, keepdims=True)
-    return RegionOutput(
-        features=np.stack([mean + k for k in range(3)]).astype(np.float32),
-        boxes=boxes,
-        scores=np.array([0.9, 0.5, 0.1], dtype=np.float32),
-        classes=np.array([1, 2, 3]),
-        attr_scores=attr.astype(np.float32),
-        image_hw=(h, w),
-        input_hw=(h, w),
-    )
+def fake_backend(**kwargs: Any) -> DetectorBackend:
+    """The real backend on a :class:`FakeDetector` (``backend.detector``) built with ``kwargs``."""
+    return DetectorBackend(FakeDetector(**kwargs))
 
 
-class FakeBackend:
-    """A :class:`service.backend.FeatureBackend` with a pixel-arithmetic "model".
-
-    ``gate`` (when set) holds every forward until it is opened; ``delay_s`` slows each forward;
-    ``batches`` records the size of each forward and ``seen`` every image's top-left pixel value.
-    ``fail_on`` makes the forward raise for a batch containing an image whose top-left red value
-    equals it, to test isolation of model failures.
-    """
-
-    info = FAKE_INFO
-
-    def __init__(self, max_pixels: int = 40_000_000, delay_s: float = 0.0, gate: Optional[threading.Event] = None,
-                 fail_on: Optional[int] = None) -> None:
-        self.max_pixels = max_pixels
-        self.delay_s = delay_s
-        self.gate = gate
-        self.fail_on = fail_on
-        self.batches: List[int] = []
-        self.seen: List[int] = []
-        self.forward_started = threading.Event()
-
-    def prepare(self, source: Any) -> np.ndarray:
-        return read_image(source, max_pixels=self.max_pixels)
-
-    def run_batch(self, requests: Sequence[ModelRequest]):
-        self.batches.append(len(requests))
-        self.seen.extend(int(r.image[0, 0, 0]) for r in requests)
-        self.forward_started.set()
-        if self.gate is not None:
-            assert self.gate.wait(30), "test gate never opened"
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        if self.fail_on is not None and any(int(r.image[0, 0, 0]) == self.fail_on for r in requests):
-            raise RuntimeError("fake model failure")
-        out = []
-        for r in requests:
-            hw = tuple(r.image.shape[:2])
-            out.append(GridOutput(fake_grid(r.image), hw, hw) if r.mode == "grid" else fake_regions(r.image))
-        return out
+def direct(backend: DetectorBackend, data: bytes, spec: FeatureSpec):
+    """What the backend computes for ``data`` when called in-process (the reference for answers)."""
+    return backend.run_batch([ModelRequest(spec, backend.prepare(data))])[0]
 
 
-def image_bytes(width: int = 40, height: int = 24, fmt: str = "PNG", seed: int = 0, first_red: Optional[int] = None) -> bytes:
+def image_bytes(width: int = 40, height: int = 24, fmt: str = "PNG", seed: int = 0,
+                first_red: Optional[int] = None) -> bytes:
     """A random RGB image encoded as ``fmt``; ``first_red`` fixes the top-left red value (PNG keeps it)."""
     rng = np.random.RandomState(seed)
     pixels = rng.randint(0, 256, size=(height, width, 3), dtype=np.uint8)

@@ -6,14 +6,14 @@ import argparse
 
 import numpy as np
 import pytest
-import torch
 
 from service import cli
 from service.auth import ApiKeyChecker, ApiKeyFileError, read_key_file
-from service.backend import GridOutput, RegionOutput
+from gridfeats.store.records import grid_record, region_record
+from service.backend import BottomUpRule, FeatureSpec
 from service.encoding import choose_media_type, encode_npy, npz_arrays
 from service.errors import InvalidParameter, ModelFailure, NotAcceptable, UnsupportedMediaType
-from service.results import ImageResult, Vocabulary, VocabularyError, cast_features, pool_grid, shape_results, top_attributes
+from service.results import ImageResult, Vocabulary, VocabularyError, cast_features, feature_spec, shape_results
 from service.schemas import FeatureQuery
 from service.settings import ServiceSettings, SettingsError, load_settings
 from service.uploads import base_media_type, check_media_type, sniff_image_type
@@ -52,9 +52,10 @@ def _parse(argv):
 
 def test_cli_flags_map_onto_settings():
     args = _parse(["--max-batch", "4", "--max-wait-ms", "2.5", "--cors-origins", "https://a.example, https://b.example",
-                   "--no-warmup", "--opts", "INPUT.MIN_SIZE_TEST", "96"])
+                   "--no-warmup", "--batched-forward", "INPUT.MIN_SIZE_TEST", "96"])
     settings = load_settings(cli._overrides(args), environ={})
     assert (settings.max_batch, settings.max_wait_ms, settings.warmup) == (4, 2.5, False)
+    assert settings.batched_forward is True and settings.exact_kernels is False
     assert settings.cors_origins == ("https://a.example", "https://b.example")
     assert settings.opts == ("INPUT.MIN_SIZE_TEST", "96")
 
@@ -145,50 +146,50 @@ def test_unsatisfiable_accept_headers_are_406():
 
 
 # ----------------------------------------------------------------------------------- shaping
-@pytest.mark.parametrize("h,w,size", [(7, 5, 3), (4, 4, 2), (5, 9, 4), (3, 3, 1)])
-def test_grid_pooling_matches_torch_adaptive_pooling(h, w, size):
-    fmap = np.random.RandomState(h * w).randn(6, h, w).astype(np.float32)
-    tensor = torch.from_numpy(fmap)[None]
-    np.testing.assert_allclose(pool_grid(fmap, "avg", size),
-                               torch.nn.functional.adaptive_avg_pool2d(tensor, (size, size))[0].numpy(), rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_array_equal(pool_grid(fmap, "max", size),
-                                  torch.nn.functional.adaptive_max_pool2d(tensor, (size, size))[0].numpy())
-    assert pool_grid(fmap, "avg", 100).shape == (6, h, w)
-    assert pool_grid(fmap, "none", 1) is fmap
+def test_feature_specs_follow_the_query():
+    assert feature_spec(FeatureQuery()) == FeatureSpec("grid")
+    assert feature_spec(FeatureQuery(grid_pool="7x5")) == FeatureSpec("grid", grid_pool=(7, 5))
+    assert feature_spec(FeatureQuery(mode="region", attr_topk=3)) == FeatureSpec("region", attr_topk=3)
+    bottom_up = feature_spec(FeatureQuery(mode="region", regions="bottom-up", min_boxes=36, max_boxes=36))
+    assert bottom_up.regions == BottomUpRule(score_thresh=0.2, min_boxes=36, max_boxes=36)
+    # Equal options give equal (hashable) specs: the backend groups a batch by them.
+    assert len({feature_spec(FeatureQuery(mode="region")), feature_spec(FeatureQuery(mode="region"))}) == 1
 
 
-def test_top_attributes_orders_by_probability_with_stable_ties():
-    scores = np.array([[0.1, 0.5, 0.2, 0.5], [0.7, 0.1, 0.1, 0.1]], np.float32)
-    ids, probs = top_attributes(scores, 3, 2)
-    assert ids.tolist() == [[1, 3, 2], [0, 1, 2]]
-    np.testing.assert_array_equal(probs, np.array([[0.5, 0.5, 0.2], [0.7, 0.1, 0.1]], np.float32))
-    ids, _ = top_attributes(scores, 10, 2)
-    assert ids.shape == (2, 4)
-    ids, probs = top_attributes(None, 5, 3)
-    assert ids.shape == (3, 0) and probs.shape == (3, 0)
+@pytest.mark.parametrize("params,phrase", [
+    (dict(grid_pool="0x3"), "grid_pool sides must be 1..64"),
+    (dict(grid_pool="65x1"), "grid_pool sides must be 1..64"),
+    (dict(mode="region", grid_pool="2x2"), "grid mode only"),
+    (dict(mode="region", regions="bottom-up", min_boxes=5, max_boxes=4), "exceeds max_boxes"),
+])
+def test_inconsistent_queries_are_refused(params, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        FeatureQuery(**params)
 
 
 def test_feature_casts_refuse_overflow_and_non_finite_values():
-    assert cast_features(np.ones((2, 2), np.float32), np.dtype("float16"), 0).dtype == np.float16
+    assert cast_features(np.ones((2, 2), np.float32), "float16", 0).dtype == np.float16
     with pytest.raises(InvalidParameter, match="exceed the float16 range"):
-        cast_features(np.full((1, 2), 1e6, np.float32), np.dtype("float16"), 3)
+        cast_features(np.full((1, 2), 1e6, np.float32), "float16", 3)
     with pytest.raises(ModelFailure, match="image 1"):
-        cast_features(np.array([[np.nan]], np.float32), np.dtype("float32"), 1)
+        cast_features(np.array([[np.nan]], np.float32), "float32", 1)
 
 
-def test_region_shaping_uses_the_vocabulary_names():
-    output = RegionOutput(
+def test_records_become_answers_with_vocabulary_names():
+    region = region_record(
         features=np.ones((2, 3), np.float32), boxes=np.zeros((2, 4), np.float32),
-        scores=np.array([0.9, 0.2], np.float32), classes=np.array([2, 0]),
-        attr_scores=np.array([[0.1, 0.9], [0.6, 0.4]], np.float32), image_hw=(5, 6), input_hw=(10, 12))
+        scores=np.array([0.9, 0.2], np.float32), classes=np.array([2, 0], np.int32),
+        attr_ids=np.array([[1], [0]], np.int32), attr_scores=np.array([[0.9], [0.6]], np.float32),
+        image_hw=(5, 6), input_hw=(10, 12))
     vocab = Vocabulary(objects=("cat", "dog", "tree"), attributes=("red", "tall"))
-    (result,) = shape_results([output], FeatureQuery(mode="region", attr_topk=1), vocab)
+    (result,) = shape_results([region], FeatureQuery(mode="region", precision="float16"), vocab)
     assert result.names == {"class_names": ["tree", "cat"], "attr_names": [["tall"], ["red"]]}
-    assert result.arrays["classes"].dtype == np.int32
-    grid = GridOutput(np.zeros((3, 2, 2), np.float32), (5, 6), (10, 12))
-    (grid_result,) = shape_results([grid], FeatureQuery(), Vocabulary())
+    assert (result.image_hw, result.input_hw) == ((5, 6), (10, 12))
+    assert result.arrays["features"].dtype == np.float16 and "image_hw" not in result.arrays
+    grid = grid_record(np.zeros((3, 2, 2), np.float32), (5, 6), (10, 12))
+    (grid_result,) = shape_results([grid], FeatureQuery(), vocab)
     assert grid_result.arrays["features"].shape == (4, 3) and grid_result.names == {}
+    assert grid_result.arrays["grid_hw"].tolist() == [2, 2]
 
 
 def test_vocabulary_files_must_match_the_model(tmp_path):
