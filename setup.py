@@ -31,7 +31,7 @@ setup(
     ],
     extras_require={
         "service": [
-            "fastapi>=0.100",
+            "fastapi>=0.115",  # query-parameter models (service.schemas.FeatureQuery)
             "uvicorn>=0.23",
             "pydantic>=2.0",
             "python-multipart>=0.0.6",
@@ -45,7 +45,7 @@ setup(
         "dev": [
             "pytest>=7.0",
             "httpx>=0.24",
-            "schemathesis>=3.19",
+            "schemathesis>=4.0",  # tests/test_service_fuzz.py uses the 4.x Python API
         ],
     },
     entry_points={"console_scripts": ["gridfeats=gridfeats.cli:main"]},
