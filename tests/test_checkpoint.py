@@ -144,10 +144,8 @@ def test_shape_mismatch_is_reported_and_skipped(tmp_path):
     state = _source_state(2)
     state[CLS_KEY] = torch.ones(5, 2)
     torch.save({"model": state}, tmp_path / "bad.pth")
-    model = _Tiny()
-    init = model.state_dict()[CLS_KEY].clone()
     with pytest.raises(CheckpointError, match="shape mismatch .*cls_score.weight"):
-        load_checkpoint(model, tmp_path / "bad.pth")
+        load_checkpoint(_Tiny(), tmp_path / "bad.pth")
     model = _Tiny()
     init = model.state_dict()[CLS_KEY].clone()
     report, _ = load_checkpoint(model, tmp_path / "bad.pth", allow_partial=True)
