@@ -180,9 +180,10 @@ def _train_subprocess(config: Path, out: Path, *extra: str, kill_at: int = 0):
 
 
 def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(tmp_path, synthetic):
-    # About 20 steps per epoch; checkpoints every 3 steps; killed right after step 7, so the
-    # resume starts from the step-6 checkpoint in the middle of the first epoch and redoes step 7.
-    config = write_config(tmp_path, synthetic, "mcan-small", "region", epochs=3,
+    # 10 steps per epoch (640 questions, batches of 64); checkpoints every 3 steps; killed right
+    # after step 7, so the resume starts from the step-6 checkpoint in the middle of the first
+    # epoch and redoes step 7.
+    config = write_config(tmp_path, synthetic, "mcan-small", "region", epochs=2, batch_size=64,
                           checkpoint_every_steps=3, deterministic=True, log_every_steps=1)
     extra = ("model.layers=1",)
     straight = _train_subprocess(config, tmp_path / "straight", *extra)
@@ -343,14 +344,14 @@ def _free_port() -> int:
 
 
 def test_torchrun_ddp_matches_one_process_with_the_same_global_batch(tmp_path, synthetic):
-    """Two gloo ranks with 16 questions each take the same steps as one process with 32.
+    """Two gloo ranks with 32 questions each take the same steps as one process with 64.
 
     The resumable sampler gives rank r every other index of the epoch's permutation, so the two
     rank batches of a step together are exactly the single process's batch; with dropout off and
     a batch-mean loss, DDP's averaged gradients equal the single-process gradient.
     """
     config = write_config(tmp_path, synthetic, "mcan-small", "region", epochs=1,
-                          log_every_steps=1)
+                          log_every_steps=1, eval_batch_size=256)
     # SGD, not Adam: Adam rescales the numerically-zero gradients of softmax-invariant biases
     # (key-projection biases) into full-size steps of float noise.
     common = ("model.layers=1", "model.dropout=0.0", "loss.reduction=batch_mean",
@@ -362,12 +363,12 @@ def test_torchrun_ddp_matches_one_process_with_the_same_global_batch(tmp_path, s
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "gridfeats",
          "vqa", "train", "--config", str(config), "--out", str(tmp_path / "ddp"), *common,
-         "train.batch_size=16"],
+         "train.batch_size=32"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     single = subprocess.run(
         [sys.executable, "-m", "gridfeats", "vqa", "train", "--config", str(config), "--out",
-         str(tmp_path / "single"), *common, "train.batch_size=32"],
+         str(tmp_path / "single"), *common, "train.batch_size=64"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
 

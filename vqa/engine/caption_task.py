@@ -179,14 +179,23 @@ class CaptionTask:
         """Beam-search captions of the validation images, CIDEr-D on tokeniser words."""
         if self.val_images is None:
             return {}
-        results = self.predict(model, self.val_images)
-        if self._val_cider is None:
-            dataset = self.val_images
-            self._val_cider = CiderD({i: [tokenize(c) for c in dataset.references(i)]
-                                      for i in range(len(dataset.image_ids))})
-        scores = [self._val_cider.score(i, tokenize(r["caption"])) for i, r in enumerate(results)]
-        cider = sum(scores) / len(scores)
+        cider = self.validation_cider(self.predict(model, self.val_images))
         return {"score": cider, "CIDEr-D": cider}
+
+    def validation_cider(self, results: List[Dict[str, Any]]) -> float:
+        """Mean CIDEr-D of ``[{"image_id", "caption"}]`` against the validation references.
+
+        Document frequencies come from the validation references, as the COCO toolkit does;
+        words are ``vqa.data.tokenize``'s, not the PTB tokenizer's (close, not identical).
+        """
+        dataset = self.val_images
+        if dataset is None:
+            raise ValueError("no validation captions (data.val_captions) to score against")
+        if self._val_cider is None:
+            self._val_cider = CiderD({image_id: [tokenize(c) for c in dataset.references(i)]
+                                      for i, image_id in enumerate(dataset.image_ids)})
+        scores = [self._val_cider.score(r["image_id"], tokenize(r["caption"])) for r in results]
+        return sum(scores) / len(scores)
 
     def step_stats(self) -> Dict[str, float]:
         """During SCST: mean CIDEr-D of the sampled and of the greedy (baseline) captions."""
