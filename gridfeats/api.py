@@ -5,8 +5,11 @@ grid features (grid-feats-vqa's C5 map) or detections with region features. Ever
 :func:`gridfeats.data.preprocess.prepare_image`, so the numbers are the same whoever calls.
 
 Batches: Detectron2 pads a batch to its largest image, which changes the features near the
-bottom/right borders of the smaller images. To give exactly the batch-size-1 results, a batch is run
-as one forward per group of images that share the same network input size.
+bottom/right borders of the smaller images, and CPU/GPU kernels pick different algorithms for
+different batch sizes (float-rounding differences). So a list of images is run one forward per
+image by default, which gives exactly the single-image results; ``batch_forward=True`` runs one
+forward per group of images of the same input size instead (faster on GPUs, rounding-level
+differences, never padding).
 """
 from __future__ import annotations
 
@@ -83,6 +86,7 @@ class Detector:
             boxes (original-image pixels) read on the network-input feature map. ``True`` pools on the
             boxes in network-input pixels instead (geometrically aligned; differs from the reference
             whenever the image was resized).
+        batch_forward: run a list as one forward per group of same-size images (see module doc).
         fast: fold every FrozenBN into its convolution and run in channels-last memory format
             (about 1.5x faster on CPUs). Results differ from the exact mode by float32 rounding only
             (relative ~1e-6, well inside the parity tolerance); the checkpoint tensors are untouched.
@@ -90,7 +94,7 @@ class Detector:
 
     def __init__(self, cfg: Any, weights: Optional[Union[str, os.PathLike]] = None, device: Union[str, torch.device] = "cpu",
                  allow_partial: bool = False, precision: str = "fp32", seed: int = 0,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, pool_on_input_boxes: bool = False, fast: bool = False):
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, pool_on_input_boxes: bool = False, fast: bool = False, batch_forward: bool = False):
         if not hasattr(cfg, "MODEL"):
             from gridfeats.config import get_cfg
 
@@ -115,6 +119,7 @@ class Detector:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.fast = fast
+        self.batch_forward = batch_forward
         if fast:
             for module in self.model.modules():
                 if isinstance(module, Conv2d):
@@ -148,7 +153,10 @@ class Detector:
 
     # -- input -----------------------------------------------------------------------------------------
     def prepare(self, image: Union[ImageSource, PreparedImage]) -> PreparedImage:
-        """Decode and resize one image as the config says (Detectron2's test mapper)."""
+        """Decode and resize one image as the config says (Detectron2's test mapper).
+
+        Pure CPU work with no model state: call it in DataLoader workers or decode threads.
+        """
         if isinstance(image, PreparedImage):
             return image
         return prepare_image(image, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST,
@@ -158,6 +166,8 @@ class Detector:
         return [self.prepare(im) for im in images]
 
     def _groups(self, prepared: Sequence[PreparedImage]) -> List[List[int]]:
+        if not self.batch_forward:
+            return [[i] for i in range(len(prepared))]
         groups: Dict[Tuple[int, int], List[int]] = defaultdict(list)
         for i, p in enumerate(prepared):
             groups[p.input_hw].append(i)

@@ -121,21 +121,31 @@ def _assert_close(a: dict, b: dict):
 
 
 def test_list_input_equals_one_by_one(detector, tmp_path):
-    """Images of different input sizes run separately (never padded together): exactly the single-call
-    results. Same-size images share one forward; a batch of 2 changes the convolutions' float
-    rounding (about 2e-6 here, the size of a thread-count change), so those are compared within 1e-5."""
+    """A list runs one forward per image: exactly the single-call results, whatever the sizes."""
     a, b, c = _image(60, 90, 4), _image(90, 60, 5), _image(61, 92, 6)  # a and c share the input size
     Image.fromarray(b).save(tmp_path / "b.png")
     batch = [a, str(tmp_path / "b.png"), Image.fromarray(c)]
-    singles_grid = [detector.extract_grid(x) for x in (a, b, c)]
     grids = detector.extract_grid(batch)
     assert isinstance(grids, list) and len(grids) == 3
     assert [tuple(g.shape) for g in grids] == [(2048, 2, 3), (2048, 3, 2), (2048, 2, 3)]
-    assert torch.equal(grids[1], singles_grid[1])
-    for i in (0, 2):
-        torch.testing.assert_close(grids[i], singles_grid[i], rtol=1e-5, atol=1e-5)
+    for image, grid in zip((a, b, c), grids):
+        assert torch.equal(grid, detector.extract_grid(image))
     dets = detector.detect(batch)
     assert isinstance(dets, list) and len(dets) == 3
+    for image, det in zip((a, b, c), dets):
+        _assert_same(det, detector.detect(image))
+
+
+def test_batch_forward_groups_same_size_images(cfg, detector):
+    """``batch_forward=True`` shares one forward between same-size images (never padding): a batch of 2
+    changes the convolutions' float rounding (about 2e-6 here, the size of a thread-count change)."""
+    batched = Detector(cfg, seed=0, batch_forward=True)
+    a, b, c = _image(60, 90, 4), _image(90, 60, 5), _image(61, 92, 6)
+    grids = batched.extract_grid([a, b, c])
+    assert torch.equal(grids[1], detector.extract_grid(b))  # alone in its size group
+    for i, image in ((0, a), (2, c)):
+        torch.testing.assert_close(grids[i], detector.extract_grid(image), rtol=1e-5, atol=1e-5)
+    dets = batched.detect([a, b, c])
     _assert_same(dets[1], detector.detect(b))
     _assert_close(dets[0], detector.detect(a))
     _assert_close(dets[2], detector.detect(c))

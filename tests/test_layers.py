@@ -17,9 +17,8 @@ import torch.nn.functional as F
 
 from gridfeats.layers import Conv2d, FrozenBatchNorm2d, batched_nms, nms
 
-# ``gridfeats.layers.nms`` the attribute is the function; the modules are fetched by name.
 frozen_bn_module = importlib.import_module("gridfeats.layers.frozen_bn")
-nms_module = importlib.import_module("gridfeats.layers.nms")
+nms_module = importlib.import_module("gridfeats.layers.box_nms")
 
 EPS = 1e-5
 

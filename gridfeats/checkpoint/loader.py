@@ -70,17 +70,19 @@ def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as first_error:
+    except pickle.UnpicklingError:
         # Some trainers store numpy arrays/scalars next to tensors; allow exactly those.
-        allowed = [np.ndarray, np.dtype, np.core.multiarray._reconstruct, np.core.multiarray.scalar]
+        multiarray = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+        allowed = [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, multiarray.multiarray.scalar]
         allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "uint8", "bool")]
         try:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
+            # torch's own message suggests weights_only=False, i.e. running the file's code: not shown.
             raise CheckpointError(
-                f"{path}: holds objects other than tensors, numpy arrays and containers; refusing to "
-                f"unpickle it ({first_error})"
+                f"{path}: holds objects other than tensors, numpy arrays and plain containers; refusing "
+                "to unpickle it (a checkpoint must not need code to load)"
             ) from None
 
 
