@@ -381,3 +381,51 @@ def test_torchrun_ddp_matches_one_process_with_the_same_global_batch(tmp_path, s
     assert set(a) == set(b) and not any(k.startswith("module.") for k in a)
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+
+
+# --------------------------------------------------------------------------- text options
+def test_glove_file_initialises_the_question_embedding(tmp_path, synthetic):
+    from vqa.engine.commands import task_defaults
+    from vqa.engine.config import load_config
+    from vqa.engine.vqa_task import VQATask
+
+    glove = tmp_path / "glove.txt"
+    glove.write_text("what 0.5 0.25 -1 2\ncolor 1 1 1 1\nzebra 9 9 9 9\n", encoding="utf-8")
+    config = write_config(tmp_path, synthetic, "pythia", "region")
+    cfg = load_config(config, task_defaults("vqa"),
+                      [f"data.word_vectors={glove}", "model.word_dim=4"])
+    task = VQATask(cfg)
+    weight = task.model.question_encoder.embedding.weight
+    vocab = task.question_vocab
+    assert torch.equal(weight[vocab.stoi["what"]], torch.tensor([0.5, 0.25, -1.0, 2.0]))
+    assert torch.equal(weight[vocab.stoi["color"]], torch.ones(4))
+    assert torch.equal(weight[0], torch.zeros(4))  # padding
+    bad = load_config(config, task_defaults("vqa"), [f"data.word_vectors={glove}"])
+    with pytest.raises(ValueError, match="4-d vectors, but dim=32"):
+        VQATask(bad)
+
+
+def test_local_transformers_tokenizer_and_encoder_train_end_to_end(tmp_path, synthetic):
+    transformers = pytest.importorskip("transformers")
+    from vqa.data import WordVocab
+
+    words = WordVocab.from_questions(synthetic["train_questions"]).itos[2:]
+    vocab_file = tmp_path / "vocab.txt"
+    vocab_file.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    model_dir = tmp_path / "tiny-bert"
+    transformers.BertTokenizerFast(vocab_file=str(vocab_file)).save_pretrained(model_dir)
+    config = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    transformers.BertModel(config).save_pretrained(model_dir)
+    cfg_path = write_config(tmp_path, synthetic, "mcan-small", "region", epochs=1)
+    out = tmp_path / "run"
+    assert gridfeats_main(["vqa", "train", "--config", str(cfg_path), "--out", str(out),
+                           f"data.hf_tokenizer={model_dir}", f"model.text_encoder={model_dir}",
+                           "model.layers=1"]) == 0
+    state = load_checkpoint(out / FINAL, kind="vqa")["model"]
+    assert any(name.startswith("text_encoder.encoder.") for name in state)
+    results = tmp_path / "results.json"
+    assert gridfeats_main(["vqa", "predict", "--checkpoint", str(out), "--questions",
+                           str(synthetic["val_questions"]), "--out", str(results)]) == 0
+    assert len(json.loads(results.read_text())) > 0
