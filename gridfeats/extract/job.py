@@ -319,27 +319,32 @@ def _merged_ids(target: str, meta: StoreMetadata, options: ExtractOptions, info:
 def _extract_into(path: str, items: Sequence[ImageItem], prior: frozenset, meta: StoreMetadata, maker, detector,
                   options: ExtractOptions, info: RankInfo, log: TextIO) -> RunCounts:
     counts = RunCounts(listed=len(items))
+    start = time.perf_counter()
     writer = FeatureWriter(path, meta, compression=options.compression, commit_every=options.commit_every,
                            retry_errors=options.retry_errors, overwrite=options.overwrite)
-    start = time.perf_counter()
-    with AsyncFeatureWriter(writer) as sink:
-        done = sink.done_ids() | prior
+    try:
+        done = writer.done_ids() | prior
         todo = [item for item in items if item.image_id not in done]
         counts.skipped = len(items) - len(todo)
-        if todo:
-            _process(todo, sink, maker, detector, options, info, counts, log)
+        # Workers start here, before the writer thread exists (see gridfeats.extract.loader).
+        batches = iter(make_loader(todo, InputSpec.from_cfg(detector.cfg, options.max_pixels), options.batch_size,
+                                   options.workers, close_in_workers=[os.path.join(writer.parts_dir, "lock")])
+                       ) if todo else iter(())
+    except BaseException:
+        writer.abort()
+        raise
+    with AsyncFeatureWriter(writer) as sink:
+        _process(batches, len(todo), sink, maker, options, info, counts, log)
     counts.seconds = time.perf_counter() - start
     return counts
 
 
-def _process(todo: Sequence[ImageItem], sink: AsyncFeatureWriter, maker, detector, options: ExtractOptions,
-             info: RankInfo, counts: RunCounts, log: TextIO) -> None:
-    loader = make_loader(todo, InputSpec.from_cfg(detector.cfg, options.max_pixels), options.batch_size,
-                         options.workers)
+def _process(batches, total: int, sink: AsyncFeatureWriter, maker, options: ExtractOptions, info: RankInfo,
+             counts: RunCounts, log: TextIO) -> None:
     label = f"{maker.mode} rank {info.rank}/{info.world_size}" if info.distributed else maker.mode
-    with tqdm(total=len(todo), unit="img", desc=label, file=log, dynamic_ncols=True, smoothing=0.05,
-              disable=not (options.progress and info.is_main)) as bar:
-        for batch in loader:
+    with tqdm(total=total, unit="img", desc=label, file=log, dynamic_ncols=True, smoothing=0.05,
+              disable=not (options.progress and info.is_main and total > 0)) as bar:
+        for batch in batches:
             loaded = [x for x in batch if not isinstance(x, FailedImage)]
             records = iter(maker.records([x.prepared for x in loaded]) if loaded else [])
             for entry in batch:

@@ -8,13 +8,19 @@ run over 100k images: :class:`ImageDataset` never raises for an image; it return
 Order is deterministic (no shuffling; the DataLoader returns batches in index order whatever the
 number of workers), so results and the store's index order do not depend on ``--workers``.
 
-Workers are started with the ``forkserver`` method where the platform has it: they then inherit
-neither the store writer's lock file descriptor (a forked worker that outlives a killed parent
-would otherwise keep the output locked) nor the state of the writer thread.
+Workers are forked (cheap: no re-import of torch) where the platform can fork. A forked worker
+inherits every open file descriptor, including the store writer's ``flock``-ed lock file; a
+worker that outlives a killed parent by a few seconds would then keep the output locked and make
+the immediate re-run fail as "busy". So each worker closes its copies of the descriptors named in
+``close_in_workers`` first thing (the parent's lock is unaffected: it holds its own descriptor).
+The job also starts the workers before its writer thread, so no lock is held mid-operation at
+fork time.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -91,27 +97,49 @@ def _keep_as_list(batch: List[Loaded]) -> List[Loaded]:
     return batch
 
 
-def _init_worker(_worker_id: int) -> None:
+def _init_worker(close_paths: Sequence[str], _worker_id: int) -> None:
+    for path in close_paths:
+        _close_descriptors_of(path)
     # Decoding is single-threaded PIL work; extra torch threads per worker would only compete
     # with the model's threads.
     torch.set_num_threads(1)
 
 
+def _close_descriptors_of(path: str) -> None:
+    """Close this process's descriptors open on ``path`` (Linux /proc; a no-op elsewhere)."""
+    target = os.path.realpath(path)
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in fds:
+        try:
+            if os.path.realpath(os.readlink(f"/proc/self/fd/{name}")) == target:
+                os.close(int(name))
+        except OSError:
+            continue
+
+
 def _worker_context() -> Optional[multiprocessing.context.BaseContext]:
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("forkserver")
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
     return None  # the platform default (spawn on Windows/macOS)
 
 
-def make_loader(items: Sequence[ImageItem], spec: InputSpec, batch_size: int = 1, workers: int = 0) -> DataLoader:
-    """A DataLoader yielding lists of up to ``batch_size`` :data:`Loaded` records, in input order."""
+def make_loader(items: Sequence[ImageItem], spec: InputSpec, batch_size: int = 1, workers: int = 0,
+                close_in_workers: Sequence[str] = ()) -> DataLoader:
+    """A DataLoader yielding lists of up to ``batch_size`` :data:`Loaded` records, in input order.
+
+    ``close_in_workers``: files (e.g. the writer's lock) whose inherited descriptors workers close.
+    """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"the number of workers cannot be negative, got {workers}")
     extra = {}
     if workers > 0:
-        extra = {"multiprocessing_context": _worker_context(), "worker_init_fn": _init_worker, "prefetch_factor": 4}
+        extra = {"multiprocessing_context": _worker_context(), "prefetch_factor": 4,
+                 "worker_init_fn": functools.partial(_init_worker, tuple(close_in_workers))}
     return DataLoader(
         ImageDataset(items, spec),
         batch_size=batch_size,
