@@ -29,7 +29,7 @@ from service.access_log import STATE_ACCESS_FIELDS, STATE_CLIENT_GONE, AccessLog
 from service.auth import API_KEY_HEADER, ApiKeyChecker
 from service.backend import FeatureBackend
 from service.encoding import choose_media_type, encode
-from service.errors import ApiError, InvalidParameter, NotAcceptable, RequestTimeout, Unauthorized
+from service.errors import ApiError, InvalidParameter, NotAcceptable, Unauthorized, UploadTimeout
 from service.metrics import CLIENT_CLOSED_REQUEST, ServiceMetrics
 from service.results import feature_spec, shape_results
 from service.runtime import ClientGone, ServiceRuntime
@@ -226,7 +226,8 @@ def create_app(
         tags=["features"],
         summary="grid or region features of one or several images",
         response_class=Response,
-        responses={**features_success_response(), **error_responses(400, 401, 406, 413, 415, 422, 500, 503, 504)},
+        responses={**features_success_response(),
+                   **error_responses(400, 401, 406, 408, 413, 415, 422, 500, 503, 504)},
         openapi_extra={"requestBody": features_request_body()},
     )
     async def features(request: Request, query: Annotated[FeatureQuery, Query()]) -> Response:
@@ -242,7 +243,7 @@ def create_app(
             setattr(request.state, STATE_CLIENT_GONE, True)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except asyncio.TimeoutError:
-            raise RequestTimeout(f"upload not completed within {settings.request_timeout_s:g} s") from None
+            raise UploadTimeout(f"upload not completed within {settings.request_timeout_s:g} s") from None
         if media_type == NPY_MEDIA_TYPE and len(uploads) != 1:
             raise NotAcceptable(
                 f"{NPY_MEDIA_TYPE} holds one image's features but the request has {len(uploads)} images; "

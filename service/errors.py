@@ -53,6 +53,13 @@ class NotAcceptable(ApiError):
     code = "not_acceptable"
 
 
+class UploadTimeout(ApiError):
+    """The client did not finish sending its body within the request deadline."""
+
+    status_code = 408
+    code = "upload_timeout"
+
+
 class PayloadTooLarge(ApiError):
     """The upload exceeds the byte limit, or the image exceeds the pixel limit."""
 

@@ -26,6 +26,10 @@ NPZ_MEDIA_TYPE = "application/x-npz"
 JSON_MEDIA_TYPE = "application/json"
 
 
+_BOTTOM_UP_ONLY = frozenset({"min_boxes", "max_boxes", "bottom_up_thresh"})
+_REGION_ONLY = frozenset({"regions", "attr_topk"}) | _BOTTOM_UP_ONLY
+
+
 class FeatureQuery(BaseModel):
     """Query parameters of ``POST /v1/features``; they mirror ``gridfeats extract``'s options."""
 
@@ -61,6 +65,15 @@ class FeatureQuery(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "FeatureQuery":
+        given = self.model_fields_set
+        misplaced = sorted(given & _REGION_ONLY) if self.mode != "region" else []
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} to mode=region only")
+        misplaced = sorted(given & _BOTTOM_UP_ONLY) if self.regions != "bottom-up" else []
+        if misplaced:
+            raise ValueError(
+                f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} to regions=bottom-up only"
+            )
         if self.grid_pool is not None:
             if self.mode != "grid":
                 raise ValueError("grid_pool applies to grid mode only")
@@ -206,6 +219,7 @@ def error_responses(*statuses: int) -> Dict[Union[int, str], Dict[str, Any]]:
         400: "undecodable, truncated or empty image, or a malformed body",
         401: "API keys are enabled and the X-API-Key header is missing or wrong",
         406: "the Accept header asks for a type this request cannot be answered in",
+        408: "the body did not arrive within the per-request timeout",
         413: "upload larger than the byte limit, too many images, or too many pixels",
         415: "content type missing, not an image type, or contradicted by the bytes",
         422: "invalid query parameters",

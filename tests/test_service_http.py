@@ -204,6 +204,10 @@ BAD_INPUTS = [
      dict(content=image_bytes(), headers=PNG), 422, "invalid_parameter", "min_boxes (50) exceeds max_boxes (10)"),
     ("unknown-parameter", "?image_url=http://example.com/a.jpg", dict(content=image_bytes(), headers=PNG), 422,
      "invalid_parameter", "query parameter 'image_url'"),
+    ("region-option-on-grid", "?attr_topk=3", dict(content=image_bytes(), headers=PNG), 422,
+     "invalid_parameter", "attr_topk applies to mode=region only"),
+    ("bottom-up-option-on-detectron2", "?mode=region&max_boxes=36", dict(content=image_bytes(), headers=PNG), 422,
+     "invalid_parameter", "max_boxes applies to regions=bottom-up only"),
     ("pool-on-regions", "?mode=region&grid_pool=2x2", dict(content=image_bytes(), headers=PNG), 422,
      "invalid_parameter", "grid_pool applies to grid mode only"),
     ("unacceptable", "", dict(content=image_bytes(), headers={**PNG, "accept": "text/html"}), 406,
@@ -324,6 +328,19 @@ def test_request_timeout_answers_504_and_frees_the_slot():
         assert blocked.result().status_code == 504  # its forward outlived the deadline too
         assert httpx.post(srv.url + "/v1/features", content=image_bytes(seed=3), headers=PNG).status_code == 200
         assert 55 not in fake.seen  # the timed-out queued image never reached the model
+
+
+def test_slow_upload_answers_408_and_frees_the_connection():
+    settings = ServiceSettings(request_timeout_s=0.5, warmup=False)
+    with ServerThread(settings, lambda: fake_backend()) as srv:
+        body = image_bytes(seed=8)
+        sock = _raw_request(srv.port, body, send_bytes=len(body) // 2)
+        sock.settimeout(10)
+        answer = sock.recv(4096)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b"upload not completed within 0.5 s" in answer
+        assert httpx.post(srv.url + "/v1/features", content=body, headers=PNG).status_code == 200
 
 
 def _raw_request(port: int, body: bytes, send_bytes: int, content_type: bytes = b"image/png", path: bytes = b"/v1/features"):

@@ -161,6 +161,8 @@ def test_feature_specs_follow_the_query():
     (dict(grid_pool="65x1"), "grid_pool sides must be 1..64"),
     (dict(mode="region", grid_pool="2x2"), "grid mode only"),
     (dict(mode="region", regions="bottom-up", min_boxes=5, max_boxes=4), "exceeds max_boxes"),
+    (dict(attr_topk=3), "attr_topk applies to mode=region only"),
+    (dict(mode="region", bottom_up_thresh=0.5, min_boxes=2), "bottom_up_thresh, min_boxes apply to regions=bottom-up"),
 ])
 def test_inconsistent_queries_are_refused(params, phrase):
     with pytest.raises(ValueError, match=phrase):
