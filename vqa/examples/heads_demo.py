@@ -48,6 +48,10 @@ SMALL_VQA = {
 EPOCHS = {"pythia": 20, "mcan-small": 10}
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)  # flushed: the demo runs for minutes, often into a log file
+
+
 def _train(task_cls: Any, cfg: Dict[str, Any], out: Path) -> Any:
     seed_everything(int(cfg["train"]["seed"]))
     task = task_cls(cfg)
@@ -90,7 +94,7 @@ def _caption_scores(task: CaptionTask, results: List[Dict[str, Any]],
 
         return evaluate_captions(annotations, results, use_spice=False)
     except ValueError as exc:  # no Java or no pycocoevalcap: fall back to the in-training metric
-        print(f"official caption metrics unavailable ({exc}); using in-training CIDEr-D")
+        _say(f"official caption metrics unavailable ({exc}); using in-training CIDEr-D")
         return {"CIDEr": task.validation_cider(results)}
 
 
@@ -135,21 +139,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.region_features:
         paths["region_features"] = args.region_features
     report: Dict[str, Any] = {"images": args.images, "vqa_majority": vqa_majority_baseline(paths)}
-    print(f"majority answer {report['vqa_majority']['answer']!r}: "
+    _say(f"majority answer {report['vqa_majority']['answer']!r}: "
           f"{report['vqa_majority']['accuracy']:.2f} held-out VQA accuracy")
     report["vqa"] = []
     for model in ("pythia", "mcan-small"):
         for mode in ("grid", "region"):
             row = run_vqa(paths, model, mode, args.out / "runs", args.epoch_scale)
             report["vqa"].append(row)
-            print(f"{model:>10} {mode:>6}: {row['accuracy']:6.2f} held-out VQA accuracy "
+            _say(f"{model:>10} {mode:>6}: {row['accuracy']:6.2f} held-out VQA accuracy "
                   f"({row['minutes']:.1f} min) {row['perAnswerType']}")
     report["captions"] = run_captioner(paths, "region", args.out / "runs", args.epoch_scale)
     cap = report["captions"]
-    print(f"captioner: CIDEr-D {cap['model']['CIDEr']:.3f} vs constant caption "
+    _say(f"captioner: CIDEr-D {cap['model']['CIDEr']:.3f} vs constant caption "
           f"{cap['constant_caption']!r} {cap['constant']['CIDEr']:.3f} ({cap['minutes']:.1f} min)")
     (args.out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    print(f"wrote {args.out / 'report.json'}")
+    _say(f"wrote {args.out / 'report.json'}")
     return 0
 
 
