@@ -29,7 +29,7 @@ from tqdm import tqdm
 from vqa.engine.checkpoint import (BEST, FINAL, LAST, capture_rng_state, load_checkpoint,
                                    restore_rng_state, save_checkpoint, unwrap)
 from vqa.engine.determinism import enable_deterministic_mode, seed_everything
-from vqa.engine.distributed import DistInfo, barrier
+from vqa.engine.distributed import DistInfo, all_gather_objects, barrier
 from vqa.engine.metrics_log import MetricsLog
 from vqa.engine.optimizers import build_optimizer
 from vqa.engine.sampler import ResumableBatchSampler
@@ -102,28 +102,37 @@ class Trainer:
         self.position = Position()
 
     # ----------------------------------------------------------------- checkpoints
-    def _training_state(self) -> Dict[str, Any]:
+    def _training_state(self, rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
         return {
             "kind": self.task.kind,
             "config": dict(self.cfg),
             "model": unwrap(self.task.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": capture_rng_state(),
+            "rng": rng_states,  # one per rank: each DDP rank has its own dropout stream
             "position": vars(self.position).copy(),
             "task": self.task.checkpoint_state(),
         }
 
-    def _save(self, name: str, extra: Optional[Dict[str, Any]] = None) -> None:
+    def _save(self, name: str, extra: Optional[Dict[str, Any]] = None,
+              collective: bool = True) -> None:
+        """Writes a checkpoint from rank 0. ``collective``: every rank calls this (at the same
+        step) and contributes its RNG state; otherwise only rank 0's is kept (``best.pt``)."""
+        rng_states = [capture_rng_state()]
+        if collective:
+            rng_states = all_gather_objects(rng_states, self.dist)
         if self.dist.is_main:
-            save_checkpoint(self.out_dir / name, {**self._training_state(), **(extra or {})})
+            save_checkpoint(self.out_dir / name, {**self._training_state(rng_states),
+                                                  **(extra or {})})
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, kind=self.task.kind)
         unwrap(self.task.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
+        rng_states = state["rng"]
+        # A resume with another world size cannot continue every stream; rank 0's is reused.
+        restore_rng_state(rng_states[self.dist.rank if self.dist.rank < len(rng_states) else 0])
         self.position = Position(**state["position"])
 
     # ----------------------------------------------------------------- the loop
@@ -220,7 +229,7 @@ class Trainer:
             score = metrics.get("score")
             if score is not None and (pos.best_score is None or score > pos.best_score):
                 pos.best_score = float(score)
-                self._save(BEST, {"metrics": metrics})
+                self._save(BEST, {"metrics": metrics}, collective=False)
         self._save(LAST)
         barrier(self.dist)
         return metrics

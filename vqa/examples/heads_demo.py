@@ -67,6 +67,7 @@ def run_vqa(paths: Dict[str, Path], model: str, mode: str, out: Path,
             f"data.val_questions={paths['val_questions']}",
             f"data.val_annotations={paths['val_annotations']}",
             "data.min_answer_count=1", "train.batch_size=32", "train.device=cpu",
+            "train.progress=false",
             f"train.epochs={max(1, round(EPOCHS[model] * epoch_scale))}",
             *SMALL_VQA[model]]
     cfg = load_config(CONFIGS / f"{model}.yaml", task_defaults("vqa"), opts)
@@ -106,7 +107,8 @@ def run_captioner(paths: Dict[str, Path], mode: str, out: Path,
             "model.hidden=128", "model.attention_dim=64", "model.word_dim=64",
             "model.dropout=0.1", "optim.lr=3e-3", "optim.grad_clip=1.0",
             "schedule.milestones=[]", "scst.start_epoch=null", "train.batch_size=32",
-            "train.device=cpu", f"train.epochs={max(1, round(12 * epoch_scale))}"]
+            "train.device=cpu", "train.progress=false",
+            f"train.epochs={max(1, round(12 * epoch_scale))}"]
     cfg = load_config(CONFIGS / "updown.yaml", task_defaults("caption"), opts)
     start = time.time()
     task = _train(CaptionTask, cfg, out / f"updown-{mode}")
@@ -127,13 +129,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--images", type=int, default=1000, help="synthetic images (80%% train)")
     parser.add_argument("--epoch-scale", type=float, default=1.0,
                         help="multiply every run's epochs (e.g. 0.5 for a quicker look)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (more only helps on an otherwise idle machine)")
     parser.add_argument("--grid-features", type=Path, help="extracted grid store to use instead")
     parser.add_argument("--region-features", type=Path,
                         help="extracted region store to use instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    paths = make_feature_dataset(args.out / "data", args.images, seed=0)
+    paths = make_feature_dataset(args.out / "data", args.images, seed=0, overwrite=True)
     if args.grid_features:
         paths["grid_features"] = args.grid_features
     if args.region_features:

@@ -134,14 +134,17 @@ def write_structured_store(synthetic_dir: PathLike, out_path: PathLike, mode: st
 
 
 def make_feature_dataset(out_dir: PathLike, num_images: int, seed: int = 0,
-                         modes: Sequence[str] = MODES, feature_dim: int = 64) -> Dict[str, Path]:
+                         modes: Sequence[str] = MODES, feature_dim: int = 64,
+                         overwrite: bool = False) -> Dict[str, Path]:
     """A synthetic data set plus one structured store per mode, e.g. for tests and the demo.
 
     Returns ``gridfeats.data.synthetic.output_paths`` extended with ``"<mode>_features"``.
+    ``overwrite`` replaces a synthetic set already in ``out_dir`` (else that is an error).
     """
     from gridfeats.data.synthetic import make_synthetic
 
-    paths = dict(make_synthetic(Path(out_dir) / "synthetic", num_images, seed=seed))
+    paths = dict(make_synthetic(Path(out_dir) / "synthetic", num_images, seed=seed,
+                                overwrite=overwrite))
     for mode in modes:
         paths[f"{mode}_features"] = write_structured_store(
             paths["root"], Path(out_dir) / f"{mode}_features.h5", mode, feature_dim=feature_dim,
