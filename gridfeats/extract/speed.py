@@ -1,13 +1,14 @@
 """Inference-only speed-ups for the extraction job: frozen norms folded into convolutions, and
 channels-last activations.
 
-Measured on a 2-core AVX512 CPU (R-50 grid forward at 600x1000, fp32): folding every FrozenBN into
-its convolution removes one full pass over each activation map, and channels-last activations let
-oneDNN run its NHWC kernels without reordering every layer's input and output; together they take
-the forward from about 55% to about 90-100% of the machine's fp32 matmul FLOP rate (see
-``benchmarks/extract.py``). Both change results only by float rounding (relative ~1e-6), so they
-are applied the same way in every process of a run, and the job records the choice in the store's
-config so a resume or merge with the other choice is refused.
+Folding every FrozenBN into its convolution removes one full pass over each activation map, and
+channels-last activations let oneDNN run its NHWC kernels without reordering each layer's input
+and output. Measured with ``benchmarks/extract.py`` on the project's 2-core AVX512 CPU (R-50 grid
+forward at 600x1000, one thread), against a same-dtype matmul in the same process: fp32 from 0.95x
+to 1.27x of the matmul's FLOP rate, bf16 from 0.47x to 0.79x (figures in ``docs/extract.md``).
+Both change results only by float rounding (relative ~1e-6 in fp32), so they are applied the same
+way in every process of a run, and the job records the choice in the store's config so a resume or
+merge with the other choice is refused.
 
 Only public mechanisms are used: :meth:`gridfeats.layers.Conv2d.fold_norm` and a forward
 pre-hook on the backbone that hands it a channels-last input (the first convolution then produces
