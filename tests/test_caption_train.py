@@ -194,12 +194,12 @@ def test_predict_defaults_to_every_stored_image(tmp_path, synthetic):
 
 @pytest.mark.slow
 def test_captioner_beats_a_constant_caption_on_full_synthetic_captions(tmp_path_factory):
-    paths = make_feature_dataset(tmp_path_factory.mktemp("full_captions"), 400, seed=1,
+    paths = make_feature_dataset(tmp_path_factory.mktemp("full_captions"), 300, seed=1,
                                  modes=("region",))
     paths["train_full"], paths["val_full"] = paths["train_captions"], paths["val_captions"]
     tmp_path = tmp_path_factory.mktemp("full_run")
     config = write_config(tmp_path, paths, captions="full", model={"hidden": 128},
-                          optim={"lr": 3.0e-3}, train={"epochs": 10, "batch_size": 32})
+                          optim={"lr": 3.0e-3}, train={"epochs": 8, "batch_size": 32})
     out = tmp_path / "run"
     assert gridfeats_main(["caption", "train", "--config", str(config), "--out", str(out)]) == 0
     cider = _eval_records(out)[-1]["CIDEr-D"]
