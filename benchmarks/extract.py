@@ -45,7 +45,7 @@ from gridfeats.data.preprocess import prepare_rgb  # noqa: E402
 from gridfeats.extract.features import GridFeatureMaker, RegionFeatureMaker  # noqa: E402
 from gridfeats.extract.regions import BottomUpSettings  # noqa: E402
 from gridfeats.extract.speed import apply_fast_inference  # noqa: E402
-from gridfeats.precision import PrecisionError, autocast, check_precision, cpu_flags  # noqa: E402
+from gridfeats.precision import PrecisionError, check_precision, cpu_flags  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

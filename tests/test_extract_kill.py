@@ -15,6 +15,7 @@ import time
 import warnings
 
 import pytest
+import torch
 
 from gridfeats.extract.job import ExtractOptions, run_extraction
 from gridfeats.extract.regions import BottomUpSettings
@@ -32,13 +33,24 @@ from tests.test_extract_support import (
 from tests.test_extract_support import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-NUM_IMAGES = 10
+NUM_IMAGES = 8
 TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     return make_images(str(tmp_path_factory.mktemp("synthetic")), NUM_IMAGES)
+
+
+@pytest.fixture(scope="module")
+def grid_reference(images, tmp_path_factory):
+    """The uninterrupted grid run, computed once for all kill points (one thread, as the jobs)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reference(images, str(tmp_path_factory.mktemp("reference") / "grid.h5"))
+    finally:
+        torch.set_num_threads(previous)
 
 
 def command(images: str, output: str, mode: str = "grid", workers: int = 0):
@@ -82,8 +94,8 @@ def check_readable(output: str) -> None:
     pytest.param("part:mid-write:5", marks=pytest.mark.slow),
     pytest.param("writer:before-rmtree", marks=pytest.mark.slow),
 ])
-def test_kill_at_a_commit_step_then_resume(images, tmp_path, crash_at):
-    expected = reference(images, str(tmp_path / "reference.h5"))
+def test_kill_at_a_commit_step_then_resume(images, grid_reference, tmp_path, crash_at):
+    expected = grid_reference
     out = str(tmp_path / "killed.h5")
     env = subprocess_env()
     env[ENV_VAR] = crash_at
@@ -112,8 +124,8 @@ def kill_randomly(cmd, output: str, rng: random.Random) -> bool:
     return not finished
 
 
-def random_kill_rounds(images, tmp_path, mode: str, rounds: int, seed: int) -> None:
-    expected = reference(images, str(tmp_path / "reference.h5"), mode)
+def random_kill_rounds(images, tmp_path, mode: str, rounds: int, seed: int, expected=None) -> None:
+    expected = expected if expected is not None else reference(images, str(tmp_path / "reference.h5"), mode)
     out = str(tmp_path / "killed.h5")
     rng = random.Random(seed)
     cmd = command(images, out, mode, workers=2)
@@ -126,8 +138,8 @@ def random_kill_rounds(images, tmp_path, mode: str, rounds: int, seed: int) -> N
     assert_same_content(expected, read_all(out))
 
 
-def test_kill_at_random_moments_with_workers_then_resume(images, tmp_path):
-    random_kill_rounds(images, tmp_path, "grid", rounds=2, seed=1)
+def test_kill_at_random_moments_with_workers_then_resume(images, grid_reference, tmp_path):
+    random_kill_rounds(images, tmp_path, "grid", rounds=2, seed=1, expected=grid_reference)
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ the same command resumes.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from gridfeats.extract.outputs import merge_rank_files, rank_output_path, shard_
 from gridfeats.extract.regions import REGION_RULES, BottomUpSettings
 from gridfeats.extract.sources import ImageItem, list_images, shard_items
 from gridfeats.store import AsyncFeatureWriter, FeatureStore, FeatureWriter, StoreMetadata
-from gridfeats.store.errors import StoreIncompleteError, StoreMismatchError
+from gridfeats.store.errors import StoreMismatchError
 from gridfeats.store.layout import COMPRESSIONS, STORAGE_DTYPES, open_store_file
 from gridfeats.store.writer import parts_dir_for
 
@@ -291,21 +292,20 @@ def _merged_ids(target: str, meta: StoreMetadata, options: ExtractOptions, info:
     """Under torchrun: ids an earlier, already merged run put in ``target`` (they are skipped)."""
     if not info.distributed:
         return frozenset()
+    if options.overwrite:
+        if info.is_main:  # the rank files are overwritten by their own writers
+            shutil.rmtree(parts_dir_for(target), ignore_errors=True)
+            if os.path.exists(target):
+                os.unlink(target)
+        return frozenset()
     if os.path.isdir(parts_dir_for(target)):
         raise ExtractError(
             f"an unfinished single-process run into {target} exists ({parts_dir_for(target)}); finish it with "
             "the same command without torchrun, or start over with --overwrite"
         )
-    if options.overwrite:
-        if info.is_main and os.path.exists(target):
-            os.unlink(target)
-        return frozenset()
     if not os.path.exists(target):
         return frozenset()
-    try:
-        store = FeatureStore(target)
-    except StoreIncompleteError as exc:
-        raise ExtractError(str(exc)) from None
+    store = FeatureStore(target)
     problems = meta.mismatches(store.meta)
     if problems:
         raise StoreMismatchError(f"{target} was made with different settings, refusing to extend it: "
