@@ -93,3 +93,13 @@ def test_shards_partition_the_input_round_robin():
     assert [x.image_id for x in shards[1]] == ["1", "4", "7", "10"]
     with pytest.raises(SourceError, match="invalid"):
         shard_items(items, 3, 3)
+
+
+def test_file_names_that_are_not_utf8_get_escaped_ids(tmp_path):
+    raw = os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9.jpg")
+    with open(raw, "wb") as fh:
+        fh.write(b"x")
+    (item,) = list_images(str(tmp_path))
+    assert item.image_id == "caf\\xe9.jpg"
+    item.image_id.encode("utf-8")
+    assert os.path.exists(item.path)

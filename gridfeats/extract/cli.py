@@ -157,6 +157,13 @@ def run(args: argparse.Namespace) -> int:
     except (SourceError, ExtractError, StoreError, PrecisionError) as exc:  # all fixable by the user
         print(f"gridfeats extract: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as exc:
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        if not isinstance(cause, OSError):
+            raise  # a bug, not the environment: keep the traceback
+        print(f"gridfeats extract: I/O error: {cause}. Finished work is kept; fix the cause and re-run the same "
+              "command to resume.", file=sys.stderr)
+        return 1
     finally:
         _restore_sigterm(previous)
     if not RankInfo.from_env().is_main:

@@ -88,7 +88,14 @@ def _folder_items(root: str) -> List[ImageItem]:
 
 
 def _relative_id(path: str, root: str) -> str:
-    return os.path.relpath(path, root).replace(os.sep, "/")
+    """``path`` relative to ``root`` with ``/`` separators, always valid UTF-8 (the store's id type):
+    a file name that is not UTF-8 on disk keeps its odd bytes as ``\\xNN`` escapes."""
+    relative = os.path.relpath(path, root).replace(os.sep, "/")
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        relative = os.fsencode(relative).decode("utf-8", "backslashreplace")
+    return relative
 
 
 # --- COCO json ----------------------------------------------------------------------------------
