@@ -1,9 +1,9 @@
 """``gridfeats extract``: batch feature extraction into one HDF5 feature store (docs/extract.md).
 
 Exit codes: 0 every input stored; 1 some inputs failed (listed in the output's ``errors/`` and
-the summary) or ``--strict`` stopped at one; 2 bad usage (arguments, config, weights, input
-listing, an output made with other settings); 130 interrupted (finished work is kept: re-run the
-same command to resume).
+the summary), ``--strict`` stopped at one, or an I/O error (full disk...) stopped the run; 2 bad
+usage (arguments, config, weights, input listing, an output made with other settings); 130
+interrupted. Finished work is always kept: re-run the same command to resume.
 """
 from __future__ import annotations
 
