@@ -243,18 +243,25 @@ def test_bad_requests_do_not_disturb_good_ones_or_the_server(server):
 
 
 def test_a_model_failure_fails_only_its_own_request_in_a_shared_batch():
-    fake = FakeDetector(fail_on=77)
-    settings = ServiceSettings(max_wait_ms=300, max_batch=8)
-    with ServerThread(settings, lambda: DetectorBackend(fake, batched_forward=True)) as srv:
-        fake.batches.clear()
+    gate = threading.Event()
+    fake = FakeDetector(fail_on=77, gate=gate)
+    settings = ServiceSettings(max_wait_ms=0, max_batch=8, warmup=False)
+    with ServerThread(settings, lambda: DetectorBackend(fake, batched_forward=True)) as srv, \
+            ThreadPoolExecutor(4) as pool:
+        post = lambda body: httpx.post(srv.url + "/v1/features", content=body, headers=PNG, timeout=30)  # noqa: E731
+        blocker = pool.submit(post, image_bytes(16, 16, seed=0, first_red=5))  # holds the model...
+        assert fake.forward_started.wait(10)
         bodies = [image_bytes(16, 16, seed=1, first_red=10), image_bytes(16, 16, seed=2, first_red=77),
                   image_bytes(16, 16, seed=3, first_red=20)]
-        with ThreadPoolExecutor(3) as pool:
-            responses = list(pool.map(lambda b: httpx.post(srv.url + "/v1/features", content=b, headers=PNG), bodies))
+        futures = [pool.submit(post, body) for body in bodies]  # ...while these queue up together
+        wait_for(lambda: metric_value(metrics_text(srv), "gridfeats_queue_depth") == 3, what="three queued")
+        gate.set()
+        responses = [f.result() for f in futures]
+        assert blocker.result().status_code == 200
         assert [r.status_code for r in responses] == [200, 500, 200]
         assert responses[1].json()["code"] == "model_error"
         assert "Traceback" not in responses[1].text
-        assert fake.batches[0] == 3  # they really shared a forward before being isolated
+        assert fake.batches[:2] == [1, 3]  # the three really shared a forward before being isolated
         for body, response in zip(bodies[::2], responses[::2]):
             expected = grid_map_to_rows(fake_grid(read_image(body)))
             np.testing.assert_array_equal(np.asarray(response.json()["images"][0]["features"], np.float32), expected)
@@ -336,7 +343,12 @@ def test_slow_upload_answers_408_and_frees_the_connection():
         body = image_bytes(seed=8)
         sock = _raw_request(srv.port, body, send_bytes=len(body) // 2)
         sock.settimeout(10)
-        answer = sock.recv(4096)
+        answer = b""
+        while b"}" not in answer:  # headers and the JSON body may arrive in separate reads
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
         sock.close()
         assert answer.startswith(b"HTTP/1.1 408")
         assert b"upload not completed within 0.5 s" in answer
