@@ -107,16 +107,23 @@ def test_kill_at_a_commit_step_then_resume(images, grid_reference, tmp_path, cra
     assert_same_content(expected, read_all(out))
 
 
+def count_parts(output: str) -> int:
+    parts = output + ".parts"
+    try:
+        return sum(name.startswith("part-") for name in os.listdir(parts))
+    except OSError:
+        return 0
+
+
 def kill_randomly(cmd, output: str, rng: random.Random) -> bool:
-    """Start the job, SIGKILL it at a random moment after its first commit; False if it finished first."""
+    """Start the job and SIGKILL it a random moment after a random number (1-3) of new commits;
+    returns False if it finished first."""
+    target = count_parts(output) + rng.randint(1, 3)
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + TIMEOUT_S
-    parts = output + ".parts"
-    while proc.poll() is None and time.monotonic() < deadline:
-        if os.path.isdir(parts) and any(name.startswith("part-") for name in os.listdir(parts)):
-            break
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.4))
+    while proc.poll() is None and time.monotonic() < deadline and count_parts(output) < target:
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0.0, 0.05))
     finished = proc.poll() is not None
     if not finished:
         proc.send_signal(signal.SIGKILL)
