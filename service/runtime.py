@@ -66,8 +66,10 @@ class ServiceRuntime:
         self.state = "starting"
         self.detail = "server starting"
         self._loader: Optional["asyncio.Task[None]"] = None
-        # Decoding and encoding threads: enough to keep the model fed, few enough not to thrash.
-        self.cpu_limiter = anyio.CapacityLimiter(max(2, (os.cpu_count() or 2)))
+        # Decoding and encoding threads: half the cores. Decoding and resizing one image costs a few
+        # milliseconds against tens for its forward, so this keeps the model fed while leaving the
+        # model's intra-op threads their cores (more busy threads than cores stalls those threads).
+        self.cpu_limiter = anyio.CapacityLimiter(max(1, (os.cpu_count() or 2) // 2))
 
     # -------------------------------------------------------------------------------- lifecycle
     @property
