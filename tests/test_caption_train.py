@@ -55,9 +55,13 @@ def _largest_object_captions(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
+    saved = torch.get_num_threads()
     torch.set_num_threads(1)
-    paths = make_feature_dataset(tmp_path_factory.mktemp("caption_synthetic"), 160, seed=0,
-                                 modes=("region",))
+    try:
+        paths = make_feature_dataset(tmp_path_factory.mktemp("caption_synthetic"), 160, seed=0,
+                                     modes=("region",))
+    finally:
+        torch.set_num_threads(saved)
     _largest_object_captions(paths["root"])
     paths["train_simple"] = paths["root"] / "train_simple.json"
     paths["val_simple"] = paths["root"] / "val_simple.json"
