@@ -6,7 +6,6 @@ Modules, one job each:
 * :mod:`~gridfeats.extract.loader`: DataLoader workers decode and resize, failures become records;
 * :mod:`~gridfeats.extract.regions`: Detectron2's and bottom-up-attention's box selection;
 * :mod:`~gridfeats.extract.features`: prepared images -> store records (grid or region);
-* :mod:`~gridfeats.extract.speed`: folded norms and channels-last for inference;
 * :mod:`~gridfeats.extract.distributed` and :mod:`~gridfeats.extract.outputs`: torchrun ranks,
   shard/rank file names and the final merge;
 * :mod:`~gridfeats.extract.job`: the run loop (:func:`run_extraction`), resume, summary;

@@ -3,17 +3,14 @@
 Two makers with one interface (``mode``, ``feature_dim``, ``attr_topk``, ``settings()`` and
 ``records(prepared)``), so the run loop does not care which features it extracts.
 
-**Why one forward per image by default.** CPU (oneDNN) and GPU (cuDNN) kernels pick different
-algorithms for different batch sizes, so a batch of 8 gives features that differ from batch 1 in
-the last bits, even without padding. The store promises the same rows whatever the batch size, so
-images go through the model one at a time (on a CPU, batching 600x1000 images buys nothing: each
-convolution is already large enough to keep every core busy). ``batched_forward=True`` runs each
-batch as one forward per group of same-size images instead (faster on GPUs; float-rounding level
-differences).
+How a batch meets the model is the :class:`~gridfeats.api.Detector`'s policy: one forward per image
+by default, because CPU (oneDNN) and GPU (cuDNN) kernels pick different algorithms for different
+batch sizes and the store promises the same rows whatever the batch size (on a CPU, batching
+600x1000 images buys nothing); ``Detector(batch_forward=True)`` groups same-size images instead.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple, TypeVar
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,15 +26,7 @@ from gridfeats.extract.regions import (
 )
 from gridfeats.store.records import Record, grid_record, region_record
 
-T = TypeVar("T")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
-def _forward(run: Callable[[Sequence[PreparedImage]], List[T]], prepared: Sequence[PreparedImage],
-             batched: bool) -> List[T]:
-    if batched:
-        return run(prepared)
-    return [run([p])[0] for p in prepared]
 
 
 class GridFeatureMaker:
@@ -46,12 +35,11 @@ class GridFeatureMaker:
     mode = "grid"
     attr_topk = 0
 
-    def __init__(self, detector, pool_hw: Optional[Tuple[int, int]] = None, batched_forward: bool = False):
+    def __init__(self, detector, pool_hw: Optional[Tuple[int, int]] = None):
         if pool_hw is not None and (len(pool_hw) != 2 or min(pool_hw) < 1):
             raise ValueError(f"grid pooling size must be two positive ints, got {pool_hw}")
         self.detector = detector
         self.pool_hw = None if pool_hw is None else (int(pool_hw[0]), int(pool_hw[1]))
-        self.batched_forward = batched_forward
         self.feature_dim = int(detector.grid_dim)
 
     def settings(self) -> List[str]:
@@ -59,7 +47,7 @@ class GridFeatureMaker:
         return ["mode: grid", f"grid_pool: {pool}"]
 
     def records(self, prepared: Sequence[PreparedImage]) -> List[Record]:
-        grids = _forward(self.detector.grid_batch, prepared, self.batched_forward)
+        grids = self.detector.grid_batch(prepared)
         out = []
         for grid, p in zip(grids, prepared):
             if self.pool_hw is not None:
@@ -77,7 +65,7 @@ class RegionFeatureMaker:
 
     mode = "region"
 
-    def __init__(self, detector, selection="detectron2", attr_topk: int = 10, batched_forward: bool = False):
+    def __init__(self, detector, selection="detectron2", attr_topk: int = 10):
         if selection != "detectron2" and not isinstance(selection, BottomUpSettings):
             raise ValueError(f"region selection must be 'detectron2' or BottomUpSettings, got {selection!r}")
         if attr_topk < 0:
@@ -85,7 +73,6 @@ class RegionFeatureMaker:
         self.detector = detector
         self.selection = selection
         self.attr_topk = min(int(attr_topk), int(detector.num_attributes))
-        self.batched_forward = batched_forward
         self.feature_dim = int(detector.region_dim)
 
     def settings(self) -> List[str]:
@@ -99,7 +86,7 @@ class RegionFeatureMaker:
 
     def records(self, prepared: Sequence[PreparedImage]) -> List[Record]:
         out = []
-        for regions, p in zip(_forward(self._regions, prepared, self.batched_forward), prepared):
+        for regions, p in zip(self._regions(prepared), prepared):
             attr_ids, attr_scores = top_attributes(regions.attr_scores, self.attr_topk, len(regions.boxes))
             out.append(region_record(
                 regions.features.cpu(), regions.boxes.cpu(), regions.scores.cpu(), regions.classes.cpu().to(torch.int32),

@@ -188,13 +188,12 @@ def _human_bytes(n: int) -> str:
 
 # --- building ------------------------------------------------------------------------------------------
 def build_detector(options: ExtractOptions, info: RankInfo):
-    """The detector of a run, with the fast inference kernels when asked for."""
+    """The detector of a run (fast kernels and batching policy as the options say)."""
     from gridfeats.api import Detector
     from gridfeats.checkpoint.loader import CheckpointError
     from gridfeats.checkpoint.safe_pickle import UnsafePickleError
     from gridfeats.config import get_cfg
     from gridfeats.config.yaml_loader import ConfigError
-    from gridfeats.extract.speed import apply_fast_inference
 
     try:
         cfg = get_cfg(options.config, list(options.opts))
@@ -205,19 +204,18 @@ def build_detector(options: ExtractOptions, info: RankInfo):
         device = f"cuda:{info.local_rank}"
     try:
         detector = Detector(cfg, options.weights, device=device, precision=options.precision, seed=options.seed,
-                            max_pixels=options.max_pixels)
+                            max_pixels=options.max_pixels, fast=options.fast_kernels,
+                            batch_forward=options.batched_forward)
     except (CheckpointError, UnsafePickleError) as exc:
         raise ExtractError(f"weights: {exc}") from None
-    if options.fast_kernels:
-        apply_fast_inference(detector)
     return detector
 
 
 def build_feature_maker(options: ExtractOptions, detector):
     if options.mode == "grid":
-        return GridFeatureMaker(detector, options.grid_pool, options.batched_forward)
+        return GridFeatureMaker(detector, options.grid_pool)
     selection = "detectron2" if options.regions == "detectron2" else options.bottom_up
-    return RegionFeatureMaker(detector, selection, options.attr_topk, options.batched_forward)
+    return RegionFeatureMaker(detector, selection, options.attr_topk)
 
 
 def store_metadata(options: ExtractOptions, detector, maker) -> StoreMetadata:
