@@ -93,11 +93,10 @@ def group_by_spec(requests: Sequence[ModelRequest]) -> "OrderedDict[FeatureSpec,
 class DetectorBackend:
     """:class:`FeatureBackend` on a :class:`gridfeats.api.Detector` and the extraction's feature makers."""
 
-    def __init__(self, detector: Any, batched_forward: bool = False) -> None:
+    def __init__(self, detector: Any) -> None:
         from gridfeats.config import cfg_source_name
 
         self.detector = detector
-        self.batched_forward = batched_forward
         cfg = detector.cfg
         self.info = BackendInfo(
             config=cfg_source_name(cfg) or "default",
@@ -119,7 +118,6 @@ class DetectorBackend:
         """Build the detector as ``gridfeats extract`` does with the same config and options."""
         from gridfeats.api import Detector
         from gridfeats.config import get_cfg
-        from gridfeats.extract.speed import apply_fast_inference
 
         cfg = get_cfg(settings.config, list(settings.opts))
         detector = Detector(
@@ -128,10 +126,10 @@ class DetectorBackend:
             device=settings.device,
             precision=settings.precision,
             max_pixels=settings.max_pixels,
+            fast=not settings.exact_kernels,
+            batch_forward=settings.batched_forward,
         )
-        if not settings.exact_kernels:
-            apply_fast_inference(detector)
-        return cls(detector, batched_forward=settings.batched_forward)
+        return cls(detector)
 
     def prepare(self, source: Any) -> Any:
         return self.detector.prepare(source)
@@ -143,12 +141,12 @@ class DetectorBackend:
             from gridfeats.extract.regions import BottomUpSettings
 
             if spec.mode == "grid":
-                maker = GridFeatureMaker(self.detector, spec.grid_pool, self.batched_forward)
+                maker = GridFeatureMaker(self.detector, spec.grid_pool)
             elif spec.mode == "region":
                 rule = spec.regions
                 selection = rule if rule == "detectron2" else BottomUpSettings(
                     score_thresh=rule.score_thresh, min_boxes=rule.min_boxes, max_boxes=rule.max_boxes)
-                maker = RegionFeatureMaker(self.detector, selection, spec.attr_topk, self.batched_forward)
+                maker = RegionFeatureMaker(self.detector, selection, spec.attr_topk)
             else:
                 raise ValueError(f"unknown feature mode {spec.mode!r}")
             if len(self._makers) > 256:  # specs come from clients: keep the cache bounded

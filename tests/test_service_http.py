@@ -246,7 +246,7 @@ def test_a_model_failure_fails_only_its_own_request_in_a_shared_batch():
     gate = threading.Event()
     fake = FakeDetector(fail_on=77, gate=gate)
     settings = ServiceSettings(max_wait_ms=0, max_batch=8, warmup=False)
-    with ServerThread(settings, lambda: DetectorBackend(fake, batched_forward=True)) as srv, \
+    with ServerThread(settings, lambda: DetectorBackend(fake)) as srv, \
             ThreadPoolExecutor(4) as pool:
         post = lambda body: httpx.post(srv.url + "/v1/features", content=body, headers=PNG, timeout=30)  # noqa: E731
         blocker = pool.submit(post, image_bytes(16, 16, seed=0, first_red=5))  # holds the model...
