@@ -166,13 +166,15 @@ class ServerProcess:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+        self.log = tempfile.TemporaryFile(mode="w+")  # the server's stderr, shown if it fails
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stderr=self.log)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}")
+                self.log.seek(0)
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read()[-3000:]}")
             try:
                 if get(self.port, "/readyz")[0] == 200:
                     return
@@ -182,8 +184,10 @@ class ServerProcess:
         raise RuntimeError("server never became ready")
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(60)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(60)
+        self.log.close()
 
 
 def get(port: int, path: str):
