@@ -105,6 +105,16 @@ class ImageRowReader:
         return ImageRows(features.contiguous(), (boxes / scale).clamp(0.0, 1.0), (0, 0))
 
 
+def open_row_reader(data_cfg: Any, features: Optional[str] = None) -> Tuple[str, "ImageRowReader"]:
+    """The feature store a task reads (``features`` overrides ``data.features``) and its row reader."""
+    from vqa.data.json_files import DataFormatError
+
+    path = features or data_cfg["features"]
+    if not path:
+        raise DataFormatError("no feature store given (data.features or --features)")
+    return path, ImageRowReader(path, max_rows=data_cfg["max_rows"])
+
+
 def as_row_reader(features: Union["ImageRowReader", StoreLike],
                   max_rows: Optional[int] = None) -> "ImageRowReader":
     """``features`` as an ``ImageRowReader``: a reader is used as is, a store/path is wrapped."""

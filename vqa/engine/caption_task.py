@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vqa.data import CaptionDataset, DataFormatError, ImageRowReader, WordVocab, tokenize
+from vqa.data import CaptionDataset, DataFormatError, WordVocab, tokenize
+from vqa.data.image_rows import open_row_reader
 from vqa.engine.checkpoint import unwrap
 from vqa.engine.cider_reward import CiderD
 from vqa.engine.trainer import move_to_device
@@ -80,10 +81,7 @@ class CaptionTask:
                  features: Optional[str] = None, for_training: bool = True) -> None:
         self.cfg = cfg
         data = cfg["data"]
-        self.features_path = features or data["features"]
-        if not self.features_path:
-            raise DataFormatError("no feature store given (data.features or --features)")
-        self.reader = ImageRowReader(self.features_path, max_rows=data["max_rows"])
+        self.features_path, self.reader = open_row_reader(data, features)
         if state is not None:
             self.vocab = WordVocab(**state["vocab"])
             if self.reader.feature_dim != int(state["feature_dim"]):

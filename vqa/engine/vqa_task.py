@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vqa.data import (AnswerVocab, DataFormatError, HFQuestionTokenizer, ImageRowReader,
-                      VQADataset, WordVocab, load_word_vectors, normalize_answer, read_json)
+from vqa.data import (AnswerVocab, DataFormatError, HFQuestionTokenizer, VQADataset, WordVocab,
+                      load_word_vectors, normalize_answer, read_json)
+from vqa.data.image_rows import open_row_reader
 from vqa.engine.trainer import move_to_device
 from vqa.metrics import evaluate_vqa
 from vqa.models import build_vqa_model
@@ -90,10 +91,7 @@ class VQATask:
                  features: Optional[str] = None, for_training: bool = True) -> None:
         self.cfg = cfg
         data = cfg["data"]
-        self.features_path = features or data["features"]
-        if not self.features_path:
-            raise DataFormatError("no feature store given (data.features or --features)")
-        self.reader = ImageRowReader(self.features_path, max_rows=data["max_rows"])
+        self.features_path, self.reader = open_row_reader(data, features)
         if state is not None:
             self.question_vocab = WordVocab(**state["question_vocab"])
             self.answer_vocab = AnswerVocab(state["answers"])
