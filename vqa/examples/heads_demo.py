@@ -13,6 +13,15 @@ Features: by default structured stores from the synthetic annotations
 (``vqa.examples.synthetic_features``); ``--grid-features``/``--region-features`` use stores
 extracted with ``gridfeats extract`` from the same synthetic images instead (ids = image ids).
 Models are scaled down (widths 64-256) so that everything runs on a laptop CPU.
+
+``--extract`` runs make-synthetic -> ``gridfeats extract`` -> training in one command, on the
+detector's own features (seeded random init: no weights ship). Measured with 600 images, inputs
+224/320, 10 bottom-up boxes, one thread (held-out VQA accuracy; majority answer 25.2, best answer
+per question string, i.e. what a blind model can learn, 43.4; colour questions in brackets, prior
+19.3): Pythia grid 49.8 (46.7), region 51.4 (59.5); MCAN-small region 49.8 (51.9), grid 44.8
+(23.0: at 10 epochs it learns only the question prior). Up-Down on regions: CIDEr-D 0.61 vs 0.25
+for the constant caption. Random convolutions keep colour (a linear probe reads "has red" etc. at
+92-95%), hardly shape, so the heads gain on colour questions, not on shape or count ones.
 """
 from __future__ import annotations
 
