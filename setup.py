@@ -1,4 +1,5 @@
 """gridfeats: Detectron2-compatible grid/region features for vision-and-language work."""
+
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -17,7 +18,12 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["gridfeats*", "vqa*", "service*"]),
     # The shipped configs, for installs that are not editable (found by gridfeats.config).
-    data_files=[("share/gridfeats/configs", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")))],
+    data_files=[
+        (
+            "share/gridfeats/configs",
+            sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")),
+        )
+    ],
     install_requires=[
         "torch>=2.0",
         "torchvision>=0.15",
@@ -36,6 +42,7 @@ setup(
             "pydantic>=2.0",
             "python-multipart>=0.0.6",
             "prometheus-client>=0.16",
+            "pydantic-settings>=2.0",  # service.settings: flags, GRIDFEATS_* variables
         ],
         "vqa": [
             "pycocoevalcap>=1.2",
@@ -44,8 +51,9 @@ setup(
         ],
         "dev": [
             "pytest>=7.0",
+            "ruff>=0.6",  # `make lint`, run by .ci/run before the tests
             "httpx>=0.24",
-            "schemathesis>=4.0",  # tests/test_service_fuzz.py uses the 4.x Python API
+            "schemathesis>=4.0",  # tests/service/test_service_fuzz.py uses the 4.x Python API
         ],
     },
     entry_points={"console_scripts": ["gridfeats=gridfeats.cli:main"]},

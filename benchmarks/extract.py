@@ -22,6 +22,7 @@ depend on the values, except region selection through how many boxes pass; botto
     python benchmarks/extract.py --threads 1 --images 4 --batch 4
     python benchmarks/extract.py --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,13 @@ def cpu_description() -> str:
                 break
     except OSError:
         pass
-    flags = sorted(f for f in cpu_flags() if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2")))
-    return (f"{model} ({platform.machine()}), {os.cpu_count()} logical CPUs, torch capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(flags) or 'n/a'}")
+    flags = sorted(
+        f for f in cpu_flags() if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2"))
+    )
+    return (
+        f"{model} ({platform.machine()}), {os.cpu_count()} logical CPUs, torch capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, flags: {' '.join(flags) or 'n/a'}"
+    )
 
 
 def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -105,8 +110,15 @@ def grid_forward_flops(detector: Detector, tensor: torch.Tensor) -> float:
         return 2.0 * counter.total()
 
 
-def roofline(detector: Detector, precision: str, size: Sequence[int], matmul_n: int, repeats: int, sync,
-             flops: float = 0.0) -> Dict:
+def roofline(
+    detector: Detector,
+    precision: str,
+    size: Sequence[int],
+    matmul_n: int,
+    repeats: int,
+    sync,
+    flops: float = 0.0,
+) -> Dict:
     """GFLOP/s of the grid forward at ``size`` vs a same-dtype matmul, alternating the two.
 
     ``flops``: the forward's FLOPs when already counted (folded norms hide the norm's own FLOPs
@@ -115,7 +127,9 @@ def roofline(detector: Detector, precision: str, size: Sequence[int], matmul_n: 
     device = detector.device
     h, w = size
     image = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
-    prepared = [prepare_rgb(image, detector.cfg.INPUT.MIN_SIZE_TEST, detector.cfg.INPUT.MAX_SIZE_TEST)]
+    prepared = [
+        prepare_rgb(image, detector.cfg.INPUT.MIN_SIZE_TEST, detector.cfg.INPUT.MAX_SIZE_TEST)
+    ]
     if not flops:
         with torch.inference_mode():
             tensor = detector.model.preprocess([prepared[0].image]).tensor
@@ -130,17 +144,25 @@ def roofline(detector: Detector, precision: str, size: Sequence[int], matmul_n: 
         model_t.append(best_time(lambda: detector.grid_batch(prepared), 1, sync))
         matmul_t.append(best_time(lambda: a @ b, 3, sync))
     model_gflops = flops / min(model_t) / 1e9
-    matmul_gflops = 2.0 * matmul_n ** 3 / min(matmul_t) / 1e9
-    return {"input": prepared[0].input_hw, "gflop": flops / 1e9, "seconds": min(model_t), "model_gflops": model_gflops,
-            "matmul_gflops": matmul_gflops, "ratio": model_gflops / matmul_gflops}
+    matmul_gflops = 2.0 * matmul_n**3 / min(matmul_t) / 1e9
+    return {
+        "input": prepared[0].input_hw,
+        "gflop": flops / 1e9,
+        "seconds": min(model_t),
+        "model_gflops": model_gflops,
+        "matmul_gflops": matmul_gflops,
+        "ratio": model_gflops / matmul_gflops,
+    }
 
 
 def one_pass(maker, prepared, batch: int) -> None:
     for i in range(0, len(prepared), batch):
-        maker.records(prepared[i:i + batch])
+        maker.records(prepared[i : i + batch])
 
 
-def interleaved_throughput(variants: Dict[tuple, tuple], prepared, repeats: int, sync) -> Dict[tuple, float]:
+def interleaved_throughput(
+    variants: Dict[tuple, tuple], prepared, repeats: int, sync
+) -> Dict[tuple, float]:
     """images/s of every ``(maker, batch)`` variant, timed in rounds that visit all variants, so a
     burst of load from other processes hits every variant instead of one precision."""
     for maker, batch in variants.values():
@@ -153,8 +175,12 @@ def interleaved_throughput(variants: Dict[tuple, tuple], prepared, repeats: int,
 
 
 def cosine_to(reference: List[torch.Tensor], other: List[torch.Tensor]) -> float:
-    sims = [torch.nn.functional.cosine_similarity(r.flatten().double(), o.flatten().double(), dim=0).item()
-            for r, o in zip(reference, other)]
+    sims = [
+        torch.nn.functional.cosine_similarity(
+            r.flatten().double(), o.flatten().double(), dim=0
+        ).item()
+        for r, o in zip(reference, other)
+    ]
     return min(sims)
 
 
@@ -162,13 +188,23 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="R-50-grid")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's choice)"
+    )
     parser.add_argument("--images", type=int, default=4, help="synthetic images in the fixed set")
-    parser.add_argument("--batch", type=int, default=4, help="the batch size N compared with batch 1")
+    parser.add_argument(
+        "--batch", type=int, default=4, help="the batch size N compared with batch 1"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--matmul-n", type=int, default=2048)
-    parser.add_argument("--size", type=int, nargs=2, default=(600, 1000), metavar=("H", "W"),
-                        help="image size of the GFLOP/s measurement")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=(600, 1000),
+        metavar=("H", "W"),
+        help="image size of the GFLOP/s measurement",
+    )
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "fp16"])
     parser.add_argument("--skip-region", action="store_true")
     args = parser.parse_args(argv)
@@ -176,9 +212,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    print(f"device      {args.device}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_description()}")
-    print(f"torch       {torch.__version__}, {torch.get_num_threads()} threads, load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(
+        f"device      {args.device}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_description()}"
+    )
+    print(
+        f"torch       {torch.__version__}, {torch.get_num_threads()} threads, load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
     images = synthetic_images(args.images)
     cfg = get_cfg(args.config)
     prepared = [prepare_rgb(im, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) for im in images]
@@ -192,7 +232,9 @@ def main(argv=None) -> int:
         except PrecisionError as exc:
             print(f"\n[{precision}] skipped: {exc}")
             continue
-        print(f"\n[{precision}] grid forward at {args.size[0]}x{args.size[1]} vs a {args.matmul_n}^2 {precision} matmul")
+        print(
+            f"\n[{precision}] grid forward at {args.size[0]}x{args.size[1]} vs a {args.matmul_n}^2 {precision} matmul"
+        )
         flops = 0.0
         for fast in (False, True):
             detector = Detector(cfg, device=device, precision=precision)
@@ -201,31 +243,48 @@ def main(argv=None) -> int:
             r = roofline(detector, precision, args.size, args.matmul_n, args.repeats, sync, flops)
             flops = r["gflop"] * 1e9
             label = "fast kernels" if fast else "plain       "
-            print(f"  {label} {r['gflop']:.1f} GFLOP in {r['seconds']:.3f} s = {r['model_gflops']:.1f} GFLOP/s; "
-                  f"matmul {r['matmul_gflops']:.1f} GFLOP/s; ratio {r['ratio']:.2f}")
+            print(
+                f"  {label} {r['gflop']:.1f} GFLOP in {r['seconds']:.3f} s = {r['model_gflops']:.1f} GFLOP/s; "
+                f"matmul {r['matmul_gflops']:.1f} GFLOP/s; ratio {r['ratio']:.2f}"
+            )
         detectors[precision] = detector  # the fast one: what the job runs
 
     variants = {}
     for precision, detector in detectors.items():
         variants[(precision, "grid b1")] = (GridFeatureMaker(detector), 1)
-        variants[(precision, f"grid b{args.batch}")] = (GridFeatureMaker(detector, batched_forward=True), args.batch)
+        variants[(precision, f"grid b{args.batch}")] = (
+            GridFeatureMaker(detector, batched_forward=True),
+            args.batch,
+        )
         if not args.skip_region:
-            variants[(precision, "region b1")] = (RegionFeatureMaker(detector, BottomUpSettings()), 1)
+            variants[(precision, "region b1")] = (
+                RegionFeatureMaker(detector, BottomUpSettings()),
+                1,
+            )
             variants[(precision, f"region b{args.batch}")] = (
-                RegionFeatureMaker(detector, BottomUpSettings(), batched_forward=True), args.batch)
+                RegionFeatureMaker(detector, BottomUpSettings(), batched_forward=True),
+                args.batch,
+            )
     speeds = interleaved_throughput(variants, prepared, args.repeats, sync)
     fp32_grids = None
     for precision, detector in detectors.items():
         mine = {name: v for (p, name), v in speeds.items() if p == precision}
-        print(f"\n[{precision}] images/s (fast kernels): " + ", ".join(f"{k}: {v:.2f}" for k, v in mine.items()))
+        print(
+            f"\n[{precision}] images/s (fast kernels): "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in mine.items())
+        )
         if not args.skip_region:
-            print(f"  region/grid time per image (batch 1): {mine['grid b1'] / mine['region b1']:.2f}x")
+            print(
+                f"  region/grid time per image (batch 1): {mine['grid b1'] / mine['region b1']:.2f}x"
+            )
         grids = [g.float().cpu() for g in detector.grid_batch(prepared)]
         if precision == "fp32":
             fp32_grids = grids
         elif fp32_grids is not None:
-            print(f"  vs fp32: grid b1 speed-up {mine['grid b1'] / speeds[('fp32', 'grid b1')]:.2f}x, "
-                  f"min cosine similarity of grid features {cosine_to(fp32_grids, grids):.5f}")
+            print(
+                f"  vs fp32: grid b1 speed-up {mine['grid b1'] / speeds[('fp32', 'grid b1')]:.2f}x, "
+                f"min cosine similarity of grid features {cosine_to(fp32_grids, grids):.5f}"
+            )
     return 0
 
 

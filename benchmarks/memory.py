@@ -12,6 +12,7 @@ Usage::
 Random weights are used unless ``--weights`` is given: memory does not depend on the values, except
 through how many detection candidates pass the score threshold (hence ``--score-thresh``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,13 @@ TARGET_GIB = 4.0
 
 def _peak_rss_gib() -> float:
     # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 ** 2)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024**2)
 
 
 def _current_rss_gib() -> float:
     with open("/proc/self/statm") as f:
         resident_pages = int(f.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1024 ** 3)
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1024**3)
 
 
 def _test_image(h: int, w: int):
@@ -46,12 +47,18 @@ def _test_image(h: int, w: int):
 
     ys, xs = np.mgrid[0:h, 0:w]
     img = np.stack([ys * 255 // max(h - 1, 1), xs * 255 // max(w - 1, 1), (ys + xs) % 256], axis=2)
-    img[h // 4: h // 2, w // 4: w // 2] = (200, 30, 60)
+    img[h // 4 : h // 2, w // 4 : w // 2] = (200, 30, 60)
     return img.astype(np.uint8)
 
 
-def measure(mode: str, config: str, size: List[int], threads: int, weights: Optional[str],
-            score_thresh: Optional[float]) -> Dict[str, float]:
+def measure(
+    mode: str,
+    config: str,
+    size: List[int],
+    threads: int,
+    weights: Optional[str],
+    score_thresh: Optional[float],
+) -> Dict[str, float]:
     """Run one mode in this process and return its memory figures (GiB) and timing (s)."""
     import torch
 
@@ -74,18 +81,37 @@ def measure(mode: str, config: str, size: List[int], threads: int, weights: Opti
         out = detector.detect(image)
         detail = {"detections": int(len(out["scores"]))}
     seconds = time.perf_counter() - start
-    return {"mode": mode, "baseline_gib": baseline, "model_gib": after_build, "peak_gib": _peak_rss_gib(),
-            "seconds": seconds, **detail}
+    return {
+        "mode": mode,
+        "baseline_gib": baseline,
+        "model_gib": after_build,
+        "peak_gib": _peak_rss_gib(),
+        "seconds": seconds,
+        **detail,
+    }
 
 
 def _run_child(mode: str, args: argparse.Namespace) -> Dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", mode, "--config", args.config, "--size", *map(str, args.size),
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--config",
+        args.config,
+        "--size",
+        *map(str, args.size),
+        "--threads",
+        str(args.threads),
+    ]
     if args.weights:
         cmd += ["--weights", args.weights]
     if args.score_thresh is not None:
         cmd += ["--score-thresh", str(args.score_thresh)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} run failed:\n{proc.stderr[-3000:]}")
@@ -95,28 +121,51 @@ def _run_child(mode: str, args: argparse.Namespace) -> Dict[str, float]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="R-50-grid", help="shipped config name or YAML path")
-    parser.add_argument("--size", nargs=2, type=int, default=[600, 1000], metavar=("H", "W"),
-                        help="test image size; the test resize is set so it is the network input size")
+    parser.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        default=[600, 1000],
+        metavar=("H", "W"),
+        help="test image size; the test resize is set so it is the network input size",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", default=None, help="checkpoint (default: seeded random init)")
-    parser.add_argument("--score-thresh", type=float, default=None, help="override ROI_HEADS.SCORE_THRESH_TEST")
+    parser.add_argument(
+        "--score-thresh", type=float, default=None, help="override ROI_HEADS.SCORE_THRESH_TEST"
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
-        print(json.dumps(measure(args.child, args.config, args.size, args.threads, args.weights, args.score_thresh)))
+        print(
+            json.dumps(
+                measure(
+                    args.child,
+                    args.config,
+                    args.size,
+                    args.threads,
+                    args.weights,
+                    args.score_thresh,
+                )
+            )
+        )
         return 0
 
     thresh = "config default" if args.score_thresh is None else args.score_thresh
-    print(f"{args.config}, {args.size[0]}x{args.size[1]} image, {args.threads} threads, score threshold {thresh}")
+    print(
+        f"{args.config}, {args.size[0]}x{args.size[1]} image, {args.threads} threads, score threshold {thresh}"
+    )
     worst = 0.0
     for mode in args.modes:
         r = _run_child(mode, args)
         worst = max(worst, r["peak_gib"])
         extra = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("grid_shape", "detections"))
-        print(f"  {mode:6s}: peak RSS {r['peak_gib']:.2f} GiB (model loaded {r['model_gib']:.2f} GiB, "
-              f"interpreter {r['baseline_gib']:.2f} GiB), {r['seconds']:.1f} s, {extra}")
+        print(
+            f"  {mode:6s}: peak RSS {r['peak_gib']:.2f} GiB (model loaded {r['model_gib']:.2f} GiB, "
+            f"interpreter {r['baseline_gib']:.2f} GiB), {r['seconds']:.1f} s, {extra}"
+        )
     verdict = "within" if worst < TARGET_GIB else "OVER"
     print(f"peak {worst:.2f} GiB: {verdict} the {TARGET_GIB:.0f} GiB target")
     return 0 if worst < TARGET_GIB else 1

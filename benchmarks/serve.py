@@ -20,6 +20,7 @@ also writes them.
     .venv/bin/python benchmarks/serve.py                      # defaults: R-50-grid, 224 px inputs
     .venv/bin/python benchmarks/serve.py --requests 128 --rounds 5 --min-size 600 --max-size 1000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +54,24 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="R-50-grid")
     p.add_argument("--weights", default=None)
-    p.add_argument("--min-size", type=int, default=224, help="INPUT.MIN_SIZE_TEST for server and direct runs")
+    p.add_argument(
+        "--min-size", type=int, default=224, help="INPUT.MIN_SIZE_TEST for server and direct runs"
+    )
     p.add_argument("--max-size", type=int, default=373, help="INPUT.MAX_SIZE_TEST")
     p.add_argument("--image-size", default="480x360", help="WxH of the benchmark images")
     p.add_argument("--images", type=int, default=16, help="distinct images, cycled by the clients")
     p.add_argument("--requests", type=int, default=64, help="requests per run")
-    p.add_argument("--rounds", type=int, default=3, help="served/direct run pairs per level (medians reported)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="served/direct run pairs per level (medians reported)"
+    )
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
-    p.add_argument("--batched-forward", action="store_true",
-                   help="one forward per batch (server and direct runs) instead of one per image")
+    p.add_argument(
+        "--batched-forward",
+        action="store_true",
+        help="one forward per batch (server and direct runs) instead of one per image",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
@@ -79,7 +87,9 @@ def benchmark_images(count: int, size: str) -> List[bytes]:
         for path in sorted((Path(tmp) / "images").iterdir()):
             rgb = np.asarray(Image.open(path).convert("RGB"))
             buffer = io.BytesIO()
-            Image.fromarray(resize_uint8(rgb, height, width)).save(buffer, format="JPEG", quality=90)
+            Image.fromarray(resize_uint8(rgb, height, width)).save(
+                buffer, format="JPEG", quality=90
+            )
             out.append(buffer.getvalue())
     return out
 
@@ -92,8 +102,13 @@ def model_opts(args: argparse.Namespace) -> List[str]:
 def service_settings(args: argparse.Namespace, max_batch: int):
     from service.settings import ServiceSettings
 
-    return ServiceSettings(config=args.config, weights=args.weights, opts=tuple(model_opts(args)),
-                           batched_forward=args.batched_forward, max_batch=max_batch)
+    return ServiceSettings(
+        config=args.config,
+        weights=args.weights,
+        opts=tuple(model_opts(args)),
+        batched_forward=args.batched_forward,
+        max_batch=max_batch,
+    )
 
 
 class DirectModel:
@@ -122,7 +137,9 @@ class DirectModel:
     def _run(self, indices: Sequence[int], decode: bool = False) -> None:
         from service.backend import ModelRequest
 
-        sources = [self.backend.prepare(self.images[i]) if decode else self.prepared[i] for i in indices]
+        sources = [
+            self.backend.prepare(self.images[i]) if decode else self.prepared[i] for i in indices
+        ]
         self.backend.run_batch([ModelRequest(self.spec, p) for p in sources])
 
     def measure(self, batch: int, requests: int) -> Dict[str, float]:
@@ -130,8 +147,10 @@ class DirectModel:
         return self.thread.submit(self._measure, batch, requests).result()
 
     def _measure(self, batch: int, requests: int) -> Dict[str, float]:
-        batches = [[i % len(self.images) for i in range(start, min(start + batch, requests))]
-                   for start in range(0, requests, batch)]
+        batches = [
+            [i % len(self.images) for i in range(start, min(start + batch, requests))]
+            for start in range(0, requests, batch)
+        ]
         started = time.perf_counter()
         for indices in batches:
             self._run(indices, decode=True)
@@ -155,9 +174,24 @@ class ServerProcess:
 
     def __init__(self, args: argparse.Namespace, max_batch: int) -> None:
         self.port = free_port()
-        command = [sys.executable, "-m", "gridfeats", "serve", "--config", args.config, "--port", str(self.port),
-                   "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "4096",
-                   "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "gridfeats",
+            "serve",
+            "--config",
+            args.config,
+            "--port",
+            str(self.port),
+            "--max-batch",
+            str(max_batch),
+            "--max-wait-ms",
+            str(args.max_wait_ms),
+            "--max-queue",
+            "4096",
+            "--log-level",
+            "warning",
+        ]
         if args.weights:
             command += ["--weights", args.weights]
         if args.batched_forward:
@@ -174,7 +208,9 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.log.seek(0)
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read()[-3000:]}")
+                raise RuntimeError(
+                    f"server exited with {self.process.returncode}:\n{self.log.read()[-3000:]}"
+                )
             try:
                 if get(self.port, "/readyz")[0] == 200:
                     return
@@ -210,7 +246,9 @@ def batch_stats(port: int) -> Dict[str, float]:
     return values
 
 
-def run_clients(port: int, images: List[bytes], concurrency: int, requests: int) -> Dict[str, float]:
+def run_clients(
+    port: int, images: List[bytes], concurrency: int, requests: int
+) -> Dict[str, float]:
     """Closed-loop load: ``concurrency`` clients share ``requests`` requests; latencies in seconds."""
     latencies: List[float] = []
     errors = []
@@ -249,7 +287,8 @@ def run_clients(port: int, images: List[bytes], concurrency: int, requests: int)
         "images_per_s": len(latencies) / wall,
         "p50_ms": 1000 * statistics.median(ordered),
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))],
-        "mean_batch": (after["gridfeats_batch_size_sum"] - before["gridfeats_batch_size_sum"]) / max(1, batches),
+        "mean_batch": (after["gridfeats_batch_size_sum"] - before["gridfeats_batch_size_sum"])
+        / max(1, batches),
         "errors": len(errors),
     }
 
@@ -263,9 +302,12 @@ def main(argv: Sequence[str] = None) -> int:
     args = parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     images = benchmark_images(args.images, args.image_size)
-    print(f"{args.config}, inputs {args.min_size}/{args.max_size}, {len(images)} images of {args.image_size}, "
-          f"{args.requests} requests per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "
-          f"{'batched' if args.batched_forward else 'per-image'} forwards", flush=True)
+    print(
+        f"{args.config}, inputs {args.min_size}/{args.max_size}, {len(images)} images of {args.image_size}, "
+        f"{args.requests} requests per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "
+        f"{'batched' if args.batched_forward else 'per-image'} forwards",
+        flush=True,
+    )
     direct_model = DirectModel(args, images)
 
     rows = []
@@ -290,20 +332,28 @@ def main(argv: Sequence[str] = None) -> int:
                 row["vs_direct"] = row["images_per_s"] / row["direct_images_per_s"]
                 row["vs_forward"] = row["images_per_s"] / row["forward_images_per_s"]
                 rows.append(row)
-                print(f"  batching={batching:<3s} c={concurrency:<3d} served {row['images_per_s']:7.2f} img/s "
-                      f"(p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, mean batch {row['mean_batch']:.2f}, "
-                      f"errors {row['errors']})  direct batch {batch}: {row['direct_images_per_s']:.2f} img/s",
-                      flush=True)
+                print(
+                    f"  batching={batching:<3s} c={concurrency:<3d} served {row['images_per_s']:7.2f} img/s "
+                    f"(p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, mean batch {row['mean_batch']:.2f}, "
+                    f"errors {row['errors']})  direct batch {batch}: {row['direct_images_per_s']:.2f} img/s",
+                    flush=True,
+                )
         finally:
             server.stop()
 
-    print("\nmedians over rounds; direct = the same backend in-process, same batch size, bytes -> features")
-    print("batching  conc  img/s   p50 ms   p99 ms  p99/p50  mean batch  direct img/s  served/direct  "
-          "served/forward")
+    print(
+        "\nmedians over rounds; direct = the same backend in-process, same batch size, bytes -> features"
+    )
+    print(
+        "batching  conc  img/s   p50 ms   p99 ms  p99/p50  mean batch  direct img/s  served/direct  "
+        "served/forward"
+    )
     for r in rows:
-        print(f"{r['batching']:<9s} {r['concurrency']:>4d} {r['images_per_s']:6.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}"
-              f" {r['p99_ms'] / r['p50_ms']:8.2f} {r['mean_batch']:11.2f} {r['direct_images_per_s']:13.2f}"
-              f" {r['vs_direct']:14.1%} {r['vs_forward']:15.1%}")
+        print(
+            f"{r['batching']:<9s} {r['concurrency']:>4d} {r['images_per_s']:6.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}"
+            f" {r['p99_ms'] / r['p50_ms']:8.2f} {r['mean_batch']:11.2f} {r['direct_images_per_s']:13.2f}"
+            f" {r['vs_direct']:14.1%} {r['vs_forward']:15.1%}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     return 0

@@ -6,6 +6,7 @@ Public entry points (imported lazily so ``import gridfeats`` stays light):
     gridfeats.Detector(cfg, weights, device)
     gridfeats.FeatureStore(path)           # reader of the HDF5 feature store
 """
+
 from gridfeats.version import __version__
 
 _LAZY = {

@@ -11,6 +11,7 @@ image by default, which gives exactly the single-image results; ``batch_forward=
 forward per group of images of the same input size instead (faster on GPUs, rounding-level
 differences, never padding).
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,10 +26,10 @@ from gridfeats.checkpoint import LoadReport, load_checkpoint, sha256_file
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
 from gridfeats.data.preprocess import PreparedImage, prepare_image
 from gridfeats.layers import Conv2d
-from gridfeats.structures import ImageList
 from gridfeats.modeling import GeneralizedRCNN, postprocess
 from gridfeats.modeling.roi_heads import BoxPredictions
 from gridfeats.precision import autocast, check_precision
+from gridfeats.structures import ImageList
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +45,20 @@ class DetectionResult:
     boxes_input: torch.Tensor  # [K, 4] network-input pixels
     scores: torch.Tensor  # [K]
     classes: torch.Tensor  # [K] int64, 0-based
-    features: torch.Tensor  # [K, D] box-head features pooled again (see Detector.pool_on_input_boxes)
+    features: (
+        torch.Tensor
+    )  # [K, D] box-head features pooled again (see Detector.pool_on_input_boxes)
     attr_scores: Optional[torch.Tensor]  # [K, A] softmax, or None without an attribute head
     orig_hw: Tuple[int, int]
     input_hw: Tuple[int, int]
 
     def as_dict(self) -> Dict[str, torch.Tensor]:
-        out = {"boxes": self.boxes, "scores": self.scores, "classes": self.classes, "features": self.features}
+        out = {
+            "boxes": self.boxes,
+            "scores": self.scores,
+            "classes": self.classes,
+            "features": self.features,
+        }
         if self.attr_scores is not None:
             out["attr_scores"] = self.attr_scores
         return out
@@ -92,9 +100,19 @@ class Detector:
             (relative ~1e-6, well inside the parity tolerance); the checkpoint tensors are untouched.
     """
 
-    def __init__(self, cfg: Any, weights: Optional[Union[str, os.PathLike]] = None, device: Union[str, torch.device] = "cpu",
-                 allow_partial: bool = False, precision: str = "fp32", seed: int = 0,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, pool_on_input_boxes: bool = False, fast: bool = False, batch_forward: bool = False):
+    def __init__(
+        self,
+        cfg: Any,
+        weights: Optional[Union[str, os.PathLike]] = None,
+        device: Union[str, torch.device] = "cpu",
+        allow_partial: bool = False,
+        precision: str = "fp32",
+        seed: int = 0,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+        pool_on_input_boxes: bool = False,
+        fast: bool = False,
+        batch_forward: bool = False,
+    ):
         if not hasattr(cfg, "MODEL"):
             from gridfeats.config import get_cfg
 
@@ -114,7 +132,9 @@ class Detector:
             self.load_report, _ = load_checkpoint(model, weights, allow_partial=allow_partial)
             self.weights_sha256 = sha256_file(weights)
         else:
-            logger.warning("no weights given: the detector uses a seeded random initialisation (seed %d)", seed)
+            logger.warning(
+                "no weights given: the detector uses a seeded random initialisation (seed %d)", seed
+            )
         self.model = model.eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -159,10 +179,17 @@ class Detector:
         """
         if isinstance(image, PreparedImage):
             return image
-        return prepare_image(image, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST,
-                             self.cfg.INPUT.FORMAT, self.max_pixels)
+        return prepare_image(
+            image,
+            self.cfg.INPUT.MIN_SIZE_TEST,
+            self.cfg.INPUT.MAX_SIZE_TEST,
+            self.cfg.INPUT.FORMAT,
+            self.max_pixels,
+        )
 
-    def _prepare_all(self, images: Sequence[Union[ImageSource, PreparedImage]]) -> List[PreparedImage]:
+    def _prepare_all(
+        self, images: Sequence[Union[ImageSource, PreparedImage]]
+    ) -> List[PreparedImage]:
         return [self.prepare(im) for im in images]
 
     def _groups(self, prepared: Sequence[PreparedImage]) -> List[List[int]]:
@@ -195,13 +222,17 @@ class Detector:
                     out[i] = grids[j].contiguous()
         return out  # type: ignore[return-value]
 
-    def extract_grid(self, images: Union[ImageSource, Sequence[ImageSource]]) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def extract_grid(
+        self, images: Union[ImageSource, Sequence[ImageSource]]
+    ) -> Union[torch.Tensor, List[torch.Tensor]]:
         """grid-feats-vqa's grid feature: the stride-32 C5 map as a CPU float32 ``[C, H', W']`` tensor.
 
         Accepts one image (path, PIL image, HxWx3 uint8 RGB array) or a list of them.
         """
         single = not _is_batch(images)
-        grids = [g.cpu() for g in self.grid_batch(self._prepare_all([images] if single else images))]
+        grids = [
+            g.cpu() for g in self.grid_batch(self._prepare_all([images] if single else images))
+        ]
         return grids[0] if single else grids
 
     # -- detections -----------------------------------------------------------------------------------
@@ -217,15 +248,29 @@ class Detector:
                     p = prepared[i]
                     final, kept = postprocess(detections[j], p.input_hw, p.orig_hw)
                     boxes_input = detections[j].boxes[kept]
-                    single = {k: v[j:j + 1] for k, v in features.items()}
+                    single = {k: v[j : j + 1] for k, v in features.items()}
                     pool_boxes = boxes_input if self.pool_on_input_boxes else final.boxes
                     feats = heads.box_features(single, [pool_boxes]).float()
-                    attrs = heads.attribute_probs(feats, final.classes).float() if heads.attribute_on else None
-                    out[i] = DetectionResult(final.boxes.float(), boxes_input.float(), final.scores.float(), final.classes,
-                                             feats, attrs, p.orig_hw, p.input_hw)
+                    attrs = (
+                        heads.attribute_probs(feats, final.classes).float()
+                        if heads.attribute_on
+                        else None
+                    )
+                    out[i] = DetectionResult(
+                        final.boxes.float(),
+                        boxes_input.float(),
+                        final.scores.float(),
+                        final.classes,
+                        feats,
+                        attrs,
+                        p.orig_hw,
+                        p.input_hw,
+                    )
         return out  # type: ignore[return-value]
 
-    def detect(self, images: Union[ImageSource, Sequence[ImageSource]]) -> Union[Dict[str, torch.Tensor], List[Dict[str, torch.Tensor]]]:
+    def detect(
+        self, images: Union[ImageSource, Sequence[ImageSource]]
+    ) -> Union[Dict[str, torch.Tensor], List[Dict[str, torch.Tensor]]]:
         """Detections as a dict of CPU tensors: ``boxes [K,4]`` (xyxy, original pixels), ``scores``,
         ``classes`` (0-based), ``features [K,D]`` and ``attr_scores [K,A]``, in Detectron2's order."""
         single = not _is_batch(images)
@@ -244,5 +289,7 @@ class Detector:
                 proposals = self.model.proposal_generator(images, features)
                 predictions = self.model.roi_heads.predict(features, proposals)
                 for j, i in enumerate(group):
-                    out[i] = RegionCandidates(predictions[j], prepared[i].orig_hw, prepared[i].input_hw)
+                    out[i] = RegionCandidates(
+                        predictions[j], prepared[i].orig_hw, prepared[i].input_hw
+                    )
         return out  # type: ignore[return-value]

@@ -4,6 +4,7 @@ Each subcommand lives in the module that owns its feature; this file only maps n
 so importing the CLI stays cheap (torch is imported by a subcommand only when it runs). A command
 module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,11 @@ from typing import List, Optional, Sequence, Tuple
 
 # (name, module, one-line help). Nested groups ("vqa", "caption") are dispatched by their module.
 COMMANDS: List[Tuple[str, str, str]] = [
-    ("extract", "gridfeats.extract.cli", "extract grid or region features into an HDF5 feature store"),
+    (
+        "extract",
+        "gridfeats.extract.cli",
+        "extract grid or region features into an HDF5 feature store",
+    ),
     ("merge", "gridfeats.store.cli_merge", "merge shard files into one feature store"),
     ("export", "gridfeats.store.cli_export", "export a feature store to other projects' layouts"),
     ("make-synthetic", "gridfeats.data.synthetic", "render a synthetic VG/VQA/captioning data set"),

@@ -10,6 +10,7 @@
 Weights: ``--weights`` when given; otherwise the seeded random initialisation, said plainly in the
 output (boxes and labels are then arbitrary, but every step of the pipeline runs for real).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,19 +23,44 @@ from PIL import Image, ImageDraw, ImageFont
 
 DEFAULT_IMAGES = 4
 BOXES_DRAWN = 10
-_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+_COLOURS = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder for the synthetic data, the feature stores and the PNG")
-    parser.add_argument("--num-images", type=int, default=DEFAULT_IMAGES, help="synthetic images to make and extract")
-    parser.add_argument("--config", default="R-50-grid", help="detector config (path or shipped name)")
-    parser.add_argument("--weights", help="checkpoint; without it the detector uses a seeded random initialisation")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the random init")
+    parser.add_argument(
+        "--out", required=True, help="folder for the synthetic data, the feature stores and the PNG"
+    )
+    parser.add_argument(
+        "--num-images",
+        type=int,
+        default=DEFAULT_IMAGES,
+        help="synthetic images to make and extract",
+    )
+    parser.add_argument(
+        "--config", default="R-50-grid", help="detector config (path or shipped name)"
+    )
+    parser.add_argument(
+        "--weights", help="checkpoint; without it the detector uses a seeded random initialisation"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the synthetic data and of the random init"
+    )
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides"
+    )
 
 
 def draw_regions(image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> Image.Image:
@@ -70,13 +96,23 @@ def region_labels(item, class_names: Sequence[str], attribute_names: Sequence[st
     labels = []
     for k in range(len(item["boxes"])):
         cls = class_names[int(item["classes"][k])]
-        attr = f"{attribute_names[int(item['attr_ids'][k, 0])]} " if item["attr_ids"].shape[1] else ""
+        attr = (
+            f"{attribute_names[int(item['attr_ids'][k, 0])]} " if item["attr_ids"].shape[1] else ""
+        )
         labels.append(f"{attr}{cls} {float(item['scores'][k]):.3g}")
     return labels
 
 
-def run_demo(out_dir: str, num_images: int = DEFAULT_IMAGES, config: str = "R-50-grid", weights: Optional[str] = None,
-             seed: int = 0, workers: int = 1, opts: Sequence[str] = (), log=None) -> dict:
+def run_demo(
+    out_dir: str,
+    num_images: int = DEFAULT_IMAGES,
+    config: str = "R-50-grid",
+    weights: Optional[str] = None,
+    seed: int = 0,
+    workers: int = 1,
+    opts: Sequence[str] = (),
+    log=None,
+) -> dict:
     """Run the demo; returns the paths it wrote (``data``, ``grid``, ``region``, ``png``)."""
     from gridfeats.config import get_cfg
     from gridfeats.data.image_io import read_image
@@ -92,23 +128,42 @@ def run_demo(out_dir: str, num_images: int = DEFAULT_IMAGES, config: str = "R-50
     data = make_synthetic(os.path.join(out_dir, "data"), num_images, seed=seed, overwrite=True)
     say(f"1/3 rendered {num_images} synthetic images into {data['images']}")
     if weights is None:
-        say(f"    weights: none given -> seeded random initialisation (seed {seed}); the pipeline runs for real,"
-            " but boxes, labels and features are arbitrary. Pass --weights CKPT for meaningful ones.")
+        say(
+            f"    weights: none given -> seeded random initialisation (seed {seed}); the pipeline runs for real,"
+            " but boxes, labels and features are arbitrary. Pass --weights CKPT for meaningful ones."
+        )
     else:
         say(f"    weights: {weights}")
 
-    common = dict(input=str(data["instances"]), image_root=str(data["images"]), config=config, opts=list(opts),
-                  weights=weights, seed=seed, workers=workers, overwrite=True)
+    common = dict(
+        input=str(data["instances"]),
+        image_root=str(data["images"]),
+        config=config,
+        opts=list(opts),
+        weights=weights,
+        seed=seed,
+        workers=workers,
+        overwrite=True,
+    )
     cfg = get_cfg(config, list(opts))
-    say(f"    extracting at the config's input size: shortest edge {cfg.INPUT.MIN_SIZE_TEST}, "
-        f"longest at most {cfg.INPUT.MAX_SIZE_TEST} (as the released features were made)")
+    say(
+        f"    extracting at the config's input size: shortest edge {cfg.INPUT.MIN_SIZE_TEST}, "
+        f"longest at most {cfg.INPUT.MAX_SIZE_TEST} (as the released features were made)"
+    )
     grid_path = os.path.join(out_dir, "grid.h5")
     region_path = os.path.join(out_dir, "region.h5")
     grid = run_extraction(ExtractOptions(output=grid_path, mode="grid", **common))
     say("2/3 grid features (grid-feats-vqa C5 maps):")
     say("    " + grid.format().replace("\n", "\n    "))
-    region = run_extraction(ExtractOptions(output=region_path, mode="region", regions="bottom-up",
-                                           bottom_up=BottomUpSettings(), **common))
+    region = run_extraction(
+        ExtractOptions(
+            output=region_path,
+            mode="region",
+            regions="bottom-up",
+            bottom_up=BottomUpSettings(),
+            **common,
+        )
+    )
     say("    region features (bottom-up-attention selection, 10-100 boxes):")
     say("    " + region.format().replace("\n", "\n    "))
 
@@ -118,13 +173,22 @@ def run_demo(out_dir: str, num_images: int = DEFAULT_IMAGES, config: str = "R-50
     order = np.argsort(-item["scores"], kind="stable")[:BOXES_DRAWN]
     picked = {name: item[name][order] for name in ("boxes", "scores", "classes", "attr_ids")}
     class_names = _names(str(data["objects_vocab"]), cfg.MODEL.ROI_HEADS.NUM_CLASSES, "class")
-    attribute_names = _names(str(data["attributes_vocab"]), cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_CLASSES, "attr")
+    attribute_names = _names(
+        str(data["attributes_vocab"]), cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_CLASSES, "attr"
+    )
     image_file = os.path.join(str(data["images"]), image_file_name(int(image_id)))
     png_path = os.path.join(out_dir, "detections.png")
-    draw_regions(read_image(image_file), picked["boxes"], region_labels(picked, class_names, attribute_names)).save(png_path)
+    draw_regions(
+        read_image(image_file), picked["boxes"], region_labels(picked, class_names, attribute_names)
+    ).save(png_path)
     say(f"3/3 drew the {len(order)} most confident regions of image {image_id} on {png_path}")
-    return {"data": str(data["images"]), "grid": grid_path, "region": region_path, "png": png_path,
-            "image_file": image_file}
+    return {
+        "data": str(data["images"]),
+        "grid": grid_path,
+        "region": region_path,
+        "png": png_path,
+        "image_file": image_file,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,7 +208,9 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        run_demo(args.out, args.num_images, args.config, args.weights, args.seed, args.workers, args.opts)
+        run_demo(
+            args.out, args.num_images, args.config, args.weights, args.seed, args.workers, args.opts
+        )
     except (ExtractError, StoreError, PrecisionError, SyntheticDataError) as exc:
         print(f"gridfeats demo: error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ with native bf16 instructions (AVX512-BF16 or AMX), fp16 on GPUs only. Asking fo
 hardware lacks is an error with an explanation, because on a CPU without native bf16 the "fast" mode
 runs hundreds of times slower than fp32.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +47,9 @@ def cpu_has_native_bf16() -> bool:
 def check_precision(precision: str, device: torch.device) -> None:
     """Raise :class:`PrecisionError` unless ``precision`` runs natively on ``device``."""
     if precision not in PRECISIONS:
-        raise PrecisionError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise PrecisionError(
+            f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+        )
     if precision == "fp32":
         return
     if device.type == "cuda":
@@ -54,7 +57,9 @@ def check_precision(precision: str, device: torch.device) -> None:
             raise PrecisionError("this GPU has no bf16 support; use --precision fp16 or fp32")
         return
     if precision == "fp16":
-        raise PrecisionError("fp16 is a GPU mode; on the CPU use fp32 (exact) or bf16 (where native)")
+        raise PrecisionError(
+            "fp16 is a GPU mode; on the CPU use fp32 (exact) or bf16 (where native)"
+        )
     if not cpu_has_native_bf16():
         raise PrecisionError(
             f"this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX) has no native bf16: "

@@ -9,6 +9,7 @@ counters and latency histograms, so logs and metrics always agree.
 It is a plain ASGI middleware rather than Starlette's ``BaseHTTPMiddleware``, which would wrap
 ``receive`` and hide client disconnects from the handlers.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,7 +76,9 @@ def route_label(scope: MutableMapping[str, Any]) -> str:
     path = getattr(scope.get("route"), "path", None)
     if isinstance(path, str):
         return path
-    if scope.get("endpoint") is not None:  # plain Starlette routes (/openapi.json, /docs) have fixed paths
+    if (
+        scope.get("endpoint") is not None
+    ):  # plain Starlette routes (/openapi.json, /docs) have fixed paths
         return str(scope["path"])
     return "unmatched"
 
@@ -83,7 +86,9 @@ def route_label(scope: MutableMapping[str, Any]) -> str:
 class AccessLogMiddleware:
     """Times every HTTP request, tags it with a request id, logs it and counts it."""
 
-    def __init__(self, app: Any, metrics: ServiceMetrics, logger: Optional[logging.Logger] = None) -> None:
+    def __init__(
+        self, app: Any, metrics: ServiceMetrics, logger: Optional[logging.Logger] = None
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.logger = logger or logging.getLogger(ACCESS_LOGGER)
@@ -129,4 +134,6 @@ class AccessLogMiddleware:
                 "request_id": request_id,
             }
             fields.update(state.get(STATE_ACCESS_FIELDS) or {})
-            self.logger.info("%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
+            self.logger.info(
+                "%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields}
+            )

@@ -8,6 +8,7 @@ Order of checks on ``POST /v1/features`` (cheapest refusal first, before any byt
 API key (401) -> query parameters (422) -> readiness (503) -> Accept (406) -> content type (415)
 -> upload size (413) -> image decoding and pixel limit (400/413) -> queue room (503) -> model.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,7 +23,6 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-
 
 from gridfeats.version import __version__
 from service.access_log import STATE_ACCESS_FIELDS, STATE_CLIENT_GONE, AccessLogMiddleware
@@ -63,7 +63,9 @@ answers 503 with `Retry-After`. When API keys are configured, send one in the `X
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
 
 
-def _error_response(status: int, code: str, detail: str, headers: Optional[Dict[str, str]] = None) -> JSONResponse:
+def _error_response(
+    status: int, code: str, detail: str, headers: Optional[Dict[str, str]] = None
+) -> JSONResponse:
     body = ErrorResponse(code=code, detail=detail).model_dump()
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -144,12 +146,16 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(InvalidParameter.status_code, InvalidParameter.code, _readable_validation_error(exc))
+        return _error_response(
+            InvalidParameter.status_code, InvalidParameter.code, _readable_validation_error(exc)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        return _error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        return _error_response(
+            exc.status_code, code, str(exc.detail), getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -157,7 +163,9 @@ def create_app(
         return _error_response(500, "internal_error", "internal server error")
 
     # ------------------------------------------------------------------------------ auth
-    api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="an API key, when keys are configured")
+    api_key_header = APIKeyHeader(
+        name=API_KEY_HEADER, auto_error=False, description="an API key, when keys are configured"
+    )
 
     async def require_api_key(key: Optional[str] = Depends(api_key_header)) -> None:
         if not keys.enabled:
@@ -170,7 +178,12 @@ def create_app(
     protected = [Depends(require_api_key)]
 
     # ------------------------------------------------------------------------------ routes
-    @app.get("/healthz", response_model=HealthResponse, tags=["operations"], summary="the process is alive")
+    @app.get(
+        "/healthz",
+        response_model=HealthResponse,
+        tags=["operations"],
+        summary="the process is alive",
+    )
     async def healthz() -> HealthResponse:
         return HealthResponse()
 
@@ -179,14 +192,20 @@ def create_app(
         response_model=ReadyResponse,
         tags=["operations"],
         summary="the model is loaded and warmed up",
-        responses={503: {"model": ReadyResponse, "description": "loading, warming up, failed or stopping"}},
+        responses={
+            503: {"model": ReadyResponse, "description": "loading, warming up, failed or stopping"}
+        },
     )
     async def readyz() -> JSONResponse:
         body = ReadyResponse(ready=runtime.ready, detail=runtime.detail).model_dump()
         return JSONResponse(body, status_code=200 if runtime.ready else 503)
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
@@ -226,8 +245,10 @@ def create_app(
         tags=["features"],
         summary="grid or region features of one or several images",
         response_class=Response,
-        responses={**features_success_response(),
-                   **error_responses(400, 401, 406, 408, 413, 415, 422, 500, 503, 504)},
+        responses={
+            **features_success_response(),
+            **error_responses(400, 401, 406, 408, 413, 415, 422, 500, 503, 504),
+        },
         openapi_extra={"requestBody": features_request_body()},
     )
     async def features(request: Request, query: Annotated[FeatureQuery, Query()]) -> Response:
@@ -236,14 +257,20 @@ def create_app(
         media_type = choose_media_type(request.headers.get("accept"))
         try:
             uploads = await asyncio.wait_for(
-                read_uploads(request, max_bytes=settings.max_upload_bytes, max_images=settings.max_images_per_request),
+                read_uploads(
+                    request,
+                    max_bytes=settings.max_upload_bytes,
+                    max_images=settings.max_images_per_request,
+                ),
                 timeout=settings.request_timeout_s,
             )
         except ClientDisconnect:
             setattr(request.state, STATE_CLIENT_GONE, True)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except asyncio.TimeoutError:
-            raise UploadTimeout(f"upload not completed within {settings.request_timeout_s:g} s") from None
+            raise UploadTimeout(
+                f"upload not completed within {settings.request_timeout_s:g} s"
+            ) from None
         if media_type == NPY_MEDIA_TYPE and len(uploads) != 1:
             raise NotAcceptable(
                 f"{NPY_MEDIA_TYPE} holds one image's features but the request has {len(uploads)} images; "
@@ -253,7 +280,10 @@ def create_app(
         prepared = await runtime.run_in_thread(runtime.decode, uploads)
         try:
             outputs = await runtime.compute(
-                feature_spec(query), prepared, deadline - time.monotonic(), lambda: _wait_for_disconnect(request)
+                feature_spec(query),
+                prepared,
+                deadline - time.monotonic(),
+                lambda: _wait_for_disconnect(request),
             )
         except ClientGone:
             setattr(request.state, STATE_CLIENT_GONE, True)
@@ -262,8 +292,12 @@ def create_app(
         header = {
             "mode": query.mode,
             "dtype": query.precision,
-            "feature_dim": backend.info.grid_dim if query.mode == "grid" else backend.info.region_dim,
-            "model": ModelRef(config=backend.info.config, weights_sha256=backend.info.weights_sha256).model_dump(),
+            "feature_dim": backend.info.grid_dim
+            if query.mode == "grid"
+            else backend.info.region_dim,
+            "model": ModelRef(
+                config=backend.info.config, weights_sha256=backend.info.weights_sha256
+            ).model_dump(),
         }
 
         def shape_and_encode() -> bytes:

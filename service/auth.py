@@ -6,6 +6,7 @@ Only SHA-256 digests are kept in memory after start-up, and a presented key is c
 heap dump of the request path reveals a key. Keys are never logged: the access log records only
 whether a request was authenticated.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,7 +29,9 @@ def read_key_file(path: str) -> List[str]:
     except FileNotFoundError:
         raise ApiKeyFileError(f"API key file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ApiKeyFileError(f"cannot read API key file {path}: {exc.__class__.__name__}") from None
+        raise ApiKeyFileError(
+            f"cannot read API key file {path}: {exc.__class__.__name__}"
+        ) from None
     keys = [line.strip() for line in text.splitlines()]
     keys = [key for key in keys if key and not key.startswith("#")]
     if not keys:

@@ -9,6 +9,7 @@ the way the job builds it (same config, fast kernels unless ``exact_kernels``, o
 image unless ``batched_forward``). So an answer holds the numbers ``gridfeats extract`` stores for
 the same image and options, as the feature store's records.
 """
+
 from __future__ import annotations
 
 import logging
@@ -144,8 +145,15 @@ class DetectorBackend:
                 maker = GridFeatureMaker(self.detector, spec.grid_pool)
             elif spec.mode == "region":
                 rule = spec.regions
-                selection = rule if rule == "detectron2" else BottomUpSettings(
-                    score_thresh=rule.score_thresh, min_boxes=rule.min_boxes, max_boxes=rule.max_boxes)
+                selection = (
+                    rule
+                    if rule == "detectron2"
+                    else BottomUpSettings(
+                        score_thresh=rule.score_thresh,
+                        min_boxes=rule.min_boxes,
+                        max_boxes=rule.max_boxes,
+                    )
+                )
                 maker = RegionFeatureMaker(self.detector, selection, spec.attr_topk)
             else:
                 raise ValueError(f"unknown feature mode {spec.mode!r}")

@@ -21,6 +21,7 @@ Properties the service relies on:
 The batcher is generic (``batch_fn(list_of_inputs) -> list_of_outputs``) so it is tested without a
 model and knows nothing about HTTP.
 """
+
 from __future__ import annotations
 
 import asyncio

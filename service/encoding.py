@@ -4,6 +4,7 @@ JSON is for people and small answers; NumPy files carry the same arrays bit for 
 times smaller and faster to produce, which matters for 2048-channel grids. Encoding runs in a worker
 thread (the app's job), never on the event loop.
 """
+
 from __future__ import annotations
 
 import io

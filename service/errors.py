@@ -5,6 +5,7 @@ code and a human reason. One exception type (turned into one JSON body by the ap
 status codes of the API in one place instead of scattered ``HTTPException`` calls, and lets the
 batcher and the request readers raise errors without importing FastAPI.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional

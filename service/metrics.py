@@ -5,6 +5,7 @@ so several apps in one process (tests, benchmarks) do not collide and ``/metrics
 this server. Throughput is exported both the Prometheus way (a counter to ``rate()``) and as a
 ready-made images/s gauge over a short sliding window, for dashboards without PromQL.
 """
+
 from __future__ import annotations
 
 import collections
@@ -50,38 +51,62 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "gridfeats_http_requests", "HTTP requests answered, by route, method and status",
-            ("route", "method", "status"), registry=r,
+            "gridfeats_http_requests",
+            "HTTP requests answered, by route, method and status",
+            ("route", "method", "status"),
+            registry=r,
         )
         self.latency = Histogram(
-            "gridfeats_http_request_duration_seconds", "time from request start to the last byte sent",
-            ("route",), buckets=LATENCY_BUCKETS, registry=r,
+            "gridfeats_http_request_duration_seconds",
+            "time from request start to the last byte sent",
+            ("route",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
-        self.in_flight = Gauge("gridfeats_http_requests_in_flight", "requests being handled", registry=r)
+        self.in_flight = Gauge(
+            "gridfeats_http_requests_in_flight", "requests being handled", registry=r
+        )
         self.images = Counter(
-            "gridfeats_images", "images whose features were computed, by mode", ("mode",), registry=r
+            "gridfeats_images",
+            "images whose features were computed, by mode",
+            ("mode",),
+            registry=r,
         )
         self.batch_size = Histogram(
             "gridfeats_batch_size", "images per model forward", buckets=BATCH_BUCKETS, registry=r
         )
         self.forward_seconds = Histogram(
-            "gridfeats_batch_duration_seconds", "wall time of one batched model forward",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.queue_wait = Histogram(
-            "gridfeats_queue_wait_seconds", "time a request waited for and inside its forward(s)",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.queue_depth = Gauge("gridfeats_queue_depth", "images waiting for a forward", registry=r)
-        self.queue_capacity = Gauge("gridfeats_queue_capacity", "bound of the image queue", registry=r)
-        self.rejected = Counter(
-            "gridfeats_rejected_requests", "requests refused before the model, by reason", ("reason",),
+            "gridfeats_batch_duration_seconds",
+            "wall time of one batched model forward",
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.ready = Gauge("gridfeats_model_ready", "1 when the model is loaded and warmed up", registry=r)
+        self.queue_wait = Histogram(
+            "gridfeats_queue_wait_seconds",
+            "time a request waited for and inside its forward(s)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "gridfeats_queue_depth", "images waiting for a forward", registry=r
+        )
+        self.queue_capacity = Gauge(
+            "gridfeats_queue_capacity", "bound of the image queue", registry=r
+        )
+        self.rejected = Counter(
+            "gridfeats_rejected_requests",
+            "requests refused before the model, by reason",
+            ("reason",),
+            registry=r,
+        )
+        self.ready = Gauge(
+            "gridfeats_model_ready", "1 when the model is loaded and warmed up", registry=r
+        )
         self.throughput = ThroughputWindow()
         self.images_per_second = Gauge(
-            "gridfeats_images_per_second", "images computed per second over the last 10 s", registry=r
+            "gridfeats_images_per_second",
+            "images computed per second over the last 10 s",
+            registry=r,
         )
         self.images_per_second.set_function(self.throughput.rate)
         self.mean_batch_seconds = 1.0  # moving average, for Retry-After estimates

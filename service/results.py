@@ -5,6 +5,7 @@ module only casts the features to the requested dtype (refusing casts that would
 the extraction's own :func:`~gridfeats.extract.features.storage_problem` check) and adds display
 names from the optional vocabulary.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,7 +35,11 @@ class Vocabulary:
 
     @classmethod
     def load(
-        cls, objects_path: Optional[str], attributes_path: Optional[str], num_classes: int, num_attributes: int
+        cls,
+        objects_path: Optional[str],
+        attributes_path: Optional[str],
+        num_classes: int,
+        num_attributes: int,
     ) -> "Vocabulary":
         """Read the VG vocabulary files and check that they have one name per model id."""
         from gridfeats.data.vocab import read_vocab_names
@@ -71,8 +76,15 @@ def feature_spec(query: FeatureQuery) -> FeatureSpec:
     """The model-side part of a request's options (what the backend groups batches by)."""
     if query.mode == "grid":
         return FeatureSpec(mode="grid", grid_pool=query.pool_hw())
-    regions = "detectron2" if query.regions == "detectron2" else BottomUpRule(
-        score_thresh=query.bottom_up_thresh, min_boxes=query.min_boxes, max_boxes=query.max_boxes)
+    regions = (
+        "detectron2"
+        if query.regions == "detectron2"
+        else BottomUpRule(
+            score_thresh=query.bottom_up_thresh,
+            min_boxes=query.min_boxes,
+            max_boxes=query.max_boxes,
+        )
+    )
     return FeatureSpec(mode="region", regions=regions, attr_topk=query.attr_topk)
 
 
@@ -97,12 +109,18 @@ def _image_result(index: int, record: Record, dtype: str, vocab: Vocabulary) -> 
         if vocab.objects is not None:
             names["class_names"] = [vocab.objects[c] for c in arrays["classes"].tolist()]
         if vocab.attributes is not None:
-            names["attr_names"] = [[vocab.attributes[a] for a in row] for row in arrays["attr_ids"].tolist()]
+            names["attr_names"] = [
+                [vocab.attributes[a] for a in row] for row in arrays["attr_ids"].tolist()
+            ]
     hw = tuple(int(v) for v in record["image_hw"])
     input_hw = tuple(int(v) for v in record["input_hw"])
     return ImageResult(index, hw, input_hw, arrays, names)  # type: ignore[arg-type]
 
 
-def shape_results(records: Sequence[Record], query: FeatureQuery, vocab: Vocabulary) -> List[ImageResult]:
+def shape_results(
+    records: Sequence[Record], query: FeatureQuery, vocab: Vocabulary
+) -> List[ImageResult]:
     """The per-image answers of one request, in request order."""
-    return [_image_result(index, record, query.precision, vocab) for index, record in enumerate(records)]
+    return [
+        _image_result(index, record, query.precision, vocab) for index, record in enumerate(records)
+    ]

@@ -7,6 +7,7 @@ goes away) and the readiness facts. Loading happens in the background after the 
 ``/healthz`` answers while a large checkpoint loads and ``/readyz`` turns true only after one
 warm-up forward per mode has run (the first forward is several times slower than the rest).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,15 @@ import numpy as np
 from gridfeats.data.image_io import ImageReadError
 from service.backend import FeatureBackend, FeatureSpec, ModelRequest, Record
 from service.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
-from service.errors import ApiError, BadImage, ModelFailure, NotReady, Overloaded, PayloadTooLarge, RequestTimeout
+from service.errors import (
+    ApiError,
+    BadImage,
+    ModelFailure,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 from service.metrics import ServiceMetrics
 from service.results import Vocabulary, feature_spec
 from service.schemas import FeatureQuery
@@ -87,15 +96,20 @@ class ServiceRuntime:
             self.backend = await anyio.to_thread.run_sync(self._backend_factory)
             info = self.backend.info
             self.vocab = await anyio.to_thread.run_sync(
-                Vocabulary.load, self.settings.objects_vocab, self.settings.attributes_vocab,
-                info.num_classes, info.num_attributes,
+                Vocabulary.load,
+                self.settings.objects_vocab,
+                self.settings.attributes_vocab,
+                info.num_classes,
+                info.num_attributes,
             )
             if self.settings.warmup:
                 self._set_state("warming_up", "running one warm-up forward per mode")
                 await self._warm_up()
             self._set_state("ready", "model loaded and warmed up")
             self.metrics.ready.set(1)
-            logger.info("model ready", extra={"fields": {"config": info.config, "device": info.device}})
+            logger.info(
+                "model ready", extra={"fields": {"config": info.config, "device": info.device}}
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any load failure: report it, never serve half a model
@@ -110,7 +124,9 @@ class ServiceRuntime:
         # A smooth gradient at the network's own input size: no decoding, but every layer runs.
         size = max(32, min(self.backend.info.input_min_size, 256))
         ramp = np.linspace(0, 255, size, dtype=np.float32)
-        image = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], ramp[::-1, None]), axis=-1)
+        image = np.stack(
+            np.broadcast_arrays(ramp[:, None], ramp[None, :], ramp[::-1, None]), axis=-1
+        )
         prepared = await anyio.to_thread.run_sync(self.backend.prepare, image.astype(np.uint8))
         for spec in WARMUP_SPECS:
             await self.batcher.submit(ModelRequest(spec, prepared))
@@ -131,7 +147,9 @@ class ServiceRuntime:
     def require_ready(self) -> FeatureBackend:
         """The backend, or :class:`NotReady` (503) while loading, after a failure or when stopping."""
         if not self.ready or self.backend is None:
-            raise NotReady(f"not ready: {self.detail}", retry_after_s=5 if self.state != "failed" else 60)
+            raise NotReady(
+                f"not ready: {self.detail}", retry_after_s=5 if self.state != "failed" else 60
+            )
         return self.backend
 
     def retry_after_s(self) -> int:
@@ -177,10 +195,14 @@ class ServiceRuntime:
         """
         if timeout_s <= 0:
             raise RequestTimeout(f"request timed out after {self.settings.request_timeout_s:g} s")
-        work = asyncio.ensure_future(self.batcher.submit_many([ModelRequest(spec, p) for p in prepared]))
+        work = asyncio.ensure_future(
+            self.batcher.submit_many([ModelRequest(spec, p) for p in prepared])
+        )
         watcher = asyncio.ensure_future(disconnected())
         try:
-            done, _ = await asyncio.wait({work, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {work, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
         except asyncio.CancelledError:
             work.cancel()
             raise
@@ -211,4 +233,6 @@ class ServiceRuntime:
             raise
         except Exception as exc:
             logger.error("model failed: %s", exc, exc_info=exc)
-            raise ModelFailure(f"the model failed on this request ({exc.__class__.__name__})") from None
+            raise ModelFailure(
+                f"the model failed on this request ({exc.__class__.__name__})"
+            ) from None

@@ -5,6 +5,7 @@ against them and renders the OpenAPI schema (with the examples below) from them.
 (raw image bytes or multipart) is read by :mod:`service.uploads` for the byte limit's sake, so its
 OpenAPI description is built here too, from the same media-type list the reader enforces.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
@@ -55,10 +56,15 @@ class FeatureQuery(BaseModel):
     min_boxes: int = Field(10, ge=1, le=1000, description="bottom-up: at least this many boxes")
     max_boxes: int = Field(100, ge=1, le=1000, description="bottom-up: at most this many boxes")
     bottom_up_thresh: float = Field(
-        0.2, ge=0.0, le=1.0, description="bottom-up: keep boxes whose best class score is at least this"
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="bottom-up: keep boxes whose best class score is at least this",
     )
     attr_topk: int = Field(
-        10, ge=0, le=400,
+        10,
+        ge=0,
+        le=400,
         description="region mode: attributes per box by probability, capped at the model's count",
     )
     precision: OutputDtype = Field("float32", description="dtype of the returned features")
@@ -68,7 +74,9 @@ class FeatureQuery(BaseModel):
         given = self.model_fields_set
         misplaced = sorted(given & _REGION_ONLY) if self.mode != "region" else []
         if misplaced:
-            raise ValueError(f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} to mode=region only")
+            raise ValueError(
+                f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} to mode=region only"
+            )
         misplaced = sorted(given & _BOTTOM_UP_ONLY) if self.regions != "bottom-up" else []
         if misplaced:
             raise ValueError(
@@ -78,7 +86,9 @@ class FeatureQuery(BaseModel):
             if self.mode != "grid":
                 raise ValueError("grid_pool applies to grid mode only")
             if not all(1 <= side <= MAX_POOL_SIDE for side in self.pool_hw()):
-                raise ValueError(f"grid_pool sides must be 1..{MAX_POOL_SIDE}, got {self.grid_pool}")
+                raise ValueError(
+                    f"grid_pool sides must be 1..{MAX_POOL_SIDE}, got {self.grid_pool}"
+                )
         if self.regions == "bottom-up" and self.min_boxes > self.max_boxes:
             raise ValueError(f"min_boxes ({self.min_boxes}) exceeds max_boxes ({self.max_boxes})")
         return self
@@ -100,7 +110,9 @@ class ModelRef(BaseModel):
 
 class ImageFeaturesBase(BaseModel):
     index: int = Field(..., description="position of the image in the request")
-    image_hw: List[int] = Field(..., description="decoded image height, width (after EXIF rotation)")
+    image_hw: List[int] = Field(
+        ..., description="decoded image height, width (after EXIF rotation)"
+    )
     input_hw: List[int] = Field(..., description="network input height, width after resizing")
     shape: List[int] = Field(..., description="shape of features")
     features: List[List[float]] = Field(..., description="feature rows, nested lists")
@@ -154,10 +166,16 @@ class RegionImageFeatures(ImageFeaturesBase):
     boxes: List[List[float]] = Field(..., description="x1, y1, x2, y2 in original-image pixels")
     scores: List[float]
     classes: List[int] = Field(..., description="object class ids, 0-based, background excluded")
-    class_names: Optional[List[str]] = Field(None, description="present when a vocabulary is configured")
-    attr_ids: List[List[int]] = Field(..., description="top attr_topk attribute ids per box, most probable first")
+    class_names: Optional[List[str]] = Field(
+        None, description="present when a vocabulary is configured"
+    )
+    attr_ids: List[List[int]] = Field(
+        ..., description="top attr_topk attribute ids per box, most probable first"
+    )
     attr_scores: List[List[float]] = Field(..., description="their probabilities")
-    attr_names: Optional[List[List[str]]] = Field(None, description="present with an attribute vocabulary")
+    attr_names: Optional[List[List[str]]] = Field(
+        None, description="present with an attribute vocabulary"
+    )
 
 
 class FeaturesResponse(BaseModel):
@@ -165,7 +183,9 @@ class FeaturesResponse(BaseModel):
 
     mode: Mode
     dtype: OutputDtype
-    feature_dim: int = Field(..., description="C (grid) or D (region): columns of every features row")
+    feature_dim: int = Field(
+        ..., description="C (grid) or D (region): columns of every features row"
+    )
     model: ModelRef
     images: List[Union[GridImageFeatures, RegionImageFeatures]]
 
@@ -174,7 +194,9 @@ class ErrorResponse(BaseModel):
     """Every 4xx/5xx answer: a stable machine code and a specific human reason."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"code": "bad_image", "detail": "image 0: truncated image"}]}
+        json_schema_extra={
+            "examples": [{"code": "bad_image", "detail": "image 0: truncated image"}]
+        }
     )
 
     code: str = Field(..., examples=["bad_image"])
@@ -227,7 +249,9 @@ def error_responses(*statuses: int) -> Dict[Union[int, str], Dict[str, Any]]:
         503: "queue full or model not ready; retry after the Retry-After header's seconds",
         504: "the request waited longer than the per-request timeout",
     }
-    return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
+    return {
+        status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses
+    }
 
 
 def features_request_body() -> Dict[str, Any]:
@@ -247,7 +271,9 @@ def features_request_body() -> Dict[str, Any]:
                 },
                 "required": [IMAGES_FIELD],
             },
-            "encoding": {IMAGES_FIELD: {"contentType": ", ".join((*IMAGE_MEDIA_TYPES, GENERIC_BINARY))}},
+            "encoding": {
+                IMAGES_FIELD: {"contentType": ", ".join((*IMAGE_MEDIA_TYPES, GENERIC_BINARY))}
+            },
         }
     }
     for media_type in IMAGE_MEDIA_TYPES:

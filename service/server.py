@@ -6,6 +6,7 @@ batcher's queue. This module only maps settings onto uvicorn's options, turns of
 (unstructured) access log in favour of ours, and makes a model that fails to load stop the server
 with an error instead of leaving it up and never ready.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,7 +58,9 @@ class _stop_signals_end_cleanly:
             signal.signal(sig, handler)
 
 
-def serve(settings: ServiceSettings, backend_factory: Optional[Callable[[], FeatureBackend]] = None) -> int:
+def serve(
+    settings: ServiceSettings, backend_factory: Optional[Callable[[], FeatureBackend]] = None
+) -> int:
     """Run the service in the foreground until SIGTERM/SIGINT; 0 on a clean stop, 1 if the model failed."""
     from service.app import create_app
 

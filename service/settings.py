@@ -4,6 +4,7 @@ Containers are configured through the environment and people through flags, so b
 validated model. Validation happens once, at start-up, with a message that names the setting;
 the running server never reads the environment again.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,9 @@ class ServiceSettings(BaseModel):
         description="one forward per batch instead of per image: faster on GPUs, features then "
         "depend on the batch by float rounding (as gridfeats extract --batched-forward)",
     )
-    objects_vocab: Optional[str] = Field(None, description="objects_vocab.txt: class names in answers")
+    objects_vocab: Optional[str] = Field(
+        None, description="objects_vocab.txt: class names in answers"
+    )
     attributes_vocab: Optional[str] = Field(
         None, description="attributes_vocab.txt: attribute names in answers"
     )
@@ -68,7 +71,9 @@ class ServiceSettings(BaseModel):
     # Security.
     api_keys: Tuple[SecretStr, ...] = Field((), description="accepted API keys (empty: auth off)")
     api_keys_file: Optional[str] = Field(None, description="file with one API key per line")
-    cors_origins: Tuple[str, ...] = Field((), description="origins allowed by CORS (empty: CORS off)")
+    cors_origins: Tuple[str, ...] = Field(
+        (), description="origins allowed by CORS (empty: CORS off)"
+    )
 
     # Process behaviour.
     graceful_timeout_s: float = Field(30.0, ge=0, description="drain time for in-flight requests")

@@ -11,6 +11,7 @@ A declared image type must agree with the bytes: a PNG sent as ``image/jpeg`` is
 (it points at a client bug), while bytes that are no known image at all are left to the image
 reader, which answers 400 with its specific reason.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,14 @@ from starlette.requests import Request
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 #: Media types we decode, with the magic bytes that identify each.
-IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff")
+IMAGE_MEDIA_TYPES = (
+    "image/jpeg",
+    "image/png",
+    "image/webp",
+    "image/bmp",
+    "image/gif",
+    "image/tiff",
+)
 _ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "image/x-ms-bmp": "image/bmp"}
 #: Accepted on multipart parts (browsers and curl send it for unknown files); the bytes decide.
 GENERIC_BINARY = "application/octet-stream"
@@ -90,7 +98,9 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         except ValueError:
             raise BadRequest(f"invalid Content-Length header: {declared!r}") from None
         if declared_bytes > max_bytes:
-            raise PayloadTooLarge(f"upload of {declared_bytes} bytes exceeds the limit of {max_bytes} bytes")
+            raise PayloadTooLarge(
+                f"upload of {declared_bytes} bytes exceeds the limit of {max_bytes} bytes"
+            )
     chunks: List[bytes] = []
     total = 0
     async for chunk in request.stream():
@@ -157,4 +167,3 @@ async def read_uploads(request: Request, *, max_bytes: int, max_images: int) -> 
         return await _parse_multipart(request.headers, body, max_images)
     check_media_type(content_type, body, "body")
     return [Upload(data=body, label="image 0", media_type=content_type)]
-

@@ -3,6 +3,7 @@
 ``INPUT.MIN_SIZE_TEST 64 / MAX_SIZE_TEST 96`` keeps forwards cheap; ``SCORE_THRESH_TEST 0.0`` makes
 random weights produce detections (their softmax scores are ~1/1601, below the default 0.05).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,14 @@ from gridfeats.config import get_cfg
 from gridfeats.data.image_io import ImageReadError
 from gridfeats.precision import PrecisionError
 
-SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+SMALL = [
+    "INPUT.MIN_SIZE_TEST",
+    "64",
+    "INPUT.MAX_SIZE_TEST",
+    "96",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+    "0.0",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +50,10 @@ def _image(h: int, w: int, seed: int) -> np.ndarray:
     """A smooth image with some structure (random noise gives degenerate, all-alike detections)."""
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:h, 0:w]
-    img = np.stack([(ys * 255 // max(h - 1, 1)), (xs * 255 // max(w - 1, 1)), np.full((h, w), 128)], axis=2)
-    img[h // 4: h // 2, w // 3: 2 * w // 3] = rng.integers(0, 256, 3)
+    img = np.stack(
+        [(ys * 255 // max(h - 1, 1)), (xs * 255 // max(w - 1, 1)), np.full((h, w), 128)], axis=2
+    )
+    img[h // 4 : h // 2, w // 3 : 2 * w // 3] = rng.integers(0, 256, 3)
     return img.astype(np.uint8)
 
 
@@ -122,7 +132,11 @@ def _assert_close(a: dict, b: dict):
 
 def test_list_input_equals_one_by_one(detector, tmp_path):
     """A list runs one forward per image: exactly the single-call results, whatever the sizes."""
-    a, b, c = _image(60, 90, 4), _image(90, 60, 5), _image(61, 92, 6)  # a and c share the input size
+    a, b, c = (
+        _image(60, 90, 4),
+        _image(90, 60, 5),
+        _image(61, 92, 6),
+    )  # a and c share the input size
     Image.fromarray(b).save(tmp_path / "b.png")
     batch = [a, str(tmp_path / "b.png"), Image.fromarray(c)]
     grids = detector.extract_grid(batch)

@@ -1,4 +1,5 @@
 """Precision checks: fp32 always; bf16 only where the CPU has native bf16; fp16 only on GPUs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -44,12 +45,15 @@ def test_bf16_on_cpu_with_native_bf16_is_accepted_with_a_bf16_autocast(monkeypat
     assert out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("capability,flags,expected", [
-    ("AVX2", {"avx512_bf16", "amx_bf16"}, False),  # torch not using AVX512 kernels
-    ("AVX512", {"avx512f"}, False),
-    ("AVX512", {"avx512f", "avx512_bf16"}, True),
-    ("AVX512", {"amx_bf16"}, True),
-])
+@pytest.mark.parametrize(
+    "capability,flags,expected",
+    [
+        ("AVX2", {"avx512_bf16", "amx_bf16"}, False),  # torch not using AVX512 kernels
+        ("AVX512", {"avx512f"}, False),
+        ("AVX512", {"avx512f", "avx512_bf16"}, True),
+        ("AVX512", {"amx_bf16"}, True),
+    ],
+)
 def test_native_bf16_detection(monkeypatch, capability, flags, expected):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset(flags))
@@ -60,7 +64,9 @@ def test_cpu_flags_reads_the_flags_line(monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx512_bf16\nbugs\t\t: none\n")
     real_path = precision.Path
-    monkeypatch.setattr(precision, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
+    monkeypatch.setattr(
+        precision, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p)
+    )
     precision.cpu_flags.cache_clear()
     try:
         assert precision.cpu_flags() == frozenset({"fpu", "sse", "avx512_bf16"})

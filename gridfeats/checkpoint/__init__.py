@@ -10,6 +10,13 @@ from gridfeats.checkpoint.loader import (
 )
 
 __all__ = [
-    "CheckpointError", "LoadReport", "convert_caffe2_name", "convert_caffe2_state_dict", "load_checkpoint",
-    "load_state", "match_by_suffix", "read_checkpoint", "sha256_file",
+    "CheckpointError",
+    "LoadReport",
+    "convert_caffe2_name",
+    "convert_caffe2_state_dict",
+    "load_checkpoint",
+    "load_state",
+    "match_by_suffix",
+    "read_checkpoint",
+    "sha256_file",
 ]

@@ -1,4 +1,5 @@
 """Caffe2 / Detectron1 blob names -> Detectron2 module names (``res2_0_branch2a_w`` -> ``res2.0.conv1.weight``)."""
+
 from __future__ import annotations
 
 import re
@@ -32,7 +33,9 @@ _DETECTION_RULES = [
 
 def convert_caffe2_name(name: str) -> str:
     """Rename one blob, applying the rules in Detectron2's order."""
-    name = {"pred_b": "linear_b", "pred_w": "linear_w"}.get(name, name)  # whole names only: bbox_pred_w stays
+    name = {"pred_b": "linear_b", "pred_w": "linear_w"}.get(
+        name, name
+    )  # whole names only: bbox_pred_w stays
     name = name.replace("_", ".")
     name = re.sub(r"\.b$", ".bias", name)
     name = re.sub(r"\.w$", ".weight", name)
@@ -41,11 +44,15 @@ def convert_caffe2_name(name: str) -> str:
             name = name[: -len(old)] + new
             break
     if name.startswith("res.conv1.norm."):
-        name = "conv1.norm." + name[len("res.conv1.norm."):]
+        name = "conv1.norm." + name[len("res.conv1.norm.") :]
     if name.startswith("conv1."):
         name = "stem." + name
-    for old, new in ((".branch1.", ".shortcut."), (".branch2a.", ".conv1."), (".branch2b.", ".conv2."),
-                     (".branch2c.", ".conv3.")):
+    for old, new in (
+        (".branch1.", ".shortcut."),
+        (".branch2a.", ".conv1."),
+        (".branch2b.", ".conv2."),
+        (".branch2c.", ".conv3."),
+    ):
         name = name.replace(old, new)
     for pattern, new in _DETECTION_RULES:
         name = re.sub(pattern, new, name)

@@ -5,6 +5,7 @@ Follows Detectron2's ``DetectionCheckpointer`` semantics (``{"model": ...}`` or 
 mismatches skipped) but reports every missing, unexpected and mismatched key by name, and lets the
 caller refuse a partial load: a detector silently running with random heads is the worst outcome.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,13 +50,19 @@ class LoadReport:
 
     def summary(self, limit: int = 20) -> str:
         lines = [f"checkpoint {self.source}: {len(self.loaded)} tensors loaded"]
-        for title, items in (("missing in checkpoint (left at init)", self.missing),
-                             ("unused from checkpoint", self.unexpected)):
+        for title, items in (
+            ("missing in checkpoint (left at init)", self.missing),
+            ("unused from checkpoint", self.unexpected),
+        ):
             if items:
-                shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+                shown = ", ".join(items[:limit]) + (
+                    f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+                )
                 lines.append(f"  {title}: {len(items)}: {shown}")
         for key, ckpt_shape, model_shape in self.shape_mismatch[:limit]:
-            lines.append(f"  shape mismatch {key}: checkpoint {list(ckpt_shape)} vs model {list(model_shape)}")
+            lines.append(
+                f"  shape mismatch {key}: checkpoint {list(ckpt_shape)} vs model {list(model_shape)}"
+            )
         return "\n".join(lines)
 
 
@@ -73,8 +80,15 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError:
         # Some trainers store numpy arrays/scalars next to tensors; allow exactly those.
         multiarray = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
-        allowed = [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, multiarray.multiarray.scalar]
-        allowed += [type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "uint8", "bool")]
+        allowed = [
+            np.ndarray,
+            np.dtype,
+            multiarray.multiarray._reconstruct,
+            multiarray.multiarray.scalar,
+        ]
+        allowed += [
+            type(np.dtype(t)) for t in ("float32", "float64", "int64", "int32", "uint8", "bool")
+        ]
         try:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True)
@@ -92,7 +106,9 @@ def _to_tensors(state: Mapping[str, Any], source: str) -> "OrderedDict[str, torc
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
-            raise CheckpointError(f"{source}: value of {key!r} is a {type(value).__name__}, not a tensor")
+            raise CheckpointError(
+                f"{source}: value of {key!r} is a {type(value).__name__}, not a tensor"
+            )
         out[key] = value
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
@@ -100,19 +116,24 @@ def _to_tensors(state: Mapping[str, Any], source: str) -> "OrderedDict[str, torc
     return out
 
 
-def _strip_prefix(state: "OrderedDict[str, torch.Tensor]", prefix: str = "module.") -> "OrderedDict[str, torch.Tensor]":
+def _strip_prefix(
+    state: "OrderedDict[str, torch.Tensor]", prefix: str = "module."
+) -> "OrderedDict[str, torch.Tensor]":
     if not state or not all(k.startswith(prefix) for k in state):
         return state
-    out = OrderedDict((k[len(prefix):], v) for k, v in state.items())
+    out = OrderedDict((k[len(prefix) :], v) for k, v in state.items())
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
         out._metadata = OrderedDict(  # type: ignore[attr-defined]
-            (k[len(prefix):] if k.startswith(prefix) else ("" if k == prefix[:-1] else k), v) for k, v in metadata.items()
+            (k[len(prefix) :] if k.startswith(prefix) else ("" if k == prefix[:-1] else k), v)
+            for k, v in metadata.items()
         )
     return out
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Tuple["OrderedDict[str, torch.Tensor]", bool, Dict[str, Any]]:
+def read_checkpoint(
+    path: Union[str, os.PathLike],
+) -> Tuple["OrderedDict[str, torch.Tensor]", bool, Dict[str, Any]]:
     """Read a checkpoint file: ``(state_dict, needs_name_matching, extra)``.
 
     ``needs_name_matching`` is True for Caffe2-style files whose names must be matched by suffix.
@@ -141,7 +162,9 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Tuple["OrderedDict[str, to
         return state, True, {"__author__": "Caffe2"}
     data = _torch_load(path)
     if not isinstance(data, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict or {{'model': ...}}, found {type(data).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a state dict or {{'model': ...}}, found {type(data).__name__}"
+        )
     if "model" in data and isinstance(data["model"], Mapping):
         state, extra = data["model"], {k: v for k, v in data.items() if k != "model"}
     else:
@@ -162,13 +185,19 @@ def match_by_suffix(model_keys: List[str], ckpt_keys: List[str]) -> Dict[str, st
     used: Dict[str, str] = {}
     for mk, ck in mapping.items():
         if ck in used:
-            raise CheckpointError(f"ambiguous checkpoint key {ck!r} matches both {used[ck]!r} and {mk!r}")
+            raise CheckpointError(
+                f"ambiguous checkpoint key {ck!r} matches both {used[ck]!r} and {mk!r}"
+            )
         used[ck] = mk
     return mapping
 
 
-def load_state(model: nn.Module, state: "OrderedDict[str, torch.Tensor]", source: str,
-               needs_name_matching: bool = False) -> LoadReport:
+def load_state(
+    model: nn.Module,
+    state: "OrderedDict[str, torch.Tensor]",
+    source: str,
+    needs_name_matching: bool = False,
+) -> LoadReport:
     """Copy ``state`` into ``model``; shape mismatches are skipped and everything is reported."""
     target = model.state_dict()
     report = LoadReport(source=source)
@@ -209,7 +238,9 @@ def load_state(model: nn.Module, state: "OrderedDict[str, torch.Tensor]", source
     return report
 
 
-def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], allow_partial: bool = False) -> Tuple[LoadReport, Dict[str, Any]]:
+def load_checkpoint(
+    model: nn.Module, path: Union[str, os.PathLike], allow_partial: bool = False
+) -> Tuple[LoadReport, Dict[str, Any]]:
     """Read ``path`` and load it into ``model``.
 
     With ``allow_partial=False`` a checkpoint that leaves any model tensor at its initial value (or
@@ -222,6 +253,7 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike], allow_parti
         logger.info(line)
     if not report.complete and not allow_partial:
         raise CheckpointError(
-            "incomplete checkpoint (pass allow_partial=True / --allow-partial to use it anyway):\n" + report.summary()
+            "incomplete checkpoint (pass allow_partial=True / --allow-partial to use it anyway):\n"
+            + report.summary()
         )
     return report, extra

@@ -4,6 +4,7 @@ Checkpoints are pickles, and a pickle can execute anything on load. ``.pth`` fil
 ``torch.load(weights_only=True)``; Caffe2/Detectron ``.pkl`` files through :class:`RestrictedUnpickler`,
 which only materialises plain containers and numpy arrays and refuses every other global by name.
 """
+
 from __future__ import annotations
 
 import pickle

@@ -9,6 +9,7 @@ The defaults are Detectron2@ffff8ac's plus grid-feats' attribute keys, so ``cfg.
 the reference dump; see ``defaults.py`` for why that version, ``newer_keys.py`` for how configs
 written by newer Detectron2 versions are accepted.
 """
+
 from gridfeats.config.build import (
     SHIPPED_CONFIG_DIR,
     get_cfg,

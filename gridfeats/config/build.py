@@ -6,6 +6,7 @@ Why one function: Detectron2 spreads this over ``get_cfg()``, ``add_attribute_co
 for free. Shipped configs can be named bare (``"R-50-grid"``) so CLIs and the service do not need
 to know where the repository's ``configs/`` folder is.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,11 @@ from gridfeats.config.node import CfgNode
 # The repository's configs/ folder (beside the gridfeats package in a checkout or editable
 # install), else the copy a regular install puts under <prefix>/share/gridfeats/configs.
 _REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-SHIPPED_CONFIG_DIR = (_REPO_CONFIG_DIR if _REPO_CONFIG_DIR.is_dir()
-                      else Path(sys.prefix) / "share" / "gridfeats" / "configs")
+SHIPPED_CONFIG_DIR = (
+    _REPO_CONFIG_DIR
+    if _REPO_CONFIG_DIR.is_dir()
+    else Path(sys.prefix) / "share" / "gridfeats" / "configs"
+)
 
 
 def get_cfg(

@@ -11,6 +11,7 @@ Values were taken from the reference effective dump (docs: detectron2-compat App
 grid-feats YAML settings undone, and cross-checked against Detectron2's source of that era.
 Comments say what a key controls only where the name does not.
 """
+
 from __future__ import annotations
 
 from gridfeats.config.node import CfgNode as CN

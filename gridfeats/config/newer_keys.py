@@ -9,6 +9,7 @@ they are removed before merging and the caller logs their names.
 A key listed here that is a node (``SOLVER.AMP``) is dropped with everything under it. The list
 covers the keys of Detectron2's defaults from v0.2 up to the newest release read.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List

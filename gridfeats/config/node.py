@@ -8,6 +8,7 @@ the file name into every error; ``merge_from_list`` reports unknown keys as
 ``KeyError: Non-existent config key: ...`` (yacs raises a bare AssertionError) and names the pair
 that failed. The last merged file is remembered so reports can say which config was used.
 """
+
 from __future__ import annotations
 
 import logging

@@ -6,6 +6,7 @@ but user files deserve specific errors instead of tracebacks from deep inside fv
 base names the file that asked for it, an include cycle is reported as such, and a YAML that is not
 a mapping says so. Only ``yaml.safe_load`` is used: tags that would run code are refused.
 """
+
 from __future__ import annotations
 
 import os

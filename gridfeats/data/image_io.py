@@ -6,6 +6,7 @@ every failure becomes an :class:`ImageReadError` with a short, specific reason (
 image, truncated, too many pixels, ...) instead of an arbitrary exception deep inside PIL, and
 16-bit / float images are scaled to 8 bits instead of being clipped.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,7 +22,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 #: Default pixel limit (width * height) against decompression bombs; PIL's own default.
 DEFAULT_MAX_PIXELS = 89_478_485
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image, np.ndarray]
+ImageSource = Union[
+    str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image, np.ndarray
+]
 
 _PIL_LIMIT_LOCK = threading.Lock()
 

@@ -3,6 +3,7 @@
 Runs on the CPU and touches no model, so the batch job can call it in DataLoader workers and the
 service in its decode threads: the same function everywhere means the same numbers everywhere.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ def prepare_image(
     return prepare_rgb(rgb, min_size, max_size, input_format)
 
 
-def prepare_rgb(rgb: np.ndarray, min_size: int, max_size: int, input_format: str = "BGR") -> PreparedImage:
+def prepare_rgb(
+    rgb: np.ndarray, min_size: int, max_size: int, input_format: str = "BGR"
+) -> PreparedImage:
     """Resize an already decoded ``HxWx3`` RGB uint8 array (see :func:`prepare_image`)."""
     h, w = rgb.shape[:2]
     if input_format == "BGR":

@@ -39,6 +39,7 @@ caption ids are ``image_id * 10 + k``. See :mod:`gridfeats.data.synthetic_questi
 :mod:`gridfeats.data.synthetic_captions` for what is asked and said, and
 :mod:`gridfeats.data.synthetic_scene` for what is drawn.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,7 +105,9 @@ def image_file_name(image_id: int) -> str:
     return f"{image_id:06d}.{extension}"
 
 
-def split_image_ids(num_images: int, val_fraction: float, rng: np.random.Generator) -> Tuple[List[int], List[int]]:
+def split_image_ids(
+    num_images: int, val_fraction: float, rng: np.random.Generator
+) -> Tuple[List[int], List[int]]:
     """Sorted ``(train_ids, val_ids)``; both non-empty whenever there are 2+ images and 0 < val_fraction."""
     num_val = int(round(num_images * val_fraction))
     if val_fraction > 0 and num_images >= 2:
@@ -119,20 +122,28 @@ def _rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, stream, index])
 
 
-def _check_arguments(num_images: Any, seed: Any, val_fraction: Any, questions_per_image: Any) -> None:
+def _check_arguments(
+    num_images: Any, seed: Any, val_fraction: Any, questions_per_image: Any
+) -> None:
     def is_int(value: Any) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
     if not is_int(num_images) or not 1 <= num_images <= MAX_IMAGES:
-        raise SyntheticDataError(f"the number of images must be an integer in 1..{MAX_IMAGES}, got {num_images!r}")
+        raise SyntheticDataError(
+            f"the number of images must be an integer in 1..{MAX_IMAGES}, got {num_images!r}"
+        )
     if not is_int(seed) or seed < 0:
         raise SyntheticDataError(f"the seed must be a non-negative integer, got {seed!r}")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
-            or not 0.0 <= val_fraction < 1.0:
+    if (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, (int, float))
+        or not 0.0 <= val_fraction < 1.0
+    ):
         raise SyntheticDataError(f"the validation fraction must be in [0, 1), got {val_fraction!r}")
     if not is_int(questions_per_image) or not 1 <= questions_per_image <= MAX_QUESTIONS_PER_IMAGE:
         raise SyntheticDataError(
-            f"questions per image must be an integer in 1..{MAX_QUESTIONS_PER_IMAGE}, got {questions_per_image!r}")
+            f"questions per image must be an integer in 1..{MAX_QUESTIONS_PER_IMAGE}, got {questions_per_image!r}"
+        )
 
 
 def _existing_outputs(paths: Dict[str, Path]) -> List[Path]:
@@ -151,11 +162,16 @@ def _prepare_output(paths: Dict[str, Path], overwrite: bool) -> None:
     if existing and not overwrite:
         raise SyntheticDataError(
             f"{root} already holds synthetic data ({existing[0]} exists); "
-            "pass --overwrite (overwrite=True) to replace it")
+            "pass --overwrite (overwrite=True) to replace it"
+        )
     for path in existing:  # only files with our names: other content of the folder is left alone
         path.unlink()
-    for folder in (paths["images"], paths["instances"].parent, paths["train_questions"].parent,
-                   paths["train_captions"].parent):
+    for folder in (
+        paths["images"],
+        paths["instances"].parent,
+        paths["train_questions"].parent,
+        paths["train_captions"].parent,
+    ):
         folder.mkdir(parents=True, exist_ok=True)
 
 
@@ -185,7 +201,12 @@ def _instance(obj: SceneObject, image_id: int, annotation_id: int) -> Dict[str, 
 
 
 def _info(seed: int, split: str = "all") -> Dict[str, Any]:
-    return {"description": "gridfeats synthetic shapes", "version": "1.0", "seed": seed, "split": split}
+    return {
+        "description": "gridfeats synthetic shapes",
+        "version": "1.0",
+        "seed": seed,
+        "split": split,
+    }
 
 
 def _vqa_files(
@@ -196,27 +217,40 @@ def _vqa_files(
     for image_id in image_ids:
         for k, qa in enumerate(questions[image_id]):
             question_id = image_id * QUESTION_ID_STRIDE + k
-            question_rows.append({"image_id": image_id, "question": qa.question, "question_id": question_id})
-            annotation_rows.append({
-                "question_id": question_id,
-                "image_id": image_id,
-                "question_type": qa.question_type,
-                "answer_type": qa.answer_type,
-                "multiple_choice_answer": qa.answer,
-                "answers": [
-                    {"answer": answer, "answer_confidence": confidence, "answer_id": number}
-                    for number, (answer, confidence) in enumerate(qa.answers, start=1)
-                ],
-            })
-    common = {"info": _info(seed, split), "license": {"name": "synthetic, no restrictions"},
-              "data_type": "synthetic", "data_subtype": split}
-    return ({**common, "task_type": "Open-Ended", "questions": question_rows},
-            {**common, "annotations": annotation_rows})
+            question_rows.append(
+                {"image_id": image_id, "question": qa.question, "question_id": question_id}
+            )
+            annotation_rows.append(
+                {
+                    "question_id": question_id,
+                    "image_id": image_id,
+                    "question_type": qa.question_type,
+                    "answer_type": qa.answer_type,
+                    "multiple_choice_answer": qa.answer,
+                    "answers": [
+                        {"answer": answer, "answer_confidence": confidence, "answer_id": number}
+                        for number, (answer, confidence) in enumerate(qa.answers, start=1)
+                    ],
+                }
+            )
+    common = {
+        "info": _info(seed, split),
+        "license": {"name": "synthetic, no restrictions"},
+        "data_type": "synthetic",
+        "data_subtype": split,
+    }
+    return (
+        {**common, "task_type": "Open-Ended", "questions": question_rows},
+        {**common, "annotations": annotation_rows},
+    )
 
 
 def _caption_file(
-    image_ids: Sequence[int], images: Dict[int, Dict[str, Any]], captions: Dict[int, List[str]],
-    split: str, seed: int,
+    image_ids: Sequence[int],
+    images: Dict[int, Dict[str, Any]],
+    captions: Dict[int, List[str]],
+    split: str,
+    seed: int,
 ) -> Dict[str, Any]:
     """The COCO captions document of one split."""
     rows = [
@@ -224,7 +258,11 @@ def _caption_file(
         for image_id in image_ids
         for k, caption in enumerate(captions[image_id])
     ]
-    return {"info": _info(seed, split), "images": [images[i] for i in image_ids], "annotations": rows}
+    return {
+        "info": _info(seed, split),
+        "images": [images[i] for i in image_ids],
+        "annotations": rows,
+    }
 
 
 def make_synthetic(
@@ -253,28 +291,47 @@ def make_synthetic(
         scene, pixels = render_scene(_rng(seed, _STREAM_SCENE, image_id))
         file_name = image_file_name(image_id)
         _save_image(pixels, paths["images"] / file_name)
-        images[image_id] = {"id": image_id, "file_name": file_name, "height": scene.height, "width": scene.width}
+        images[image_id] = {
+            "id": image_id,
+            "file_name": file_name,
+            "height": scene.height,
+            "width": scene.width,
+        }
         for obj in scene.objects:
             instances.append(_instance(obj, image_id, len(instances) + 1))
-        questions[image_id] = make_questions(scene, _rng(seed, _STREAM_QUESTIONS, image_id), questions_per_image)
-        captions[image_id] = make_captions(scene, _rng(seed, _STREAM_CAPTIONS, image_id), CAPTIONS_PER_IMAGE)
+        questions[image_id] = make_questions(
+            scene, _rng(seed, _STREAM_QUESTIONS, image_id), questions_per_image
+        )
+        captions[image_id] = make_captions(
+            scene, _rng(seed, _STREAM_CAPTIONS, image_id), CAPTIONS_PER_IMAGE
+        )
 
-    _write_json(paths["instances"], {
-        "info": _info(seed),
-        "images": list(images.values()),
-        "annotations": instances,
-        "categories": [{"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CATEGORY_NAMES)],
-        "attributes": [{"id": k, "name": name} for k, name in enumerate(ATTRIBUTE_NAMES)],
-    })
+    _write_json(
+        paths["instances"],
+        {
+            "info": _info(seed),
+            "images": list(images.values()),
+            "annotations": instances,
+            "categories": [
+                {"id": k + 1, "name": name, "supercategory": "shape"}
+                for k, name in enumerate(CATEGORY_NAMES)
+            ],
+            "attributes": [{"id": k, "name": name} for k, name in enumerate(ATTRIBUTE_NAMES)],
+        },
+    )
     write_vocab(paths["objects_vocab"], [(w.name, *w.synonyms) for w in SHAPES])
     write_vocab(paths["attributes_vocab"], [(w.name, *w.synonyms) for w in (*COLORS, *SIZES)])
 
-    splits = dict(zip(("train", "val"), split_image_ids(num_images, val_fraction, _rng(seed, _STREAM_SPLIT))))
+    splits = dict(
+        zip(("train", "val"), split_image_ids(num_images, val_fraction, _rng(seed, _STREAM_SPLIT)))
+    )
     for split, image_ids in splits.items():
         question_doc, annotation_doc = _vqa_files(image_ids, questions, split, seed)
         _write_json(paths[f"{split}_questions"], question_doc)
         _write_json(paths[f"{split}_annotations"], annotation_doc)
-        _write_json(paths[f"{split}_captions"], _caption_file(image_ids, images, captions, split, seed))
+        _write_json(
+            paths[f"{split}_captions"], _caption_file(image_ids, images, captions, split, seed)
+        )
 
     lines = [f"images/{image['file_name']}\n" for image in images.values()]
     paths["image_list"].write_text("".join(lines), encoding="utf-8")
@@ -282,6 +339,7 @@ def make_synthetic(
 
 
 # ----------------------------------------------------------------------------- command line
+
 
 def _count_argument(low: int, high: int):
     def parse(text: str) -> int:
@@ -308,30 +366,57 @@ def _fraction_argument(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gridfeats make-synthetic``."""
-    parser.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
-    parser.add_argument("--num", required=True, type=_count_argument(1, MAX_IMAGES), help="number of images")
-    parser.add_argument("--seed", type=_count_argument(0, 2**63 - 1), default=0,
-                        help="random seed; the same seed writes identical files (default 0)")
-    parser.add_argument("--val-fraction", type=_fraction_argument, default=0.2,
-                        help="share of images in the VQA/caption val split (default 0.2)")
-    parser.add_argument("--questions-per-image", type=_count_argument(1, MAX_QUESTIONS_PER_IMAGE), default=5,
-                        help="VQA questions per image (default 5)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a data set already in --out (only files of this layout are removed)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="output folder (created if missing)"
+    )
+    parser.add_argument(
+        "--num", required=True, type=_count_argument(1, MAX_IMAGES), help="number of images"
+    )
+    parser.add_argument(
+        "--seed",
+        type=_count_argument(0, 2**63 - 1),
+        default=0,
+        help="random seed; the same seed writes identical files (default 0)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=_fraction_argument,
+        default=0.2,
+        help="share of images in the VQA/caption val split (default 0.2)",
+    )
+    parser.add_argument(
+        "--questions-per-image",
+        type=_count_argument(1, MAX_QUESTIONS_PER_IMAGE),
+        default=5,
+        help="VQA questions per image (default 5)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a data set already in --out (only files of this layout are removed)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the data set and print where its files are; user errors become one-line messages."""
     try:
-        paths = make_synthetic(args.out, args.num, seed=args.seed, val_fraction=args.val_fraction,
-                               questions_per_image=args.questions_per_image, overwrite=args.overwrite)
+        paths = make_synthetic(
+            args.out,
+            args.num,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            questions_per_image=args.questions_per_image,
+            overwrite=args.overwrite,
+        )
     except SyntheticDataError as exc:
         print(f"gridfeats make-synthetic: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"gridfeats make-synthetic: error: cannot write the data set{where}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(
+            f"gridfeats make-synthetic: error: cannot write the data set{where}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     print(f"wrote {args.num} synthetic images (seed {args.seed}) to {paths['root']}")
     for key, path in paths.items():

@@ -5,6 +5,7 @@ shape, a spatial relation, the colours present, the background), the way five CO
 each mention different things. All of them are true of the image, so captioning metrics reward a
 model for what it sees; none of them is the same sentence twice for one image.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Sequence, Tuple
@@ -80,7 +81,9 @@ def _grouped(scene: Scene, with_size: bool) -> str:
     parts = []
     for key in dict.fromkeys(groups):  # first-appearance order
         adjectives = " ".join(key[:-1])
-        parts.append(_count(groups.count(key), f"{adjectives} {key[-1]}", f"{adjectives} {_plural(key[-1])}"))
+        parts.append(
+            _count(groups.count(key), f"{adjectives} {key[-1]}", f"{adjectives} {_plural(key[-1])}")
+        )
     return _join(parts)
 
 
@@ -110,7 +113,9 @@ def _relation(scene: Scene, rng: np.random.Generator) -> str:
         return f"{_describe(objects[0], True)} {_where(scene, objects[0])}"
     if scene.overlaps:
         below, above = scene.overlaps[int(rng.integers(len(scene.overlaps)))]
-        return f"{_describe(objects[above], False)} partly covering {_describe(objects[below], False)}"
+        return (
+            f"{_describe(objects[above], False)} partly covering {_describe(objects[below], False)}"
+        )
     first, second = (objects[int(i)] for i in rng.choice(len(objects), size=2, replace=False))
     (ax, ay), (bx, by) = _centre(first), _centre(second)
     if abs(ax - bx) >= abs(ay - by):
@@ -157,7 +162,9 @@ TEMPLATES: Tuple[Callable[[Scene, np.random.Generator], str], ...] = (
 )
 
 
-def make_captions(scene: Scene, rng: np.random.Generator, count: int = CAPTIONS_PER_IMAGE) -> List[str]:
+def make_captions(
+    scene: Scene, rng: np.random.Generator, count: int = CAPTIONS_PER_IMAGE
+) -> List[str]:
     """``count`` different captions of ``scene``, from templates picked in a random order."""
     if not 1 <= count <= len(TEMPLATES):
         raise ValueError(f"captions per image must be in 1..{len(TEMPLATES)}, got {count}")

@@ -15,6 +15,7 @@ majority (at least six of ten), so it is also the ``multiple_choice_answer``.
 is the", "how many", "is there a", "is the", "are there", "what"); ``answer_type`` is "yes/no",
 "number" or "other" from the kind of answer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,7 +52,13 @@ CONFUSABLE: Dict[str, Tuple[str, ...]] = {
     "yes": ("no",),
     "no": ("yes",),
 }
-ANSWER_TYPES = {"color": "other", "shape": "other", "size": "other", "number": "number", "yes/no": "yes/no"}
+ANSWER_TYPES = {
+    "color": "other",
+    "shape": "other",
+    "size": "other",
+    "number": "number",
+    "yes/no": "yes/no",
+}
 
 T = TypeVar("T")
 
@@ -132,26 +139,40 @@ def _ask_size(scene: Scene, rng: np.random.Generator) -> Optional[_Draft]:
         return None
     obj = _pick(rng, options)
     first, second = ("small", "large") if rng.random() < 0.5 else ("large", "small")
-    return _Draft(f"is the {obj.color} {obj.shape} {first} or {second}?", "is the", "size", obj.size)
+    return _Draft(
+        f"is the {obj.color} {obj.shape} {first} or {second}?", "is the", "size", obj.size
+    )
 
 
 def _ask_count(scene: Scene, rng: np.random.Generator) -> Optional[_Draft]:
     """'how many ...?' about one shape, one colour or all objects; zero is a possible answer."""
     variant = int(rng.integers(3))
     if variant == 0:
-        shape = _pick(rng, [w.name for w in SHAPES]) if rng.random() < 0.3 else _pick(
-            rng, [o.shape for o in scene.objects])
+        shape = (
+            _pick(rng, [w.name for w in SHAPES])
+            if rng.random() < 0.3
+            else _pick(rng, [o.shape for o in scene.objects])
+        )
         count = sum(o.shape == shape for o in scene.objects)
         question = f"how many {_plural(shape)} are there?"
     elif variant == 1:
-        color = _pick(rng, [w.name for w in COLORS]) if rng.random() < 0.3 else _pick(
-            rng, [o.color for o in scene.objects])
+        color = (
+            _pick(rng, [w.name for w in COLORS])
+            if rng.random() < 0.3
+            else _pick(rng, [o.color for o in scene.objects])
+        )
         count = sum(o.color == color for o in scene.objects)
         question = f"how many {color} shapes are there?"
     else:
         count = len(scene.objects)
-        question = _pick(rng, ["how many shapes are there?", "how many shapes are in the picture?",
-                               "how many objects are in the image?"])
+        question = _pick(
+            rng,
+            [
+                "how many shapes are there?",
+                "how many shapes are in the picture?",
+                "how many objects are in the image?",
+            ],
+        )
     return _Draft(question, "how many", "number", str(count))
 
 
@@ -162,7 +183,9 @@ def _ask_is_there(scene: Scene, rng: np.random.Generator) -> Optional[_Draft]:
         color, shape = _pick(rng, sorted(present))
         answer = "yes"
     else:
-        absent = [(c.name, s.name) for c in COLORS for s in SHAPES if (c.name, s.name) not in present]
+        absent = [
+            (c.name, s.name) for c in COLORS for s in SHAPES if (c.name, s.name) not in present
+        ]
         colors = {c for c, _ in present}
         shapes = {s for _, s in present}
         hard = [(c, s) for c, s in absent if c in colors or s in shapes]
@@ -259,6 +282,8 @@ def make_questions(scene: Scene, rng: np.random.Generator, count: int) -> List[Q
         asked.add(draft.question)
         drafts.append(draft)
     return [
-        QuestionAnswer(d.question, d.question_type, ANSWER_TYPES[d.kind], d.answer, _annotate(d, rng))
+        QuestionAnswer(
+            d.question, d.question_type, ANSWER_TYPES[d.kind], d.answer, _annotate(d, rng)
+        )
         for d in drafts
     ]

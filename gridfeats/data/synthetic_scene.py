@@ -17,6 +17,7 @@ Design choices that keep the data learnable and the questions answerable:
 * "small" and "large" are relative to the image's short side and do not overlap (at most 0.20 vs
   at least 0.30 of it), so size is a real visual attribute, not a coin flip.
 """
+
 from __future__ import annotations
 
 import math
@@ -160,8 +161,10 @@ def shape_mask(shape: str, side: int, angle: float) -> np.ndarray:
     def polygon(radii: List[float], start: float) -> List[Tuple[float, float]]:
         count = len(radii)
         return [
-            (centre + r * math.cos(start + 2 * math.pi * k / count),
-             centre + r * math.sin(start + 2 * math.pi * k / count))
+            (
+                centre + r * math.cos(start + 2 * math.pi * k / count),
+                centre + r * math.sin(start + 2 * math.pi * k / count),
+            )
             for k, r in enumerate(radii)
         ]
 
@@ -218,7 +221,7 @@ def _touches_same_color(
 ) -> bool:
     """Whether a same-coloured object lies in the new square (plus a gap): it would merge with it."""
     gap = EDGE_MARGIN + 1
-    window = labels[max(0, y0 - gap):y0 + side + gap, max(0, x0 - gap):x0 + side + gap]
+    window = labels[max(0, y0 - gap) : y0 + side + gap, max(0, x0 - gap) : x0 + side + gap]
     present = np.unique(window[window >= 0])
     return any(placed[int(i)].spec.color == color for i in present)
 
@@ -242,13 +245,15 @@ def _place_objects(
             x0, y0 = corner
             if _touches_same_color(labels, placed, spec.color, x0, y0, side):
                 continue
-            covered = labels[y0:y0 + side, x0:x0 + side][mask]
+            covered = labels[y0 : y0 + side, x0 : x0 + side][mask]
             lost = np.bincount(covered[covered >= 0], minlength=len(placed))
-            if all(visible_area[i] - lost[i] >= MIN_VISIBLE_FRACTION * full_area[i]
-                   for i in range(len(placed))):
+            if all(
+                visible_area[i] - lost[i] >= MIN_VISIBLE_FRACTION * full_area[i]
+                for i in range(len(placed))
+            ):
                 for i in range(len(placed)):
                     visible_area[i] -= int(lost[i])
-                labels[y0:y0 + side, x0:x0 + side][mask] = len(placed)
+                labels[y0 : y0 + side, x0 : x0 + side][mask] = len(placed)
                 placed.append(_Placed(spec, x0, y0))
                 full_area.append(int(mask.sum()))
                 visible_area.append(int(mask.sum()))
@@ -256,7 +261,9 @@ def _place_objects(
     return labels, placed
 
 
-def render_background(rng: np.random.Generator, height: int, width: int) -> Tuple[np.ndarray, str, str]:
+def render_background(
+    rng: np.random.Generator, height: int, width: int
+) -> Tuple[np.ndarray, str, str]:
     """A low-saturation background: returns ``(float32 HxWx3 image, kind, tone name)``."""
     kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
     tone = sorted(BACKGROUND_RGB)[int(rng.integers(len(BACKGROUND_RGB)))]
@@ -296,8 +303,8 @@ def _overlapping_pairs(placed: List[_Placed]) -> Tuple[Tuple[int, int], ...]:
             y1 = min(a.y0 + a.mask.shape[0], b.y0 + b.mask.shape[0])
             if x0 >= x1 or y0 >= y1:
                 continue
-            part_a = a.mask[y0 - a.y0:y1 - a.y0, x0 - a.x0:x1 - a.x0]
-            part_b = b.mask[y0 - b.y0:y1 - b.y0, x0 - b.x0:x1 - b.x0]
+            part_a = a.mask[y0 - a.y0 : y1 - a.y0, x0 - a.x0 : x1 - a.x0]
+            part_b = b.mask[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0]
             if np.any(part_a & part_b):
                 pairs.append((i, j))
     return tuple(pairs)
@@ -317,6 +324,8 @@ def render_scene(rng: np.random.Generator) -> Tuple[Scene, np.ndarray]:
         ys = np.flatnonzero(visible.any(axis=1))
         xs = np.flatnonzero(visible.any(axis=0))
         box = (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
-        objects.append(SceneObject(spec.shape, spec.color, spec.size, box, int(visible.sum()), spec.rgb))
+        objects.append(
+            SceneObject(spec.shape, spec.color, spec.size, box, int(visible.sum()), spec.rgb)
+        )
     scene = Scene(height, width, kind, tone, tuple(objects), _overlapping_pairs(placed))
     return scene, image

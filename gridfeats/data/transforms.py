@@ -4,6 +4,7 @@ Parity with Detectron2 needs both its size rule (Python-double arithmetic, ``int
 resampler: PIL's bilinear filter on the uint8 image (anti-aliased when shrinking, rounded per pass).
 ``torch.nn.functional.interpolate`` gives different pixels, so it is deliberately not used.
 """
+
 from __future__ import annotations
 
 from typing import Tuple

@@ -6,6 +6,7 @@ model class / attribute ``i`` in grid-feats-vqa. The released files end without 
 writer does the same and the reader accepts either. A blank line in the middle is rejected rather
 than skipped, because skipping it would silently shift every later index by one.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,9 @@ def format_vocab(entries: Sequence[Sequence[str]]) -> str:
     lines = []
     for index, synonyms in enumerate(entries):
         if not synonyms or any(not word or "," in word or "\n" in word for word in synonyms):
-            raise ValueError(f"vocabulary entry {index} is not a list of non-empty words: {synonyms!r}")
+            raise ValueError(
+                f"vocabulary entry {index} is not a list of non-empty words: {synonyms!r}"
+            )
         lines.append(",".join(synonyms))
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ the summary), ``--strict`` stopped at one, or an I/O error (full disk...) stoppe
 usage (arguments, config, weights, input listing, an output made with other settings); 130
 interrupted. Finished work is always kept: re-run the same command to resume.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,9 @@ def _shard(text: str) -> Tuple[int, int]:
 def _pool(text: str) -> Tuple[int, int]:
     match = _POOL.match(text.strip())
     if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
-        raise argparse.ArgumentTypeError(f"expected HxW with positive sizes (e.g. 7x7), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected HxW with positive sizes (e.g. 7x7), got {text!r}"
+        )
     return int(match.group(1)), int(match.group(2))
 
 
@@ -58,69 +61,213 @@ def _non_negative(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("input and output")
-    io.add_argument("--config", required=True, help="detector config: a YAML path or a shipped name (R-50-grid, X-152-grid...)")
-    io.add_argument("--weights", help="checkpoint (.pth/.pkl); without it the detector keeps a seeded random init")
-    io.add_argument("--input", required=True, help="a folder of images (recursive), a COCO-format json, or a text file of paths")
-    io.add_argument("--image-root", help="folder the json's file names / the list's relative paths are relative to")
-    io.add_argument("--output", required=True, help="the HDF5 feature store to write (resumed if it exists)")
-    io.add_argument("--overwrite", action="store_true", help="discard an existing output (and its unfinished run) first")
+    io.add_argument(
+        "--config",
+        required=True,
+        help="detector config: a YAML path or a shipped name (R-50-grid, X-152-grid...)",
+    )
+    io.add_argument(
+        "--weights",
+        help="checkpoint (.pth/.pkl); without it the detector keeps a seeded random init",
+    )
+    io.add_argument(
+        "--input",
+        required=True,
+        help="a folder of images (recursive), a COCO-format json, or a text file of paths",
+    )
+    io.add_argument(
+        "--image-root",
+        help="folder the json's file names / the list's relative paths are relative to",
+    )
+    io.add_argument(
+        "--output", required=True, help="the HDF5 feature store to write (resumed if it exists)"
+    )
+    io.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard an existing output (and its unfinished run) first",
+    )
 
     what = parser.add_argument_group("features")
-    what.add_argument("--mode", choices=("grid", "region"), default="grid", help="grid (C5 map) or region features")
-    what.add_argument("--grid-pool", type=_pool, metavar="HxW", help="grid mode: average-pool every grid to HxW")
-    what.add_argument("--regions", choices=REGION_RULES, default="detectron2",
-                      help="region selection: Detectron2's inference or bottom-up-attention's rule")
-    what.add_argument("--bottom-up-thresh", type=float, default=0.2, help="bottom-up: keep boxes whose best class score >= this")
-    what.add_argument("--min-boxes", type=_positive, default=10, help="bottom-up: at least this many boxes")
-    what.add_argument("--max-boxes", type=_positive, default=100, help="bottom-up: at most this many boxes")
-    what.add_argument("--num-boxes", type=_positive, help="bottom-up: exactly this many boxes (e.g. 36); sets min = max")
-    what.add_argument("--bottom-up-nms", type=float, default=0.3, help="bottom-up: per-class NMS IoU threshold")
-    what.add_argument("--bottom-up-boxes", choices=BOX_SOURCES, default="proposals",
-                      help="bottom-up: NMS on and store the proposals (generate_tsv.py) or the regressed class boxes")
-    what.add_argument("--attr-topk", type=_non_negative, default=10, help="region mode: top-K attributes stored per box")
+    what.add_argument(
+        "--mode",
+        choices=("grid", "region"),
+        default="grid",
+        help="grid (C5 map) or region features",
+    )
+    what.add_argument(
+        "--grid-pool", type=_pool, metavar="HxW", help="grid mode: average-pool every grid to HxW"
+    )
+    what.add_argument(
+        "--regions",
+        choices=REGION_RULES,
+        default="detectron2",
+        help="region selection: Detectron2's inference or bottom-up-attention's rule",
+    )
+    what.add_argument(
+        "--bottom-up-thresh",
+        type=float,
+        default=0.2,
+        help="bottom-up: keep boxes whose best class score >= this",
+    )
+    what.add_argument(
+        "--min-boxes", type=_positive, default=10, help="bottom-up: at least this many boxes"
+    )
+    what.add_argument(
+        "--max-boxes", type=_positive, default=100, help="bottom-up: at most this many boxes"
+    )
+    what.add_argument(
+        "--num-boxes",
+        type=_positive,
+        help="bottom-up: exactly this many boxes (e.g. 36); sets min = max",
+    )
+    what.add_argument(
+        "--bottom-up-nms", type=float, default=0.3, help="bottom-up: per-class NMS IoU threshold"
+    )
+    what.add_argument(
+        "--bottom-up-boxes",
+        choices=BOX_SOURCES,
+        default="proposals",
+        help="bottom-up: NMS on and store the proposals (generate_tsv.py) or the regressed class boxes",
+    )
+    what.add_argument(
+        "--attr-topk",
+        type=_non_negative,
+        default=10,
+        help="region mode: top-K attributes stored per box",
+    )
 
     run = parser.add_argument_group("running")
-    run.add_argument("--batch-size", type=_positive, default=1, help="images per batch handed to the model")
-    run.add_argument("--workers", type=_non_negative, default=2, help="DataLoader processes decoding and resizing")
-    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1... (under torchrun, cuda means cuda:LOCAL_RANK)")
-    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                     help="fp32 (exact), bf16 (GPU, or CPU with native bf16), fp16 (GPU)")
-    run.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype of the features")
-    run.add_argument("--compression", choices=("gzip", "lzf", "none"), default="gzip", help="compression of the output rows")
-    run.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n",
-                     help="extract only shard i of n (every n-th image) into OUT.shard-i-of-n.h5")
-    run.add_argument("--strict", action="store_true", help="stop at the first input that fails instead of recording it")
-    run.add_argument("--retry-errors", action="store_true", help="when resuming, retry inputs that failed before")
-    run.add_argument("--max-pixels", type=_non_negative, default=89_478_485,
-                     help="refuse images with more pixels than this (decompression-bomb guard; 0 = no limit)")
-    run.add_argument("--exact-kernels", action="store_true",
-                     help="do not fold frozen norms into convolutions nor run channels-last (slower; Detectron2's exact fp32 numbers)")
-    run.add_argument("--batched-forward", action="store_true",
-                     help="one forward per batch instead of per image (faster on GPUs; rows then depend on the batch size by float rounding)")
-    run.add_argument("--commit-every", type=_positive, default=256, help="images per committed part (work a kill can lose)")
-    run.add_argument("--threads", type=_positive, help="torch intra-op threads (default: torch's choice)")
-    run.add_argument("--seed", type=int, default=0, help="seed of the random initialisation when no --weights are given")
+    run.add_argument(
+        "--batch-size", type=_positive, default=1, help="images per batch handed to the model"
+    )
+    run.add_argument(
+        "--workers",
+        type=_non_negative,
+        default=2,
+        help="DataLoader processes decoding and resizing",
+    )
+    run.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, cuda:1... (under torchrun, cuda means cuda:LOCAL_RANK)",
+    )
+    run.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="fp32 (exact), bf16 (GPU, or CPU with native bf16), fp16 (GPU)",
+    )
+    run.add_argument(
+        "--dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="storage dtype of the features",
+    )
+    run.add_argument(
+        "--compression",
+        choices=("gzip", "lzf", "none"),
+        default="gzip",
+        help="compression of the output rows",
+    )
+    run.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="i/n",
+        help="extract only shard i of n (every n-th image) into OUT.shard-i-of-n.h5",
+    )
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first input that fails instead of recording it",
+    )
+    run.add_argument(
+        "--retry-errors", action="store_true", help="when resuming, retry inputs that failed before"
+    )
+    run.add_argument(
+        "--max-pixels",
+        type=_non_negative,
+        default=89_478_485,
+        help="refuse images with more pixels than this (decompression-bomb guard; 0 = no limit)",
+    )
+    run.add_argument(
+        "--exact-kernels",
+        action="store_true",
+        help="do not fold frozen norms into convolutions nor run channels-last (slower; Detectron2's exact fp32 numbers)",
+    )
+    run.add_argument(
+        "--batched-forward",
+        action="store_true",
+        help="one forward per batch instead of per image (faster on GPUs; rows then depend on the batch size by float rounding)",
+    )
+    run.add_argument(
+        "--commit-every",
+        type=_positive,
+        default=256,
+        help="images per committed part (work a kill can lose)",
+    )
+    run.add_argument(
+        "--threads", type=_positive, help="torch intra-op threads (default: torch's choice)"
+    )
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random initialisation when no --weights are given",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="config overrides, e.g. INPUT.MIN_SIZE_TEST 800 MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.2")
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        metavar="KEY VALUE",
+        help="config overrides, e.g. INPUT.MIN_SIZE_TEST 800 MODEL.ROI_HEADS.SCORE_THRESH_TEST 0.2",
+    )
 
 
 def options_from_args(args: argparse.Namespace):
     """Turn parsed arguments into :class:`~gridfeats.extract.job.ExtractOptions`."""
     from gridfeats.extract.job import ExtractOptions
 
-    min_boxes, max_boxes = (args.num_boxes, args.num_boxes) if args.num_boxes else (args.min_boxes, args.max_boxes)
-    bottom_up = BottomUpSettings(args.bottom_up_thresh, min_boxes, max_boxes, args.bottom_up_nms, args.bottom_up_boxes)
+    min_boxes, max_boxes = (
+        (args.num_boxes, args.num_boxes) if args.num_boxes else (args.min_boxes, args.max_boxes)
+    )
+    bottom_up = BottomUpSettings(
+        args.bottom_up_thresh, min_boxes, max_boxes, args.bottom_up_nms, args.bottom_up_boxes
+    )
     if len(args.opts) % 2:
-        raise ValueError(f"config overrides come in KEY VALUE pairs, got {len(args.opts)} words: {' '.join(args.opts)}")
+        raise ValueError(
+            f"config overrides come in KEY VALUE pairs, got {len(args.opts)} words: {' '.join(args.opts)}"
+        )
     return ExtractOptions(
-        input=args.input, output=args.output, config=args.config, opts=list(args.opts), weights=args.weights,
-        image_root=args.image_root, mode=args.mode, regions=args.regions, bottom_up=bottom_up,
-        attr_topk=args.attr_topk, grid_pool=args.grid_pool, batch_size=args.batch_size, workers=args.workers,
-        device=args.device, precision=args.precision, dtype=args.dtype, compression=args.compression,
-        shard_index=args.shard[0], shard_count=args.shard[1], strict=args.strict, retry_errors=args.retry_errors,
-        overwrite=args.overwrite, max_pixels=args.max_pixels or None, fast_kernels=not args.exact_kernels,
-        batched_forward=args.batched_forward, commit_every=args.commit_every, seed=args.seed, threads=args.threads,
+        input=args.input,
+        output=args.output,
+        config=args.config,
+        opts=list(args.opts),
+        weights=args.weights,
+        image_root=args.image_root,
+        mode=args.mode,
+        regions=args.regions,
+        bottom_up=bottom_up,
+        attr_topk=args.attr_topk,
+        grid_pool=args.grid_pool,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        precision=args.precision,
+        dtype=args.dtype,
+        compression=args.compression,
+        shard_index=args.shard[0],
+        shard_count=args.shard[1],
+        strict=args.strict,
+        retry_errors=args.retry_errors,
+        overwrite=args.overwrite,
+        max_pixels=args.max_pixels or None,
+        fast_kernels=not args.exact_kernels,
+        batched_forward=args.batched_forward,
+        commit_every=args.commit_every,
+        seed=args.seed,
+        threads=args.threads,
         progress=not args.no_progress,
     )
 
@@ -142,27 +289,43 @@ def run(args: argparse.Namespace) -> int:
         print(f"gridfeats extract: error: {exc}", file=sys.stderr)
         return 2
     if options.weights is None:
-        print(f"gridfeats extract: no --weights given: the detector uses a seeded random initialisation "
-              f"(seed {options.seed}); the features are not meaningful", file=sys.stderr)
+        print(
+            f"gridfeats extract: no --weights given: the detector uses a seeded random initialisation "
+            f"(seed {options.seed}); the features are not meaningful",
+            file=sys.stderr,
+        )
     previous = _install_sigterm()
     try:
         summary = run_extraction(options)
     except StrictStop as exc:
-        print(f"gridfeats extract: {exc}. Finished work is kept; fix or remove the input and re-run.", file=sys.stderr)
+        print(
+            f"gridfeats extract: {exc}. Finished work is kept; fix or remove the input and re-run.",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
-        print("gridfeats extract: interrupted; finished work is kept. Re-run the same command to resume.",
-              file=sys.stderr)
+        print(
+            "gridfeats extract: interrupted; finished work is kept. Re-run the same command to resume.",
+            file=sys.stderr,
+        )
         return 130
-    except (SourceError, ExtractError, StoreError, PrecisionError) as exc:  # all fixable by the user
+    except (
+        SourceError,
+        ExtractError,
+        StoreError,
+        PrecisionError,
+    ) as exc:  # all fixable by the user
         print(f"gridfeats extract: error: {exc}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as exc:
         cause = exc if isinstance(exc, OSError) else exc.__cause__
         if not isinstance(cause, OSError):
             raise  # a bug, not the environment: keep the traceback
-        print(f"gridfeats extract: I/O error: {cause}. Finished work is kept; fix the cause and re-run the same "
-              "command to resume.", file=sys.stderr)
+        print(
+            f"gridfeats extract: I/O error: {cause}. Finished work is kept; fix the cause and re-run the same "
+            "command to resume.",
+            file=sys.stderr,
+        )
         return 1
     finally:
         _restore_sigterm(previous)

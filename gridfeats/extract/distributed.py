@@ -6,6 +6,7 @@ share of the images into its own file; the ranks then meet once (an all-reduce o
 which is also the barrier) and rank 0 merges the files. The process group uses gloo, which runs
 everywhere (CPU-only machines included); only a handful of integers cross it.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -44,7 +45,9 @@ class RankInfo:
         except ValueError:
             raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
         if world < 1 or not 0 <= rank < world or local < 0:
-            raise ValueError(f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
+            raise ValueError(
+                f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}"
+            )
         return cls(rank, world, local)
 
 
@@ -56,8 +59,12 @@ def start(info: RankInfo, timeout_s: float) -> None:
     """
     if not info.distributed or dist.is_initialized():
         return
-    dist.init_process_group("gloo", rank=info.rank, world_size=info.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo",
+        rank=info.rank,
+        world_size=info.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def sum_over_ranks(info: RankInfo, values: List[int]) -> List[int]:

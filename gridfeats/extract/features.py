@@ -8,6 +8,7 @@ by default, because CPU (oneDNN) and GPU (cuDNN) kernels pick different algorith
 batch sizes and the store promises the same rows whatever the batch size (on a CPU, batching
 600x1000 images buys nothing); ``Detector(batch_forward=True)`` groups same-size images instead.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -67,9 +68,13 @@ class RegionFeatureMaker:
 
     def __init__(self, detector, selection="detectron2", attr_topk: int = 10):
         if selection != "detectron2" and not isinstance(selection, BottomUpSettings):
-            raise ValueError(f"region selection must be 'detectron2' or BottomUpSettings, got {selection!r}")
+            raise ValueError(
+                f"region selection must be 'detectron2' or BottomUpSettings, got {selection!r}"
+            )
         if attr_topk < 0:
-            raise ValueError(f"the number of attributes per box cannot be negative, got {attr_topk}")
+            raise ValueError(
+                f"the number of attributes per box cannot be negative, got {attr_topk}"
+            )
         self.detector = detector
         self.selection = selection
         self.attr_topk = min(int(attr_topk), int(detector.num_attributes))
@@ -87,11 +92,21 @@ class RegionFeatureMaker:
     def records(self, prepared: Sequence[PreparedImage]) -> List[Record]:
         out = []
         for regions, p in zip(self._regions(prepared), prepared):
-            attr_ids, attr_scores = top_attributes(regions.attr_scores, self.attr_topk, len(regions.boxes))
-            out.append(region_record(
-                regions.features.cpu(), regions.boxes.cpu(), regions.scores.cpu(), regions.classes.cpu().to(torch.int32),
-                attr_ids.cpu(), attr_scores.cpu(), p.orig_hw, p.input_hw,
-            ))
+            attr_ids, attr_scores = top_attributes(
+                regions.attr_scores, self.attr_topk, len(regions.boxes)
+            )
+            out.append(
+                region_record(
+                    regions.features.cpu(),
+                    regions.boxes.cpu(),
+                    regions.scores.cpu(),
+                    regions.classes.cpu().to(torch.int32),
+                    attr_ids.cpu(),
+                    attr_scores.cpu(),
+                    p.orig_hw,
+                    p.input_hw,
+                )
+            )
         return out
 
 

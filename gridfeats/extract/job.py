@@ -20,6 +20,7 @@ first one instead (committing what was done, not recording the failure, so a re-
 again). Any other exception (including Ctrl-C) commits the finished work before propagating, so
 the same command resumes.
 """
+
 from __future__ import annotations
 
 import os
@@ -115,7 +116,9 @@ class ExtractOptions:
         if self.attr_topk < 0:
             problems.append("the number of attributes per box cannot be negative")
         if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
-            problems.append(f"shard {self.shard_index}/{self.shard_count} is invalid: need 0 <= i < n")
+            problems.append(
+                f"shard {self.shard_index}/{self.shard_count} is invalid: need 0 <= i < n"
+            )
         if self.grid_pool is not None and self.mode != "grid":
             problems.append("grid pooling only applies to --mode grid")
         if self.max_pixels is not None and self.max_pixels < 1:
@@ -167,11 +170,15 @@ class ExtractSummary:
             f"{self.run.skipped} already done, {self.run.seconds:.1f} s, {self.images_per_second:.2f} images/s",
         ]
         if self.random_init:
-            lines.append("weights     none given: seeded random initialisation (features are not meaningful)")
+            lines.append(
+                "weights     none given: seeded random initialisation (features are not meaningful)"
+            )
         for image_id, reason in self.error_sample:
             lines.append(f"  failed: {image_id}: {reason}")
         if self.errors > len(self.error_sample):
-            lines.append(f"  ... {self.errors - len(self.error_sample)} more in errors/ of the output")
+            lines.append(
+                f"  ... {self.errors - len(self.error_sample)} more in errors/ of the output"
+            )
         if self.merge_hint:
             lines.append(self.merge_hint)
         return "\n".join(lines)
@@ -203,9 +210,16 @@ def build_detector(options: ExtractOptions, info: RankInfo):
     if info.distributed and device == "cuda":
         device = f"cuda:{info.local_rank}"
     try:
-        detector = Detector(cfg, options.weights, device=device, precision=options.precision, seed=options.seed,
-                            max_pixels=options.max_pixels, fast=options.fast_kernels,
-                            batch_forward=options.batched_forward)
+        detector = Detector(
+            cfg,
+            options.weights,
+            device=device,
+            precision=options.precision,
+            seed=options.seed,
+            max_pixels=options.max_pixels,
+            fast=options.fast_kernels,
+            batch_forward=options.batched_forward,
+        )
     except (CheckpointError, UnsafePickleError) as exc:
         raise ExtractError(f"weights: {exc}") from None
     return detector
@@ -226,11 +240,19 @@ def store_metadata(options: ExtractOptions, detector, maker) -> StoreMetadata:
         f"batched_forward: {str(options.batched_forward).lower()}",
         f"seed: {options.seed}" if detector.random_init else "seed: n/a (weights given)",
     ]
-    config = detector.cfg.dump().rstrip("\n") + "\n# gridfeats extract settings:\n" + "".join(
-        f"#   {line}\n" for line in settings
+    config = (
+        detector.cfg.dump().rstrip("\n")
+        + "\n# gridfeats extract settings:\n"
+        + "".join(f"#   {line}\n" for line in settings)
     )
-    return StoreMetadata(mode=maker.mode, feature_dim=maker.feature_dim, config=config,
-                         weights_sha256=detector.weights_sha256, dtype=options.dtype, attr_topk=maker.attr_topk)
+    return StoreMetadata(
+        mode=maker.mode,
+        feature_dim=maker.feature_dim,
+        config=config,
+        weights_sha256=detector.weights_sha256,
+        dtype=options.dtype,
+        attr_topk=maker.attr_topk,
+    )
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -248,7 +270,9 @@ def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> Ext
     target = shard_output_path(options.output, options.shard_index, options.shard_count)
     my_file = rank_output_path(target, info.rank, info.world_size) if info.distributed else target
     items = list_images(options.input, options.image_root)
-    mine = shard_items(shard_items(items, options.shard_index, options.shard_count), info.rank, info.world_size)
+    mine = shard_items(
+        shard_items(items, options.shard_index, options.shard_count), info.rank, info.world_size
+    )
 
     distributed.start(info, options.dist_timeout_s)
     try:
@@ -257,8 +281,9 @@ def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> Ext
         meta = store_metadata(options, detector, maker)
         prior = _merged_ids(target, meta, options, info)
         counts = _extract_into(my_file, mine, prior, meta, maker, detector, options, info, log)
-        totals = distributed.sum_over_ranks(info, [counts.listed, counts.skipped, counts.processed, counts.failed,
-                                                   counts.rows])
+        totals = distributed.sum_over_ranks(
+            info, [counts.listed, counts.skipped, counts.processed, counts.failed, counts.rows]
+        )
         if info.distributed and info.is_main:
             files = [rank_output_path(target, r, info.world_size) for r in range(info.world_size)]
             merge_rank_files(target, files, options.compression)
@@ -268,25 +293,49 @@ def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> Ext
     run = RunCounts(*totals, seconds=counts.seconds)
     hint = None
     if options.shard_count > 1:
-        pattern = shard_output_path(options.output, 0, options.shard_count).replace(".shard-0-", ".shard-*-")
+        pattern = shard_output_path(options.output, 0, options.shard_count).replace(
+            ".shard-0-", ".shard-*-"
+        )
         hint = f"shard {options.shard_index}/{options.shard_count} done; when all are: gridfeats merge {options.output} {pattern}"
     if info.distributed and not info.is_main:
-        return ExtractSummary(my_file, maker.mode, counts.processed - counts.failed, counts.failed, counts.rows, 0, run,
-                              [], detector.random_init)
+        return ExtractSummary(
+            my_file,
+            maker.mode,
+            counts.processed - counts.failed,
+            counts.failed,
+            counts.rows,
+            0,
+            run,
+            [],
+            detector.random_init,
+        )
     return summarize(target, run, detector.random_init, hint)
 
 
-def summarize(path: str, run: RunCounts, random_init: bool, hint: Optional[str] = None,
-              sample: int = 10) -> ExtractSummary:
+def summarize(
+    path: str, run: RunCounts, random_init: bool, hint: Optional[str] = None, sample: int = 10
+) -> ExtractSummary:
     """Read the finished store at ``path`` and describe it."""
     store = FeatureStore(path)
     with open_store_file(path) as f:
         rows = int(f["rows/features"].shape[0])
-    return ExtractSummary(path, store.mode, len(store), len(store.errors), rows, os.path.getsize(path), run,
-                          list(store.errors[:sample]), random_init, hint)
+    return ExtractSummary(
+        path,
+        store.mode,
+        len(store),
+        len(store.errors),
+        rows,
+        os.path.getsize(path),
+        run,
+        list(store.errors[:sample]),
+        random_init,
+        hint,
+    )
 
 
-def _merged_ids(target: str, meta: StoreMetadata, options: ExtractOptions, info: RankInfo) -> frozenset:
+def _merged_ids(
+    target: str, meta: StoreMetadata, options: ExtractOptions, info: RankInfo
+) -> frozenset:
     """Under torchrun: ids an earlier, already merged run put in ``target`` (they are skipped)."""
     if not info.distributed:
         return frozenset()
@@ -306,28 +355,56 @@ def _merged_ids(target: str, meta: StoreMetadata, options: ExtractOptions, info:
     store = FeatureStore(target)
     problems = meta.mismatches(store.meta)
     if problems:
-        raise StoreMismatchError(f"{target} was made with different settings, refusing to extend it: "
-                                 + "; ".join(problems) + ". Use another output or --overwrite.")
+        raise StoreMismatchError(
+            f"{target} was made with different settings, refusing to extend it: "
+            + "; ".join(problems)
+            + ". Use another output or --overwrite."
+        )
     ids = set(store.ids)
     if not options.retry_errors:
         ids.update(image_id for image_id, _ in store.errors)
     return frozenset(ids)
 
 
-def _extract_into(path: str, items: Sequence[ImageItem], prior: frozenset, meta: StoreMetadata, maker, detector,
-                  options: ExtractOptions, info: RankInfo, log: TextIO) -> RunCounts:
+def _extract_into(
+    path: str,
+    items: Sequence[ImageItem],
+    prior: frozenset,
+    meta: StoreMetadata,
+    maker,
+    detector,
+    options: ExtractOptions,
+    info: RankInfo,
+    log: TextIO,
+) -> RunCounts:
     counts = RunCounts(listed=len(items))
     start = time.perf_counter()
-    writer = FeatureWriter(path, meta, compression=options.compression, commit_every=options.commit_every,
-                           retry_errors=options.retry_errors, overwrite=options.overwrite)
+    writer = FeatureWriter(
+        path,
+        meta,
+        compression=options.compression,
+        commit_every=options.commit_every,
+        retry_errors=options.retry_errors,
+        overwrite=options.overwrite,
+    )
     try:
         done = writer.done_ids() | prior
         todo = [item for item in items if item.image_id not in done]
         counts.skipped = len(items) - len(todo)
         # Workers start here, before the writer thread exists (see gridfeats.extract.loader).
-        batches = iter(make_loader(todo, InputSpec.from_cfg(detector.cfg, options.max_pixels), options.batch_size,
-                                   options.workers, close_in_workers=[os.path.join(writer.parts_dir, "lock")])
-                       ) if todo else iter(())
+        batches = (
+            iter(
+                make_loader(
+                    todo,
+                    InputSpec.from_cfg(detector.cfg, options.max_pixels),
+                    options.batch_size,
+                    options.workers,
+                    close_in_workers=[os.path.join(writer.parts_dir, "lock")],
+                )
+            )
+            if todo
+            else iter(())
+        )
     except BaseException:
         writer.abort()
         raise
@@ -337,11 +414,26 @@ def _extract_into(path: str, items: Sequence[ImageItem], prior: frozenset, meta:
     return counts
 
 
-def _process(batches, total: int, sink: AsyncFeatureWriter, maker, options: ExtractOptions, info: RankInfo,
-             counts: RunCounts, log: TextIO) -> None:
+def _process(
+    batches,
+    total: int,
+    sink: AsyncFeatureWriter,
+    maker,
+    options: ExtractOptions,
+    info: RankInfo,
+    counts: RunCounts,
+    log: TextIO,
+) -> None:
     label = f"{maker.mode} rank {info.rank}/{info.world_size}" if info.distributed else maker.mode
-    with tqdm(total=total, unit="img", desc=label, file=log, dynamic_ncols=True, smoothing=0.05,
-              disable=not (options.progress and info.is_main and total > 0)) as bar:
+    with tqdm(
+        total=total,
+        unit="img",
+        desc=label,
+        file=log,
+        dynamic_ncols=True,
+        smoothing=0.05,
+        disable=not (options.progress and info.is_main and total > 0),
+    ) as bar:
         for batch in batches:
             loaded = [x for x in batch if not isinstance(x, FailedImage)]
             records = iter(maker.records([x.prepared for x in loaded]) if loaded else [])
@@ -362,7 +454,9 @@ def _process(batches, total: int, sink: AsyncFeatureWriter, maker, options: Extr
                 bar.set_postfix(failed=counts.failed, refresh=False)
 
 
-def _fail(sink: AsyncFeatureWriter, image_id: str, reason: str, options: ExtractOptions, counts: RunCounts) -> None:
+def _fail(
+    sink: AsyncFeatureWriter, image_id: str, reason: str, options: ExtractOptions, counts: RunCounts
+) -> None:
     if options.strict:
         raise StrictStop(image_id, reason)
     sink.add_error(image_id, reason)

@@ -16,6 +16,7 @@ the immediate re-run fail as "busy". So each worker closes its copies of the des
 The job also starts the workers before its writer thread, so no lock is held mid-operation at
 fork time.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,7 +44,12 @@ class InputSpec:
 
     @classmethod
     def from_cfg(cls, cfg, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> "InputSpec":
-        return cls(int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST), str(cfg.INPUT.FORMAT), max_pixels)
+        return cls(
+            int(cfg.INPUT.MIN_SIZE_TEST),
+            int(cfg.INPUT.MAX_SIZE_TEST),
+            str(cfg.INPUT.FORMAT),
+            max_pixels,
+        )
 
 
 @dataclass
@@ -68,7 +74,9 @@ Loaded = Union[LoadedImage, FailedImage]
 def load_image(item: ImageItem, spec: InputSpec) -> Loaded:
     """Read and resize one image; any failure becomes a :class:`FailedImage`, never an exception."""
     try:
-        prepared = prepare_image(item.path, spec.min_size, spec.max_size, spec.input_format, spec.max_pixels)
+        prepared = prepare_image(
+            item.path, spec.min_size, spec.max_size, spec.input_format, spec.max_pixels
+        )
     except ImageReadError as exc:
         return FailedImage(item.image_id, exc.reason)
     except MemoryError:
@@ -126,8 +134,13 @@ def _worker_context() -> Optional[multiprocessing.context.BaseContext]:
     return None  # the platform default (spawn on Windows/macOS)
 
 
-def make_loader(items: Sequence[ImageItem], spec: InputSpec, batch_size: int = 1, workers: int = 0,
-                close_in_workers: Sequence[str] = ()) -> DataLoader:
+def make_loader(
+    items: Sequence[ImageItem],
+    spec: InputSpec,
+    batch_size: int = 1,
+    workers: int = 0,
+    close_in_workers: Sequence[str] = (),
+) -> DataLoader:
     """A DataLoader yielding lists of up to ``batch_size`` :data:`Loaded` records, in input order.
 
     ``close_in_workers``: files (e.g. the writer's lock) whose inherited descriptors workers close.
@@ -138,8 +151,11 @@ def make_loader(items: Sequence[ImageItem], spec: InputSpec, batch_size: int = 1
         raise ValueError(f"the number of workers cannot be negative, got {workers}")
     extra = {}
     if workers > 0:
-        extra = {"multiprocessing_context": _worker_context(), "prefetch_factor": 4,
-                 "worker_init_fn": functools.partial(_init_worker, tuple(close_in_workers))}
+        extra = {
+            "multiprocessing_context": _worker_context(),
+            "prefetch_factor": 4,
+            "worker_init_fn": functools.partial(_init_worker, tuple(close_in_workers)),
+        }
     return DataLoader(
         ImageDataset(items, spec),
         batch_size=batch_size,

@@ -13,6 +13,7 @@ target already holds, which the next merge accepts (an image found twice with id
 kept once). When the target already exists (a resumed or extended run), it is merged first so its
 images keep their positions.
 """
+
 from __future__ import annotations
 
 import glob
@@ -51,8 +52,13 @@ def merge_rank_files(target: str, rank_files: Sequence[str], compression: str) -
         return False
     sources: List[str] = ([target] if os.path.exists(target) else []) + present
     temporary = _with_suffix(target, "merging")
-    _remove(glob.glob(os.path.join(os.path.dirname(os.path.abspath(temporary)),
-                                   f".{os.path.basename(temporary)}.tmp-*")))
+    _remove(
+        glob.glob(
+            os.path.join(
+                os.path.dirname(os.path.abspath(temporary)), f".{os.path.basename(temporary)}.tmp-*"
+            )
+        )
+    )
     merge_stores(temporary, sources, compression=compression, overwrite=True)
     os.replace(temporary, target)
     fsync_dir(os.path.dirname(os.path.abspath(target)))

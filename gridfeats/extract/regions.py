@@ -30,6 +30,7 @@ scoring boxes only, so NMS runs on the (few) pairs above a floor: the threshold 
 step by step only when fewer than ``min_boxes`` proposals clear it. The result is exact (up to the
 order of exactly equal scores).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -59,17 +60,25 @@ class BottomUpSettings:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_thresh <= 1.0:
-            raise ValueError(f"the bottom-up score threshold must be in [0, 1], got {self.score_thresh}")
+            raise ValueError(
+                f"the bottom-up score threshold must be in [0, 1], got {self.score_thresh}"
+            )
         if not 1 <= self.min_boxes <= self.max_boxes:
-            raise ValueError(f"need 1 <= min boxes <= max boxes, got {self.min_boxes} and {self.max_boxes}")
+            raise ValueError(
+                f"need 1 <= min boxes <= max boxes, got {self.min_boxes} and {self.max_boxes}"
+            )
         if not 0.0 < self.nms_thresh <= 1.0:
-            raise ValueError(f"the bottom-up NMS threshold must be in (0, 1], got {self.nms_thresh}")
+            raise ValueError(
+                f"the bottom-up NMS threshold must be in (0, 1], got {self.nms_thresh}"
+            )
         if self.boxes not in BOX_SOURCES:
             raise ValueError(f"bottom-up boxes must be one of {BOX_SOURCES}, got {self.boxes!r}")
 
     def describe(self) -> str:
-        return (f"bottom-up(score_thresh={self.score_thresh}, min_boxes={self.min_boxes}, "
-                f"max_boxes={self.max_boxes}, nms_thresh={self.nms_thresh}, boxes={self.boxes})")
+        return (
+            f"bottom-up(score_thresh={self.score_thresh}, min_boxes={self.min_boxes}, "
+            f"max_boxes={self.max_boxes}, nms_thresh={self.nms_thresh}, boxes={self.boxes})"
+        )
 
 
 @dataclass
@@ -96,11 +105,16 @@ class BottomUpPick:
 # --- Detectron2's rule ----------------------------------------------------------------------------
 def detectron2_regions(detector, prepared: Sequence[PreparedImage]) -> List[Regions]:
     """Detectron2's standard inference (:meth:`Detector.detect_batch`) as :class:`Regions`."""
-    return [Regions(r.boxes, r.scores, r.classes, r.features, r.attr_scores) for r in detector.detect_batch(prepared)]
+    return [
+        Regions(r.boxes, r.scores, r.classes, r.features, r.attr_scores)
+        for r in detector.detect_batch(prepared)
+    ]
 
 
 # --- bottom-up-attention's rule -------------------------------------------------------------------
-def bottom_up_regions(detector, prepared: Sequence[PreparedImage], settings: BottomUpSettings) -> List[Regions]:
+def bottom_up_regions(
+    detector, prepared: Sequence[PreparedImage], settings: BottomUpSettings
+) -> List[Regions]:
     """bottom-up-attention's selection over :meth:`Detector.region_candidates`, with attributes."""
     heads = detector.model.roi_heads
     out = []
@@ -116,13 +130,17 @@ def bottom_up_regions(detector, prepared: Sequence[PreparedImage], settings: Bot
     return out
 
 
-def to_original_pixels(boxes: torch.Tensor, input_hw: Tuple[int, int], orig_hw: Tuple[int, int]) -> torch.Tensor:
+def to_original_pixels(
+    boxes: torch.Tensor, input_hw: Tuple[int, int], orig_hw: Tuple[int, int]
+) -> torch.Tensor:
     """Scale boxes from network-input to original-image pixels per axis and clip (as Detectron2)."""
     scaled = scale_boxes_(boxes.float().clone(), orig_hw[1] / input_hw[1], orig_hw[0] / input_hw[0])
     return clip_boxes_(scaled, orig_hw)
 
 
-def select_bottom_up(pred: BoxPredictions, input_hw: Tuple[int, int], settings: BottomUpSettings) -> BottomUpPick:
+def select_bottom_up(
+    pred: BoxPredictions, input_hw: Tuple[int, int], settings: BottomUpSettings
+) -> BottomUpPick:
     """Pick proposals the way ``generate_tsv.py`` does (see the module docstring)."""
     scores = pred.probs[:, :-1].float()  # background is the last column
     num_proposals = scores.shape[0]
@@ -135,11 +153,15 @@ def select_bottom_up(pred: BoxPredictions, input_hw: Tuple[int, int], settings: 
         empty = torch.zeros(0, dtype=torch.int64, device=scores.device)
         return BottomUpPick(empty, scores.new_zeros(0), empty, scores.new_zeros(0, 4))
 
-    max_conf, best_class = _confidence_above(class_boxes, scores, settings.nms_thresh, settings.score_thresh)
+    max_conf, best_class = _confidence_above(
+        class_boxes, scores, settings.nms_thresh, settings.score_thresh
+    )
     passing = (max_conf >= settings.score_thresh).nonzero().view(-1)
     if len(passing) < settings.min_boxes:
         for floor in _lower_floors(scores, settings.min_boxes, settings.score_thresh):
-            max_conf, best_class = _confidence_above(class_boxes, scores, settings.nms_thresh, floor)
+            max_conf, best_class = _confidence_above(
+                class_boxes, scores, settings.nms_thresh, floor
+            )
             if int((max_conf >= floor).sum()) >= settings.min_boxes or floor == 0.0:
                 break
         index = _most_confident(max_conf, settings.min_boxes)
@@ -156,8 +178,9 @@ def select_bottom_up(pred: BoxPredictions, input_hw: Tuple[int, int], settings: 
     return BottomUpPick(index, max_conf[index], classes, class_boxes[index, box_class])
 
 
-def _confidence_above(class_boxes: torch.Tensor, scores: torch.Tensor, nms_thresh: float,
-                      floor: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _confidence_above(
+    class_boxes: torch.Tensor, scores: torch.Tensor, nms_thresh: float, floor: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``max_conf`` and its class per proposal, exact wherever ``max_conf >= floor`` (else 0, -1)."""
     num_proposals, num_classes = scores.shape
     pairs = (scores >= floor).nonzero()  # proposal-major, class-minor
@@ -198,10 +221,14 @@ def _most_confident(max_conf: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # --- attributes -----------------------------------------------------------------------------------
-def top_attributes(attr_scores: Optional[torch.Tensor], k: int, num_boxes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def top_attributes(
+    attr_scores: Optional[torch.Tensor], k: int, num_boxes: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most probable attribute ids per box (int32) and their probabilities (float32)."""
     if attr_scores is None or k == 0:
-        return torch.zeros(num_boxes, k, dtype=torch.int32), torch.zeros(num_boxes, k, dtype=torch.float32)
+        return torch.zeros(num_boxes, k, dtype=torch.int32), torch.zeros(
+            num_boxes, k, dtype=torch.float32
+        )
     if k > attr_scores.shape[1]:
         raise ValueError(f"cannot take the top {k} of {attr_scores.shape[1]} attributes")
     values, ids = torch.topk(attr_scores.float(), k, dim=1)

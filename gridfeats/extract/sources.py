@@ -16,6 +16,7 @@ therefore sorted (folders) or kept in file order (json, list), never in director
 Sharding takes every n-th image of that order (:func:`shard_items`), so shards are balanced and
 the same image always lands in the same shard.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,23 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 #: File extensions treated as images when walking a folder (content is checked when decoding).
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp",
-     ".ppm", ".pgm", ".pbm", ".pnm"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".dib",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+    }
 )
 
 
@@ -51,14 +67,18 @@ def list_images(source: str, image_root: Optional[str] = None) -> List[ImageItem
             raise SourceError(f"--image-root {image_root} is not a folder")
     if os.path.isdir(source):
         if image_root is not None:
-            raise SourceError("--image-root only applies to a COCO json or a list file, not to a folder input")
+            raise SourceError(
+                "--image-root only applies to a COCO json or a list file, not to a folder input"
+            )
         items = _folder_items(source)
     elif not os.path.exists(source):
         raise SourceError(f"input not found: {source}")
     elif source.lower().endswith(".json"):
         items = _coco_items(source, image_root)
     elif os.path.splitext(source)[1].lower() in IMAGE_EXTENSIONS:
-        raise SourceError(f"{source} is an image file; pass its folder, a COCO json or a text file listing images")
+        raise SourceError(
+            f"{source} is an image file; pass its folder, a COCO json or a text file listing images"
+        )
     else:
         items = _list_file_items(source, image_root)
     if not items:
@@ -106,7 +126,9 @@ def _coco_items(json_path: str, image_root: Optional[str]) -> List[ImageItem]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{json_path} is not readable JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise SourceError(f"{json_path} is not a COCO-format file: it needs a top-level 'images' list")
+        raise SourceError(
+            f"{json_path} is not a COCO-format file: it needs a top-level 'images' list"
+        )
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(json_path))
     items = [_coco_item(entry, k, root, json_path) for k, entry in enumerate(data["images"])]
     _check_unique(items, json_path, "images")
@@ -144,7 +166,9 @@ def _list_file_items(list_path: str, image_root: Optional[str]) -> List[ImageIte
         raise SourceError(f"{list_path} is not a UTF-8 text file of image paths") from None
     except OSError as exc:
         raise SourceError(f"cannot read {list_path} ({exc})") from None
-    root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(list_path)))
+    root = os.path.abspath(
+        image_root if image_root is not None else os.path.dirname(os.path.abspath(list_path))
+    )
     items = []
     for line in lines:
         entry = line.strip()

@@ -4,6 +4,7 @@ Detectron2 calls torchvision's ``batched_nms`` below 40000 boxes and its own per
 the two can disagree on borderline IoUs (the coordinate-offset trick rounds coordinates), so the
 reference's dispatch is mirrored to keep the same detections in the same order.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,9 @@ __all__ = ["nms", "batched_nms"]
 _D2_LOOP_THRESHOLD = 40000
 
 
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+def batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
     """Per-group NMS; returns kept indices sorted by decreasing score. A box is dropped if IoU > thr."""
     if len(boxes) < _D2_LOOP_THRESHOLD:
         return _tv_batched_nms(boxes, scores, idxs, iou_threshold)

@@ -1,4 +1,5 @@
 """Conv2d carrying its norm as a child module (Detectron2's naming: ``conv.weight``, ``conv.norm.*``)."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -23,8 +24,13 @@ class Conv2d(nn.Conv2d):
         self.norm = norm
         self._folded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
-    def forward(self, x: torch.Tensor, stride: Optional[_Pair] = None, padding: Optional[_Pair] = None,
-                dilation: Optional[_Pair] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        stride: Optional[_Pair] = None,
+        padding: Optional[_Pair] = None,
+        dilation: Optional[_Pair] = None,
+    ) -> torch.Tensor:
         stride = self.stride if stride is None else stride
         padding = self.padding if padding is None else padding
         dilation = self.dilation if dilation is None else dilation

@@ -1,4 +1,5 @@
 """FrozenBatchNorm2d: batch norm with fixed statistics and affine, Detectron2's ``FrozenBN``."""
+
 from __future__ import annotations
 
 import torch
@@ -30,9 +31,17 @@ class FrozenBatchNorm2d(nn.Module):
         if x.requires_grad:
             # Training through a frozen norm: an affine map (same value, cheaper graph).
             scale, shift = self.scale_and_shift()
-            return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(x.dtype)
+            return x * scale.reshape(1, -1, 1, 1).to(x.dtype) + shift.reshape(1, -1, 1, 1).to(
+                x.dtype
+            )
         return F.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=False,
+            eps=self.eps,
         )
 
     def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,8 +49,9 @@ class FrozenBatchNorm2d(nn.Module):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         return scale, self.bias - self.running_mean * scale
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         version = local_metadata.get("version", None)
         if version is None or version < 2:
             # Very old checkpoints had no running stats: they were identity statistics.
@@ -50,8 +60,9 @@ class FrozenBatchNorm2d(nn.Module):
         if version is not None and version < 3 and prefix + "running_var" in state_dict:
             # FrozenBN v1/v2 stored running_var + eps (Detectron2 < 2019-12); undo it.
             state_dict[prefix + "running_var"] = state_dict[prefix + "running_var"] - self.eps
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return f"num_features={self.num_features}, eps={self.eps}"

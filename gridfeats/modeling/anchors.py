@@ -4,6 +4,7 @@ Order matters for parity with checkpoints: cell anchors are size-major (``a = 3 
 ratio is h/w, and the full list is row-major over cells then anchors, with cell ``(y, x)`` shifted by
 ``(x, y) * stride + offset * stride`` (offset 0: anchor centres sit on the cell's top-left corner).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,13 @@ def generate_cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]
 class DefaultAnchorGenerator(nn.Module):
     """Anchors for one level. ``cell_anchors.0`` is a saved buffer, as in Detectron2@ffff8ac."""
 
-    def __init__(self, sizes: Sequence[float], aspect_ratios: Sequence[float], stride: int, offset: float = 0.0):
+    def __init__(
+        self,
+        sizes: Sequence[float],
+        aspect_ratios: Sequence[float],
+        stride: int,
+        offset: float = 0.0,
+    ):
         super().__init__()
         if not 0.0 <= offset < 1.0:
             raise ValueError(f"anchor offset must be in [0, 1), got {offset}")
@@ -46,8 +53,12 @@ class DefaultAnchorGenerator(nn.Module):
         base = self.cell_anchors[0]
         device = base.device
         start = self.offset * self.stride
-        shifts_x = torch.arange(start, w * self.stride, step=self.stride, dtype=torch.float32, device=device)
-        shifts_y = torch.arange(start, h * self.stride, step=self.stride, dtype=torch.float32, device=device)
+        shifts_x = torch.arange(
+            start, w * self.stride, step=self.stride, dtype=torch.float32, device=device
+        )
+        shifts_y = torch.arange(
+            start, h * self.stride, step=self.stride, dtype=torch.float32, device=device
+        )
         shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
         shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
         shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)

@@ -1,4 +1,5 @@
 """Box2BoxTransform: Detectron2's box delta encoding (no "+1", upper clamp on dw/dh)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Region Proposal Network: Detectron2's ``StandardRPNHead`` + test-time proposal selection."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,8 +74,9 @@ class RPN(nn.Module):
         return self.select_proposals(boxes, logits, images.image_sizes)
 
     @torch.no_grad()
-    def select_proposals(self, boxes: torch.Tensor, logits: torch.Tensor,
-                         image_sizes: List[Tuple[int, int]]) -> List[Proposals]:
+    def select_proposals(
+        self, boxes: torch.Tensor, logits: torch.Tensor, image_sizes: List[Tuple[int, int]]
+    ) -> List[Proposals]:
         """Per image, never across the batch (so batching does not change any image's proposals)."""
         pre_topk = min(self.pre_nms_topk[self.training], logits.shape[1])
         post_topk = self.post_nms_topk[self.training]

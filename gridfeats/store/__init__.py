@@ -16,6 +16,7 @@ Reading::
 
 Also: :func:`merge_stores` (shards -> one file) and :mod:`gridfeats.store.export` (other layouts).
 """
+
 from gridfeats.store.async_writer import AsyncFeatureWriter
 from gridfeats.store.errors import (
     MergeConflictError,
@@ -25,7 +26,13 @@ from gridfeats.store.errors import (
     StoreIncompleteError,
     StoreMismatchError,
 )
-from gridfeats.store.layout import COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, STORAGE_DTYPES, StoreMetadata
+from gridfeats.store.layout import (
+    COMPRESSIONS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    STORAGE_DTYPES,
+    StoreMetadata,
+)
 from gridfeats.store.merge import merge_stores
 from gridfeats.store.reader import FeatureStore
 from gridfeats.store.records import grid_map_to_rows, grid_record, grid_rows_to_map, region_record

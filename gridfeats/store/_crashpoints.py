@@ -6,6 +6,7 @@ by the writer code at each ``hit`` call site (``part:*``, ``final:*``, ``writer:
 tests can kill a writer exactly between two steps of the commit protocol, which random external
 kills reach only by luck. Unset (the normal case) it costs one dict lookup.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ buffered features grow without limit. A failure in the thread is re-raised (as t
 Records are passed by reference: do not modify their arrays after handing them over (fresh model
 outputs, as the extraction job produces, are fine).
 """
+
 from __future__ import annotations
 
 import queue
@@ -30,7 +31,9 @@ class AsyncFeatureWriter:
         self._queue: "queue.Queue[Any]" = queue.Queue(maxsize=max_pending)
         self._failure: Optional[BaseException] = None
         self._closed = False
-        self._thread = threading.Thread(target=self._work, name="gridfeats-store-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, name="gridfeats-store-writer", daemon=True
+        )
         self._thread.start()
 
     def done_ids(self) -> FrozenSet[str]:
@@ -87,7 +90,9 @@ class AsyncFeatureWriter:
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
-            raise RuntimeError(f"the feature writer thread failed: {self._failure}") from self._failure
+            raise RuntimeError(
+                f"the feature writer thread failed: {self._failure}"
+            ) from self._failure
 
     def _work(self) -> None:
         while True:

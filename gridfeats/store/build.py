@@ -9,6 +9,7 @@ appends to an open h5py file cannot give.
 Rows are copied in large contiguous slices (consecutive images from the same source are coalesced),
 so consolidating many part files costs one sequential pass.
 """
+
 from __future__ import annotations
 
 import os
@@ -169,10 +170,15 @@ def _compression_kwargs(compression: str) -> Dict[str, object]:
     return {}
 
 
-def _write_rows(f: h5py.File, meta: StoreMetadata, entries: Sequence[ImageEntry], compression: str) -> None:
+def _write_rows(
+    f: h5py.File, meta: StoreMetadata, entries: Sequence[ImageEntry], compression: str
+) -> None:
     specs = row_specs(meta)
     total = int(sum(e.count for e in entries))
-    row_bytes = sum(dtype.itemsize * int(np.prod(trailing, dtype=np.int64)) for dtype, trailing in specs.values())
+    row_bytes = sum(
+        dtype.itemsize * int(np.prod(trailing, dtype=np.int64))
+        for dtype, trailing in specs.values()
+    )
     datasets = {}
     for field, (dtype, trailing) in specs.items():
         kwargs: Dict[str, object] = {}
@@ -180,7 +186,9 @@ def _write_rows(f: h5py.File, meta: StoreMetadata, entries: Sequence[ImageEntry]
             feature_row_bytes = dtype.itemsize * int(np.prod(trailing, dtype=np.int64)) or 1
             rows = choose_chunk_rows(total, len(entries), feature_row_bytes)
             kwargs = {"chunks": (rows, *trailing), **_compression_kwargs(compression)}
-        datasets[field] = f.create_dataset(f"rows/{field}", shape=(total, *trailing), dtype=dtype, **kwargs)
+        datasets[field] = f.create_dataset(
+            f"rows/{field}", shape=(total, *trailing), dtype=dtype, **kwargs
+        )
     block_rows = max(1, _COPY_BLOCK_BYTES // max(1, row_bytes))
     out = 0
     for source, start, stop in _coalesced_runs(entries):

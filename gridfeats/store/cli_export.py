@@ -1,4 +1,5 @@
 """``gridfeats export --format FMT STORE.h5 OUTDIR``: write a store in another project's layout."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,9 @@ FORMAT_NAMES = ("gridfeats-pth", "mmf", "mmf-lmdb", "mcan-npz", "sc-npz", "sc-h5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--format", required=True, choices=FORMAT_NAMES, dest="fmt", help="target layout")
+    parser.add_argument(
+        "--format", required=True, choices=FORMAT_NAMES, dest="fmt", help="target layout"
+    )
     parser.add_argument("store", help="feature store file (.h5)")
     parser.add_argument("outdir", help="folder to write into (created if missing)")
     parser.add_argument(

@@ -13,6 +13,7 @@ the same rules, kept here once:
 Only one source file is open at a time while rows are copied, so a run with thousands of parts
 does not run out of file handles.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,13 @@ import numpy as np
 
 from gridfeats.store.build import ImageEntry
 from gridfeats.store.errors import MergeConflictError, StoreMismatchError
-from gridfeats.store.layout import StoreMetadata, open_store_file, read_errors, read_index, row_fields
+from gridfeats.store.layout import (
+    StoreMetadata,
+    open_store_file,
+    read_errors,
+    read_index,
+    row_fields,
+)
 
 
 class OneOpenFile:
@@ -61,7 +68,13 @@ class FileRowSource:
 class Collected:
     """The result of :func:`collect`: metadata, entries and errors; close it after writing."""
 
-    def __init__(self, meta: StoreMetadata, entries: List[ImageEntry], errors: List[Tuple[str, str]], opener: OneOpenFile):
+    def __init__(
+        self,
+        meta: StoreMetadata,
+        entries: List[ImageEntry],
+        errors: List[Tuple[str, str]],
+        opener: OneOpenFile,
+    ):
         self.meta = meta
         self.entries = entries
         self.errors = errors
@@ -119,7 +132,9 @@ def collect(
                 where[image_id] = (path, len(entries))
                 entries.append(entry)
             for image_id, reason in file_errors:
-                error_reason[image_id] = reason  # dict keeps the first position, takes the last reason
+                error_reason[image_id] = (
+                    reason  # dict keeps the first position, takes the last reason
+                )
         errors = [(i, r) for i, r in error_reason.items() if i not in where]
     except BaseException:
         opener.close()
@@ -129,7 +144,9 @@ def collect(
     return Collected(meta, entries, errors, opener)
 
 
-def _require_equal(meta: StoreMetadata, a: ImageEntry, b: ImageEntry, path_a: str, path_b: str) -> None:
+def _require_equal(
+    meta: StoreMetadata, a: ImageEntry, b: ImageEntry, path_a: str, path_b: str
+) -> None:
     same = a.count == b.count and all(np.array_equal(a.hw[k], b.hw[k]) for k in a.hw)
     if same:
         for field in row_fields(meta.mode):

@@ -4,6 +4,7 @@ They derive from ``ValueError`` because each one describes a user-fixable situat
 mismatched resume, conflicting shards); command-line wrappers print their message instead of a
 traceback.
 """
+
 from __future__ import annotations
 
 

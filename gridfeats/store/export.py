@@ -33,6 +33,7 @@ extension removed), ``basename`` (its last path component) and ``number`` (the i
 numeric ids). Names may contain ``/`` (sub-folders) but never ``..`` or an absolute path.
 Every file is written to a temporary name and renamed, so an interrupted export leaves no torn files.
 """
+
 from __future__ import annotations
 
 import base64
@@ -75,13 +76,21 @@ def image_name(image_id: str, name_format: str = "{image_id}") -> str:
         name = name_format.format(**fields)
     except KeyError as exc:
         if exc.args and exc.args[0] == "number":
-            raise StoreError(f"--name-format uses {{number}} but image id {image_id!r} is not a number") from None
-        raise StoreError(f"--name-format {name_format!r} uses an unknown field {exc}; use image_id, basename or number") from None
+            raise StoreError(
+                f"--name-format uses {{number}} but image id {image_id!r} is not a number"
+            ) from None
+        raise StoreError(
+            f"--name-format {name_format!r} uses an unknown field {exc}; use image_id, basename or number"
+        ) from None
     except (ValueError, IndexError) as exc:
-        raise StoreError(f"--name-format {name_format!r} is not a valid format string: {exc}") from None
+        raise StoreError(
+            f"--name-format {name_format!r} is not a valid format string: {exc}"
+        ) from None
     parts = name.replace("\\", "/").split("/")
     if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise StoreError(f"image {image_id!r} gives the unsafe export name {name!r}; choose another --name-format")
+        raise StoreError(
+            f"image {image_id!r} gives the unsafe export name {name!r}; choose another --name-format"
+        )
     return "/".join(parts)
 
 
@@ -123,7 +132,9 @@ def _views(store: FeatureStore, name_format: str) -> Iterator[ImageView]:
     for image_id in store:
         name = image_name(image_id, name_format)
         if name in seen:
-            raise StoreError(f"images {seen[name]!r} and {image_id!r} both export as {name!r}; change --name-format")
+            raise StoreError(
+                f"images {seen[name]!r} and {image_id!r} both export as {name!r}; change --name-format"
+            )
         seen[name] = image_id
         item = store[image_id]
         grid = store.mode == "grid"
@@ -131,7 +142,9 @@ def _views(store: FeatureStore, name_format: str) -> Iterator[ImageView]:
             image_id=image_id,
             name=name,
             features=np.asarray(item["features"], dtype=np.float32),
-            boxes=grid_cell_boxes(item["grid_hw"], item["image_hw"]) if grid else item["boxes"].astype(np.float32),
+            boxes=grid_cell_boxes(item["grid_hw"], item["image_hw"])
+            if grid
+            else item["boxes"].astype(np.float32),
             classes=None if grid else item["classes"],
             image_hw=item["image_hw"],
             grid_hw=item["grid_hw"] if grid else None,
@@ -143,7 +156,9 @@ def _write_atomically(path: str, write: Callable[[object], None], binary: bool =
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "ascii", "newline": ""})) as fh:
+        with open(
+            tmp, "wb" if binary else "w", **({} if binary else {"encoding": "ascii", "newline": ""})
+        ) as fh:
             write(fh)
         os.replace(tmp, path)
     except BaseException:
@@ -174,7 +189,9 @@ def _store_stem(store: FeatureStore) -> str:
 
 
 # --- formats --------------------------------------------------------------------------------------------
-def _export_gridfeats_pth(store: FeatureStore, out_dir: str, name_format: str, report: ExportReport) -> None:
+def _export_gridfeats_pth(
+    store: FeatureStore, out_dir: str, name_format: str, report: ExportReport
+) -> None:
     import torch
 
     if store.mode != "grid":
@@ -182,7 +199,9 @@ def _export_gridfeats_pth(store: FeatureStore, out_dir: str, name_format: str, r
     for view in _views(store, name_format):
         h, w = int(view.grid_hw[0]), int(view.grid_hw[1])
         fmap = torch.from_numpy(np.ascontiguousarray(view.features.T.reshape(1, -1, h, w)))
-        _write_atomically(os.path.join(out_dir, view.name + ".pth"), lambda fh: torch.save(fmap, fh))
+        _write_atomically(
+            os.path.join(out_dir, view.name + ".pth"), lambda fh: torch.save(fmap, fh)
+        )
         report.written += 1
     report.outputs.append(out_dir)
 
@@ -205,12 +224,17 @@ def _export_mmf(store: FeatureStore, out_dir: str, name_format: str, report: Exp
         base = os.path.join(out_dir, view.name)
         info = _mmf_info(view)
         _write_atomically(base + ".npy", lambda fh: np.save(fh, view.features))
-        _write_atomically(base + "_info.npy", lambda fh: np.save(fh, np.array(info, dtype=object), allow_pickle=True))
+        _write_atomically(
+            base + "_info.npy",
+            lambda fh: np.save(fh, np.array(info, dtype=object), allow_pickle=True),
+        )
         report.written += 1
     report.outputs.append(out_dir)
 
 
-def _export_mmf_lmdb(store: FeatureStore, out_dir: str, name_format: str, report: ExportReport) -> None:
+def _export_mmf_lmdb(
+    store: FeatureStore, out_dir: str, name_format: str, report: ExportReport
+) -> None:
     try:
         import lmdb
     except ImportError:
@@ -244,7 +268,9 @@ def _export_mmf_lmdb(store: FeatureStore, out_dir: str, name_format: str, report
     report.outputs.append(path)
 
 
-def _export_mcan_npz(store: FeatureStore, out_dir: str, name_format: str, report: ExportReport) -> None:
+def _export_mcan_npz(
+    store: FeatureStore, out_dir: str, name_format: str, report: ExportReport
+) -> None:
     for view in _views(store, name_format):
         if _mcan_image_id(view.name) is None:
             raise StoreError(
@@ -258,7 +284,9 @@ def _export_mcan_npz(store: FeatureStore, out_dir: str, name_format: str, report
             "image_h": np.int64(view.image_hw[0]),
             "image_w": np.int64(view.image_hw[1]),
         }
-        _write_atomically(os.path.join(out_dir, view.name + ".npz"), lambda fh: np.savez_compressed(fh, **arrays))
+        _write_atomically(
+            os.path.join(out_dir, view.name + ".npz"), lambda fh: np.savez_compressed(fh, **arrays)
+        )
         report.written += 1
     report.outputs.append(out_dir)
 
@@ -270,20 +298,36 @@ def _sc_att(view: ImageView) -> np.ndarray:
     return view.features.reshape(h, w, -1)  # HWC, as self-critical's prepro_feats writes grids
 
 
-def _export_sc_npz(store: FeatureStore, out_dir: str, name_format: str, report: ExportReport) -> None:
+def _export_sc_npz(
+    store: FeatureStore, out_dir: str, name_format: str, report: ExportReport
+) -> None:
     for view in _views(store, name_format):
         att = _sc_att(view)
-        fc = view.features.mean(axis=0) if len(view.features) else np.zeros(store.feature_dim, np.float32)
-        _write_atomically(os.path.join(out_dir, "att", view.name + ".npz"), lambda fh: np.savez_compressed(fh, feat=att))
-        _write_atomically(os.path.join(out_dir, "fc", view.name + ".npy"), lambda fh: np.save(fh, fc.astype(np.float32)))
+        fc = (
+            view.features.mean(axis=0)
+            if len(view.features)
+            else np.zeros(store.feature_dim, np.float32)
+        )
+        _write_atomically(
+            os.path.join(out_dir, "att", view.name + ".npz"),
+            lambda fh: np.savez_compressed(fh, feat=att),
+        )
+        _write_atomically(
+            os.path.join(out_dir, "fc", view.name + ".npy"),
+            lambda fh: np.save(fh, fc.astype(np.float32)),
+        )
         if store.mode == "region":
-            _write_atomically(os.path.join(out_dir, "box", view.name + ".npy"), lambda fh: np.save(fh, view.boxes))
+            _write_atomically(
+                os.path.join(out_dir, "box", view.name + ".npy"), lambda fh: np.save(fh, view.boxes)
+            )
         report.written += 1
     kinds = ("att", "fc", "box") if store.mode == "region" else ("att", "fc")
     report.outputs.extend(os.path.join(out_dir, k) for k in kinds)
 
 
-def _export_sc_h5(store: FeatureStore, out_dir: str, name_format: str, report: ExportReport) -> None:
+def _export_sc_h5(
+    store: FeatureStore, out_dir: str, name_format: str, report: ExportReport
+) -> None:
     import h5py
 
     kinds = ("att", "fc", "box") if store.mode == "region" else ("att", "fc")
@@ -294,7 +338,11 @@ def _export_sc_h5(store: FeatureStore, out_dir: str, name_format: str, report: E
     try:
         for view in _views(store, name_format):
             files["att"].create_dataset(view.name, data=_sc_att(view))
-            fc = view.features.mean(axis=0) if len(view.features) else np.zeros(store.feature_dim, np.float32)
+            fc = (
+                view.features.mean(axis=0)
+                if len(view.features)
+                else np.zeros(store.feature_dim, np.float32)
+            )
             files["fc"].create_dataset(view.name, data=fc.astype(np.float32))
             if "box" in files:
                 files["box"].create_dataset(view.name, data=view.boxes)
@@ -317,16 +365,27 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.float32).tobytes()).decode("ascii")
 
 
-def _export_bua_tsv(store: FeatureStore, out_dir: str, name_format: str, report: ExportReport) -> None:
+def _export_bua_tsv(
+    store: FeatureStore, out_dir: str, name_format: str, report: ExportReport
+) -> None:
     path = os.path.join(out_dir, _store_stem(store) + ".tsv")
 
     def write(fh) -> None:
         for view in _views(store, name_format):
             n = int(view.features.shape[0])
             if n == 0:
-                report.skipped.append((view.image_id, "no boxes (bua-tsv readers cannot parse empty rows)"))
+                report.skipped.append(
+                    (view.image_id, "no boxes (bua-tsv readers cannot parse empty rows)")
+                )
                 continue
-            values = (view.name, int(view.image_hw[1]), int(view.image_hw[0]), n, _b64(view.boxes), _b64(view.features))
+            values = (
+                view.name,
+                int(view.image_hw[1]),
+                int(view.image_hw[0]),
+                n,
+                _b64(view.boxes),
+                _b64(view.features),
+            )
             fh.write("\t".join(str(v) for v in values) + "\r\n")
             report.written += 1
 
@@ -344,18 +403,42 @@ class ExportFormat:
 FORMATS: Dict[str, ExportFormat] = {
     f.name: f
     for f in (
-        ExportFormat("gridfeats-pth", "grid-feats-vqa: <name>.pth, float32 tensor [1,D,h,w] (grid only)", _export_gridfeats_pth),
+        ExportFormat(
+            "gridfeats-pth",
+            "grid-feats-vqa: <name>.pth, float32 tensor [1,D,h,w] (grid only)",
+            _export_gridfeats_pth,
+        ),
         ExportFormat("mmf", "MMF: <name>.npy [N,D] + <name>_info.npy", _export_mmf),
-        ExportFormat("mmf-lmdb", "MMF: one <store>.lmdb with pickled items and b'keys'", _export_mmf_lmdb),
-        ExportFormat("mcan-npz", "MCAN/OpenVQA: <name>.npz with x [D,N], bbox, image_h, image_w", _export_mcan_npz),
-        ExportFormat("sc-npz", "self-critical: att/<name>.npz (feat), fc/<name>.npy, box/<name>.npy", _export_sc_npz),
-        ExportFormat("sc-h5", "self-critical: att.h5, fc.h5, box.h5 with one dataset per image", _export_sc_h5),
-        ExportFormat("bua-tsv", "bottom-up-attention: <store>.tsv with base64 boxes and features", _export_bua_tsv),
+        ExportFormat(
+            "mmf-lmdb", "MMF: one <store>.lmdb with pickled items and b'keys'", _export_mmf_lmdb
+        ),
+        ExportFormat(
+            "mcan-npz",
+            "MCAN/OpenVQA: <name>.npz with x [D,N], bbox, image_h, image_w",
+            _export_mcan_npz,
+        ),
+        ExportFormat(
+            "sc-npz",
+            "self-critical: att/<name>.npz (feat), fc/<name>.npy, box/<name>.npy",
+            _export_sc_npz,
+        ),
+        ExportFormat(
+            "sc-h5",
+            "self-critical: att.h5, fc.h5, box.h5 with one dataset per image",
+            _export_sc_h5,
+        ),
+        ExportFormat(
+            "bua-tsv",
+            "bottom-up-attention: <store>.tsv with base64 boxes and features",
+            _export_bua_tsv,
+        ),
     )
 }
 
 
-def export_store(store: "FeatureStore | str", out_dir: str, fmt: str, name_format: str = "{image_id}") -> ExportReport:
+def export_store(
+    store: "FeatureStore | str", out_dir: str, fmt: str, name_format: str = "{image_id}"
+) -> ExportReport:
     """Write ``store`` (a FeatureStore or a path) into ``out_dir`` in format ``fmt``."""
     if fmt not in FORMATS:
         raise StoreError(f"unknown export format {fmt!r}; choose one of {sorted(FORMATS)}")
@@ -369,4 +452,11 @@ def export_store(store: "FeatureStore | str", out_dir: str, fmt: str, name_forma
     return report
 
 
-__all__ = ["BUA_TSV_FIELDS", "ExportReport", "FORMATS", "export_store", "grid_cell_boxes", "image_name"]
+__all__ = [
+    "BUA_TSV_FIELDS",
+    "ExportReport",
+    "FORMATS",
+    "export_store",
+    "grid_cell_boxes",
+    "image_name",
+]

@@ -5,6 +5,7 @@ writer, the reader, the merge step and the exporters cannot drift apart. It also
 :class:`StoreMetadata`, the run description that decides whether two files may be resumed into or
 merged with each other.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,13 +27,27 @@ COMPRESSIONS = ("gzip", "lzf", "none")
 
 # Row datasets per mode, in the order they are written.
 GRID_ROW_FIELDS: Tuple[str, ...] = ("features",)
-REGION_ROW_FIELDS: Tuple[str, ...] = ("features", "boxes", "scores", "classes", "attr_ids", "attr_scores")
+REGION_ROW_FIELDS: Tuple[str, ...] = (
+    "features",
+    "boxes",
+    "scores",
+    "classes",
+    "attr_ids",
+    "attr_scores",
+)
 # Per-image [N,2] int32 index datasets per mode (besides image_id, offset and count).
 GRID_HW_FIELDS: Tuple[str, ...] = ("image_hw", "input_hw", "grid_hw")
 REGION_HW_FIELDS: Tuple[str, ...] = ("image_hw", "input_hw")
 
 # The metadata fields that must agree before a run may be resumed or shards merged.
-COMPATIBILITY_FIELDS: Tuple[str, ...] = ("mode", "feature_dim", "attr_topk", "dtype", "weights_sha256", "config")
+COMPATIBILITY_FIELDS: Tuple[str, ...] = (
+    "mode",
+    "feature_dim",
+    "attr_topk",
+    "dtype",
+    "weights_sha256",
+    "config",
+)
 
 STRING_DTYPE = h5py.string_dtype("utf-8")
 
@@ -62,7 +77,11 @@ class StoreMetadata:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if isinstance(self.feature_dim, bool) or int(self.feature_dim) != self.feature_dim or self.feature_dim < 1:
+        if (
+            isinstance(self.feature_dim, bool)
+            or int(self.feature_dim) != self.feature_dim
+            or self.feature_dim < 1
+        ):
             raise ValueError(f"feature_dim must be a positive integer, got {self.feature_dim!r}")
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
@@ -72,7 +91,9 @@ class StoreMetadata:
             raise ValueError("attr_topk must be 0 in grid mode (grid stores have no attributes)")
         for name in ("config", "weights_sha256", "created_with"):
             if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+                raise ValueError(
+                    f"{name} must be a string, got {type(getattr(self, name)).__name__}"
+                )
         object.__setattr__(self, "feature_dim", int(self.feature_dim))
         object.__setattr__(self, "attr_topk", int(self.attr_topk))
 
@@ -192,7 +213,10 @@ def read_index(f: h5py.File, mode: str) -> StoreIndex:
         ids = [str(x) for x in f["index/image_id"].asstr()[()]]
         offset = np.asarray(f["index/offset"][()], dtype=np.int64)
         count = np.asarray(f["index/count"][()], dtype=np.int32)
-        hw = {name: np.asarray(f[f"index/{name}"][()], dtype=np.int32).reshape(-1, 2) for name in hw_fields(mode)}
+        hw = {
+            name: np.asarray(f[f"index/{name}"][()], dtype=np.int32).reshape(-1, 2)
+            for name in hw_fields(mode)
+        }
     except KeyError as exc:
         raise StoreFormatError(f"{f.filename}: store index is incomplete ({exc})") from None
     n = len(ids)
@@ -200,7 +224,9 @@ def read_index(f: h5py.File, mode: str) -> StoreIndex:
         raise StoreFormatError(f"{f.filename}: index datasets have different lengths")
     total_rows = f["rows/features"].shape[0]
     if n and (offset.min() < 0 or count.min() < 0 or int((offset + count).max()) > total_rows):
-        raise StoreFormatError(f"{f.filename}: index points outside rows/features ({total_rows} rows)")
+        raise StoreFormatError(
+            f"{f.filename}: index points outside rows/features ({total_rows} rows)"
+        )
     return StoreIndex(image_ids=ids, offset=offset, count=count, hw=hw)
 
 

@@ -5,6 +5,7 @@ into a dict, so lookups never scan the file. The HDF5 handle itself is opened la
 the process id: an h5py handle must not be used across ``fork``, so a worker that inherits (or
 unpickles) a store opens its own handle on first access. Pickling drops the handle.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,7 +58,9 @@ class FeatureStore:
             self.attrs: Dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
             self._index: StoreIndex = read_index(f, self.meta.mode)
             self.errors: List[Tuple[str, str]] = read_errors(f)
-        self._position: Dict[str, int] = {image_id: i for i, image_id in enumerate(self._index.image_ids)}
+        self._position: Dict[str, int] = {
+            image_id: i for i, image_id in enumerate(self._index.image_ids)
+        }
         self._file: Optional[h5py.File] = None
         self._pid: Optional[int] = None
 

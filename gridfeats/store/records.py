@@ -8,6 +8,7 @@ readers misinterpret later.
 Grid maps are stored as rows: row ``y*w + x`` holds ``map[:, y, x]``. :func:`grid_map_to_rows`
 and :func:`grid_rows_to_map` are the only two places that know this.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Sequence
@@ -82,16 +83,22 @@ def normalize_record(image_id: str, record: Mapping[str, Any], meta: StoreMetada
     expected = set(specs) | set(hw_fields(meta.mode))
     missing = sorted(expected - set(record))
     if missing:
-        raise ValueError(f"record for {image_id!r} lacks {missing} (mode {meta.mode!r} needs {sorted(expected)})")
+        raise ValueError(
+            f"record for {image_id!r} lacks {missing} (mode {meta.mode!r} needs {sorted(expected)})"
+        )
     extra = sorted(set(record) - expected)
     if extra:
-        raise ValueError(f"record for {image_id!r} has unknown fields {extra} for mode {meta.mode!r}")
+        raise ValueError(
+            f"record for {image_id!r} has unknown fields {extra} for mode {meta.mode!r}"
+        )
 
     out: Record = {}
     for name in hw_fields(meta.mode):
         value = _to_numpy(record[name]).astype(np.int64, copy=False).reshape(-1)
         if value.shape != (2,) or value.min() < 0:
-            raise ValueError(f"record for {image_id!r}: {name} must be two non-negative ints, got {value.tolist()}")
+            raise ValueError(
+                f"record for {image_id!r}: {name} must be two non-negative ints, got {value.tolist()}"
+            )
         out[name] = value.astype(np.int32)
 
     count = None
@@ -107,14 +114,18 @@ def normalize_record(image_id: str, record: Mapping[str, Any], meta: StoreMetada
             converted = np.array(value, dtype=dtype, copy=True, order="C")
         if dtype.kind == "f" and not np.isfinite(converted).all():
             if np.isfinite(value).all():
-                raise ValueError(f"record for {image_id!r}: {name} overflows {dtype} storage (max {np.finfo(dtype).max})")
+                raise ValueError(
+                    f"record for {image_id!r}: {name} overflows {dtype} storage (max {np.finfo(dtype).max})"
+                )
             raise ValueError(f"record for {image_id!r}: {name} contains NaN or inf")
         out[name] = converted
 
     if meta.mode == "grid":
         h, w = out["grid_hw"]
         if int(h) * int(w) != count:
-            raise ValueError(f"record for {image_id!r}: grid_hw {h}x{w} does not match {count} feature rows")
+            raise ValueError(
+                f"record for {image_id!r}: grid_hw {h}x{w} does not match {count} feature rows"
+            )
     return out
 
 

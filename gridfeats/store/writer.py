@@ -36,6 +36,7 @@ Why this meets the guarantees of ``feature-store.md``:
 Running writes off the compute path: use :class:`gridfeats.store.AsyncFeatureWriter`, which feeds
 this writer from a bounded queue in a background thread.
 """
+
 from __future__ import annotations
 
 import os
@@ -170,7 +171,9 @@ class FeatureWriter:
         self._check_open()
         image_id = _check_image_id(image_id)
         if image_id in self._committed or image_id in self._pending_ids:
-            raise ValueError(f"image {image_id!r} already has features in {self.path}; cannot record an error")
+            raise ValueError(
+                f"image {image_id!r} already has features in {self.path}; cannot record an error"
+            )
         reason = " ".join(str(reason).split()) or "unknown error"
         self._pending_errors[image_id] = reason
         self._maybe_commit()
@@ -206,7 +209,14 @@ class FeatureWriter:
         self._check_open()
         paths = self._part_paths()
         with collect(paths, expected=self.meta) as plan:
-            write_store(self.path, self.meta, plan.entries, plan.errors, self.compression, crash_label="final")
+            write_store(
+                self.path,
+                self.meta,
+                plan.entries,
+                plan.errors,
+                self.compression,
+                crash_label="final",
+            )
 
     def close(self) -> None:
         """Commit, consolidate into ``OUT.h5`` and remove the parts folder."""
@@ -262,7 +272,11 @@ class FeatureWriter:
 
     def _pending_entries(self) -> List[ImageEntry]:
         fields = row_fields(self.meta.mode)
-        arrays = {f: np.concatenate([rec[f] for _, rec in self._pending]) for f in fields} if self._pending else {}
+        arrays = (
+            {f: np.concatenate([rec[f] for _, rec in self._pending]) for f in fields}
+            if self._pending
+            else {}
+        )
         source = ArrayRowSource(arrays)
         entries, start = [], 0
         for image_id, rec in self._pending:
@@ -293,7 +307,9 @@ class FeatureWriter:
                     raise
                 return fd
             os.close(fd)  # the folder was retired by a finishing writer meanwhile; retry
-        raise StoreBusyError(f"{self.parts_dir} keeps changing; is another writer finishing this output?")
+        raise StoreBusyError(
+            f"{self.parts_dir} keeps changing; is another writer finishing this output?"
+        )
 
     def _try_lock(self) -> Optional[int]:
         if fcntl is None:  # pragma: no cover
@@ -361,7 +377,9 @@ class FeatureWriter:
             with open(meta_path, encoding="utf-8") as fh:
                 existing = StoreMetadata.from_json(fh.read())
         except (OSError, ValueError, TypeError) as exc:
-            raise StoreFormatError(f"{meta_path} is unreadable ({exc}); delete {self.parts_dir} to start over") from None
+            raise StoreFormatError(
+                f"{meta_path} is unreadable ({exc}); delete {self.parts_dir} to start over"
+            ) from None
         problems = self.meta.mismatches(existing)
         if problems:
             raise StoreMismatchError(
@@ -383,7 +401,9 @@ class FeatureWriter:
             with open_store_file(path) as f:
                 problems = self.meta.mismatches(StoreMetadata.from_file(f))
                 if problems:
-                    raise StoreMismatchError(f"part {path} does not match this run: " + "; ".join(problems))
+                    raise StoreMismatchError(
+                        f"part {path} does not match this run: " + "; ".join(problems)
+                    )
                 ids = read_index(f, self.meta.mode).image_ids
                 errors = read_errors(f)
             self._committed.update(ids)
@@ -400,8 +420,10 @@ class FeatureWriter:
         """Delete what killed writers left: temp files and half-built or retired folders."""
         parent, base = os.path.split(self.path)
         for name in os.listdir(parent):
-            if name.startswith(f".{base}.tmp-") or name.startswith(f"{base}.parts.old-") or name.startswith(
-                f"{base}.parts.new-"
+            if (
+                name.startswith(f".{base}.tmp-")
+                or name.startswith(f"{base}.parts.old-")
+                or name.startswith(f"{base}.parts.new-")
             ):
                 _remove_path(os.path.join(parent, name))
         for name in os.listdir(self.parts_dir):

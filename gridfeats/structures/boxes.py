@@ -3,6 +3,7 @@
 Detectron2 wraps boxes in a ``Boxes`` class; here the few operations inference needs are functions
 on tensors, with Detectron2's conventions: no "+1" in widths, clipping to ``[0, w] x [0, h]``.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -38,7 +39,9 @@ def pairwise_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    return torch.where(inter > 0, inter / (area1[:, None] + area2[None, :] - inter), torch.zeros_like(inter))
+    return torch.where(
+        inter > 0, inter / (area1[:, None] + area2[None, :] - inter), torch.zeros_like(inter)
+    )
 
 
 def scale_boxes_(boxes: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:

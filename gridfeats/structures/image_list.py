@@ -1,4 +1,5 @@
 """A batch of differently sized images padded into one tensor (Detectron2's ``ImageList``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ class ImageList:
         return len(self.image_sizes)
 
     @staticmethod
-    def from_tensors(tensors: Sequence[torch.Tensor], size_divisibility: int = 0, pad_value: float = 0.0) -> "ImageList":
+    def from_tensors(
+        tensors: Sequence[torch.Tensor], size_divisibility: int = 0, pad_value: float = 0.0
+    ) -> "ImageList":
         if len(tensors) == 0:
             raise ValueError("ImageList needs at least one image")
         sizes = [(int(t.shape[-2]), int(t.shape[-1])) for t in tensors]
@@ -35,6 +38,9 @@ class ImageList:
         if len(tensors) == 1 and sizes[0] == (max_h, max_w):
             return ImageList(tensors[0].unsqueeze(0), sizes)
         batch = torch.stack(
-            [F.pad(t, (0, max_w - t.shape[-1], 0, max_h - t.shape[-2]), value=pad_value) for t in tensors]
+            [
+                F.pad(t, (0, max_w - t.shape[-1], 0, max_h - t.shape[-2]), value=pad_value)
+                for t in tensors
+            ]
         )
         return ImageList(batch, sizes)

@@ -4,6 +4,7 @@ The fixtures (``../shared/fixtures/d2parity``: photos, seeded weight generator, 
 live outside the repository; ``GRIDFEATS_D2PARITY`` may point elsewhere. Used by the tests and by
 ``python -m tests.parity.d2parity CONFIG OUT.npz`` for a manual ``compare.py`` run.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,8 +18,14 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(os.environ.get("GRIDFEATS_D2PARITY", REPO.parent / "shared" / "fixtures" / "d2parity"))
-IMAGES = {"motorcycle": "motorcycle.jpg", "ihc_square": "ihc_square.png", "hubble_portrait": "hubble_portrait.jpg"}
+FIXTURES = Path(
+    os.environ.get("GRIDFEATS_D2PARITY", REPO.parent / "shared" / "fixtures" / "d2parity")
+)
+IMAGES = {
+    "motorcycle": "motorcycle.jpg",
+    "ihc_square": "ihc_square.png",
+    "hubble_portrait": "hubble_portrait.jpg",
+}
 CONFIGS = ("R-50-grid", "R-50-updn", "X-101-grid")
 
 
@@ -47,7 +54,9 @@ def weights_path(config: str, cache_dir: Path) -> Path:
     return out
 
 
-def run(detector, images: Optional[Dict[str, str]] = None, with_grid: bool = True) -> Dict[str, np.ndarray]:
+def run(
+    detector, images: Optional[Dict[str, str]] = None, with_grid: bool = True
+) -> Dict[str, np.ndarray]:
     """Outputs for each fixture image, keyed ``<stem>/<name>`` like ``expected_<config>.npz``.
 
     Detectron2's ``detector_postprocess`` scales and clips the detections' box tensor in place, so
@@ -69,22 +78,30 @@ def run(detector, images: Optional[Dict[str, str]] = None, with_grid: bool = Tru
         with torch.inference_mode():
             batch = model.preprocess([p.image])
             if with_grid:
-                stages = model.backbone(batch.tensor, res5_dilation=GRID_RES5_DILATION, return_all=True)
+                stages = model.backbone(
+                    batch.tensor, res5_dilation=GRID_RES5_DILATION, return_all=True
+                )
                 grid = model.roi_heads.conv5_features(stages)[0]
                 out[f"{stem}/grid"] = grid.numpy()
                 out[f"{stem}/grid_shape"] = np.array(grid.shape, dtype=np.int64)
                 out[f"{stem}/grid_chanmean"] = grid.mean(dim=(1, 2)).numpy()
                 for stage in ("stem", "res2", "res3", "res4", "res5"):
                     if stage in stages:
-                        out[f"{stem}/stage_{stage}_chanmean"] = stages[stage][0].mean(dim=(1, 2)).numpy()
+                        out[f"{stem}/stage_{stage}_chanmean"] = (
+                            stages[stage][0].mean(dim=(1, 2)).numpy()
+                        )
             features = model.backbone(batch.tensor)
             proposals = model.proposal_generator(batch, features)
             out[f"{stem}/rpn_boxes"] = proposals[0].boxes.numpy()
             out[f"{stem}/rpn_logits"] = proposals[0].logits.numpy()
             raw = model.roi_heads(features, proposals, batch.image_sizes)[0]
             final, keep = postprocess(raw, p.input_hw, p.orig_hw)
-            scaled = clip_boxes_(scale_boxes_(raw.boxes.clone(), p.orig_hw[1] / p.input_hw[1],
-                                              p.orig_hw[0] / p.input_hw[0]), p.orig_hw)
+            scaled = clip_boxes_(
+                scale_boxes_(
+                    raw.boxes.clone(), p.orig_hw[1] / p.input_hw[1], p.orig_hw[0] / p.input_hw[0]
+                ),
+                p.orig_hw,
+            )
             feats = model.roi_heads.box_features(features, [scaled])
             out[f"{stem}/boxes"] = final.boxes.numpy()
             out[f"{stem}/scores"] = final.scores.numpy()
@@ -102,4 +119,6 @@ if __name__ == "__main__":
     config, dest = sys.argv[1], Path(sys.argv[2])
     det = Detector(config, weights=weights_path(config, dest.parent))
     np.savez(dest, **run(det))
-    print(f"wrote {dest}; compare with: python {FIXTURES / 'compare.py'} {FIXTURES / f'expected_{config}.npz'} {dest}")
+    print(
+        f"wrote {dest}; compare with: python {FIXTURES / 'compare.py'} {FIXTURES / f'expected_{config}.npz'} {dest}"
+    )

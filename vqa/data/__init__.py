@@ -18,6 +18,7 @@ import ``answer_normalization`` and ``json_files`` from this package while ``ans
 imports the metric, so an eager ``__init__`` would make that a circular import (and would load
 torch for a plain ``import vqa.data``).
 """
+
 import importlib
 from typing import Any
 

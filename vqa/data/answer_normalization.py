@@ -57,6 +57,7 @@ the script's tables are UTF-8 *byte* strings (``# coding=utf-8``, no ``u""``):
 Not modelled: Python 2's ``lower()``/``split()`` follow Unicode 5.2 and simple case mapping
 (``"İ".lower()`` is ``"i"`` there); English answers never hit these differences.
 """
+
 from __future__ import annotations
 
 import re
@@ -70,8 +71,18 @@ DEFAULT_OFFICIAL = VQA_PY3
 OFFICIAL_VERSIONS: Tuple[str, ...] = (VQA_PY3, VQA_PY2_07AECEC)  # the VQA scripts
 
 NUMBER_WORDS: Dict[str, str] = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 
 ARTICLES: Tuple[str, ...] = ("a", "an", "the")
@@ -79,11 +90,48 @@ ARTICLES: Tuple[str, ...] = ("a", "an", "the")
 # The marks are processed in this order; the result does not depend on it (each mark's test
 # looks at the original text), but keeping the scripts' order makes them easy to compare.
 PUNCTUATION_PY3: Tuple[str, ...] = (
-    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-    ",", "?", "!",
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
 )
 PUNCTUATION_07AECEC: Tuple[str, ...] = (
-    ";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?",
+    ";",
+    ":",
+    "/",
+    "'",
+    "[",
+    "]",
+    '"',
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
 )
 
 # The 07aecec table, written out as "key value" pairs, one per line, to keep the apostrophes
@@ -212,13 +260,14 @@ youve you’ve
 """
 
 CONTRACTIONS_07AECEC: Dict[str, str] = dict(
-    line.split(" ") for line in _CONTRACTION_TABLE_07AECEC.strip().splitlines())
+    line.split(" ") for line in _CONTRACTION_TABLE_07AECEC.strip().splitlines()
+)
 
 # Checked entry by entry against c4e6a0e: its table is the 07aecec one with every ’ (in keys
 # and values) written as ', nothing added, removed or reordered.
 CONTRACTIONS_PY3: Dict[str, str] = {
-    key.replace("’", "'"): value.replace("’", "'")
-    for key, value in CONTRACTIONS_07AECEC.items()}
+    key.replace("’", "'"): value.replace("’", "'") for key, value in CONTRACTIONS_07AECEC.items()
+}
 
 
 @dataclass(frozen=True)
@@ -233,8 +282,9 @@ class AnswerRules:
 
 RULES: Dict[str, AnswerRules] = {
     VQA_PY3: AnswerRules(VQA_PY3, PUNCTUATION_PY3, CONTRACTIONS_PY3, python2=False),
-    VQA_PY2_07AECEC: AnswerRules(VQA_PY2_07AECEC, PUNCTUATION_07AECEC, CONTRACTIONS_07AECEC,
-                                 python2=True),
+    VQA_PY2_07AECEC: AnswerRules(
+        VQA_PY2_07AECEC, PUNCTUATION_07AECEC, CONTRACTIONS_07AECEC, python2=True
+    ),
     VIZWIZ: AnswerRules(VIZWIZ, PUNCTUATION_PY3, CONTRACTIONS_07AECEC, python2=False),
 }
 
@@ -248,16 +298,20 @@ def answer_rules(official: str) -> AnswerRules:
     try:
         return RULES[official]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown official VQA script {official!r}; choose one of "
-                         f"{', '.join(map(repr, RULES))}") from None
+        raise ValueError(
+            f"unknown official VQA script {official!r}; choose one of {', '.join(map(repr, RULES))}"
+        ) from None
 
 
 # \d is Unicode-aware on Python 3 and [0-9] on Python 2 (no re.UNICODE flag): index by python2.
-_DIGIT_COMMA_DIGIT = {python2: re.compile(r"(\d)(,)(\d)", re.ASCII if python2 else 0)
-                      for python2 in (False, True)}
+_DIGIT_COMMA_DIGIT = {
+    python2: re.compile(r"(\d)(,)(\d)", re.ASCII if python2 else 0) for python2 in (False, True)
+}
 # The official pattern, look-behind typo included: "(?!<=\d)" is a look-ahead that always passes.
-_PERIOD_NOT_BEFORE_DIGIT = {python2: re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII if python2 else 0)
-                            for python2 in (False, True)}
+_PERIOD_NOT_BEFORE_DIGIT = {
+    python2: re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII if python2 else 0)
+    for python2 in (False, True)
+}
 _OFFICIAL_PERIOD_COUNT = int(re.UNICODE)  # 32: the value the official script passes as ``count``
 
 
@@ -326,5 +380,6 @@ def official_prediction(text: str, official: str = DEFAULT_OFFICIAL) -> Optional
             return None
         raise Python2TextError(
             f"the {official} script stops on the answer {text!r}: under Python 2 it joins the "
-            f"byte string of a contraction with unicode words (UnicodeDecodeError)")
+            f"byte string of a contraction with unicode words (UnicodeDecodeError)"
+        )
     return " ".join(word for word, _ in words)

@@ -17,6 +17,7 @@ in which strings count as matches (the metric's ground-truth handling) and for q
 other than ten answers.
 Candidates are the normalised answers of the question's annotators that are in the vocabulary.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,18 @@ from vqa.metrics.vqa_eval import question_accuracy
 AnswerRecords = Sequence[Union[str, Mapping[str, Any]]]
 
 
-def _annotation_entries(sources: Union[JsonSource, Sequence[JsonSource]]) -> List[Mapping[str, Any]]:
+def _annotation_entries(
+    sources: Union[JsonSource, Sequence[JsonSource]],
+) -> List[Mapping[str, Any]]:
     """Entries of one VQA annotations file (path or loaded dict) or of a list of such files."""
     items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     entries: List[Mapping[str, Any]] = []
     for source in items:
         loaded = read_json(source, "VQA annotations")
         if not isinstance(loaded, Mapping) or not isinstance(loaded.get("annotations"), list):
-            raise DataFormatError("VQA annotations must be a JSON object with an 'annotations' list")
+            raise DataFormatError(
+                "VQA annotations must be a JSON object with an 'annotations' list"
+            )
         entries.extend(loaded["annotations"])
     return entries
 
@@ -73,8 +78,9 @@ class AnswerVocab:
             raise ValueError("the answer vocabulary is empty")
 
     @classmethod
-    def build(cls, annotations: Union[JsonSource, Sequence[JsonSource]],
-              min_count: int = 9) -> "AnswerVocab":
+    def build(
+        cls, annotations: Union[JsonSource, Sequence[JsonSource]], min_count: int = 9
+    ) -> "AnswerVocab":
         """Answers whose normalised ``multiple_choice_answer`` occurs ``>= min_count`` times.
 
         ``annotations``: one VQA annotations file (path or loaded dict) or a list of them
@@ -85,12 +91,15 @@ class AnswerVocab:
             require_keys(entry, ("multiple_choice_answer",), f"annotation #{position}")
             counts[normalize_answer(str(entry["multiple_choice_answer"]))] += 1
         counts.pop("", None)  # an answer that normalises to nothing cannot be predicted usefully
-        kept = sorted((a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a))
+        kept = sorted(
+            (a for a, c in counts.items() if c >= min_count), key=lambda a: (-counts[a], a)
+        )
         if not kept:
             most = counts.most_common(1)
             raise DataFormatError(
                 f"no answer occurs at least {min_count} times (most frequent: "
-                f"{most[0] if most else 'none'}); lower min_count")
+                f"{most[0] if most else 'none'}); lower min_count"
+            )
         return cls(kept)
 
     def __len__(self) -> int:
@@ -113,13 +122,16 @@ class AnswerVocab:
         return target
 
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        Path(path).write_text(json.dumps({"answers": self.answers}, ensure_ascii=False, indent=0),
-                              encoding="utf-8")
+        Path(path).write_text(
+            json.dumps({"answers": self.answers}, ensure_ascii=False, indent=0), encoding="utf-8"
+        )
 
     @classmethod
     def load(cls, path: Union[str, "os.PathLike[str]"]) -> "AnswerVocab":
         data = read_json(path, "answer vocabulary")
         if not isinstance(data, Mapping) or not isinstance(data.get("answers"), list):
-            raise DataFormatError(f"{path} is not an answer vocabulary file "
-                                  "(expected a JSON object with an 'answers' list)")
+            raise DataFormatError(
+                f"{path} is not an answer vocabulary file "
+                "(expected a JSON object with an 'answers' list)"
+            )
         return cls(data["answers"])

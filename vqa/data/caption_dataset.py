@@ -13,6 +13,7 @@ annotations); items carry an ``image_index`` into it, because COCO ids are ints 
 elsewhere may be strings, and a tensor batch can only carry numbers. Results for
 ``vqa.metrics.evaluate_captions`` are ``{"image_id": dataset.image_ids[i], "caption": ...}``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,10 +37,16 @@ class CaptionDataset(Dataset):
 
     collate = staticmethod(collate_captions)
 
-    def __init__(self, captions: JsonSource, features: Union[ImageRowReader, StoreLike],
-                 vocab: WordVocab, max_length: int = DEFAULT_MAX_CAPTION_LENGTH,
-                 per_image: bool = False, max_rows: Optional[int] = None,
-                 missing_images: str = "error") -> None:
+    def __init__(
+        self,
+        captions: JsonSource,
+        features: Union[ImageRowReader, StoreLike],
+        vocab: WordVocab,
+        max_length: int = DEFAULT_MAX_CAPTION_LENGTH,
+        per_image: bool = False,
+        max_rows: Optional[int] = None,
+        missing_images: str = "error",
+    ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {max_length}")
         self.vocab = vocab
@@ -48,23 +55,32 @@ class CaptionDataset(Dataset):
         self.rows = as_row_reader(features, max_rows)
         loaded = read_json(captions, "COCO captions")
         if not isinstance(loaded, Mapping):
-            raise DataFormatError("COCO captions must be a JSON object with 'images' and/or "
-                                  "'annotations'")
+            raise DataFormatError(
+                "COCO captions must be a JSON object with 'images' and/or 'annotations'"
+            )
         self._references = _references_by_image(loaded)
         self.image_ids: List[Any] = _image_ids(loaded, self._references)
         missing = find_missing_images(self.rows, self.image_ids, missing_images, "captions")
         if missing:
-            log.warning("skipping %d of %d images: not in the feature store",
-                        len(missing), len(self.image_ids))
+            log.warning(
+                "skipping %d of %d images: not in the feature store",
+                len(missing),
+                len(self.image_ids),
+            )
             self.image_ids = [i for i in self.image_ids if i not in missing]
         if per_image:
             self.items: List[Any] = list(range(len(self.image_ids)))
         else:
-            self.items = [(index, caption) for index, image_id in enumerate(self.image_ids)
-                          for caption in self._references.get(image_id, [])]
+            self.items = [
+                (index, caption)
+                for index, image_id in enumerate(self.image_ids)
+                for caption in self._references.get(image_id, [])
+            ]
         if not self.items:
-            raise DataFormatError("the caption dataset has nothing to serve" +
-                                  ("" if per_image else " (no reference captions)"))
+            raise DataFormatError(
+                "the caption dataset has nothing to serve"
+                + ("" if per_image else " (no reference captions)")
+            )
 
     def references(self, image_index: int) -> List[str]:
         """Raw reference captions of ``image_ids[image_index]`` (empty for a test image)."""
@@ -79,8 +95,11 @@ class CaptionDataset(Dataset):
         else:
             image_index, caption = self.items[index]
         image_id = self.image_ids[image_index]
-        item: Dict[str, Any] = {"image_index": image_index, "image_id": image_id,
-                                "rows": self.rows.read(image_id)}
+        item: Dict[str, Any] = {
+            "image_index": image_index,
+            "image_id": image_id,
+            "rows": self.rows.read(image_id),
+        }
         if caption is not None:
             ids = self.vocab.encode(caption, self.max_length, add_bos_eos=True)
             item["caption"] = torch.tensor(ids, dtype=torch.long)
@@ -112,6 +131,8 @@ def _image_ids(captions: Mapping[str, Any], references: Mapping[Any, Sequence[st
     listed = set(ids)
     unknown = [i for i in references if i not in listed]
     if unknown:
-        raise DataFormatError(f"{len(unknown)} captioned image id(s) are not listed in 'images' "
-                              f"(e.g. {', '.join(map(repr, unknown[:5]))})")
+        raise DataFormatError(
+            f"{len(unknown)} captioned image id(s) are not listed in 'images' "
+            f"(e.g. {', '.join(map(repr, unknown[:5]))})"
+        )
     return ids

@@ -16,6 +16,7 @@ row column so that an image without detections still gives valid shapes.
     grid_hw as above, and when the items carry a caption: captions_in [B, L] (``<bos>`` w1 .. wk),
     captions_out [B, L] (w1 .. wk ``<eos>``), both padded with 0.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
@@ -37,8 +38,9 @@ def pad_image_rows(rows: Sequence[ImageRows]) -> Dict[str, torch.Tensor]:
     for i, r in enumerate(rows):
         n = r.features.shape[0]
         if r.features.shape[1] != dim:
-            raise ValueError(f"images of one batch have different feature sizes "
-                             f"({r.features.shape[1]} vs {dim})")
+            raise ValueError(
+                f"images of one batch have different feature sizes ({r.features.shape[1]} vs {dim})"
+            )
         feats[i, :n] = r.features
         boxes[i, :n] = r.boxes
         mask[i, :n] = True
@@ -46,8 +48,9 @@ def pad_image_rows(rows: Sequence[ImageRows]) -> Dict[str, torch.Tensor]:
     return {"feats": feats, "feat_mask": mask, "boxes": boxes, "grid_hw": grid_hw}
 
 
-def pad_token_ids(sequences: Sequence[Sequence[int]],
-                  pad_id: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def pad_token_ids(
+    sequences: Sequence[Sequence[int]], pad_id: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, L], mask [B, L])`` with ``L`` the longest sequence (at least 1)."""
     longest = max(1, max((len(s) for s in sequences), default=0))
     ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
@@ -58,13 +61,17 @@ def pad_token_ids(sequences: Sequence[Sequence[int]],
     return ids, mask
 
 
-def collate_vqa(items: Sequence[Mapping[str, Any]], question_pad_id: int = 0) -> Dict[str, torch.Tensor]:
+def collate_vqa(
+    items: Sequence[Mapping[str, Any]], question_pad_id: int = 0
+) -> Dict[str, torch.Tensor]:
     """Batch of ``VQADataset`` items (see the module docstring for the keys)."""
     batch = pad_image_rows([item["rows"] for item in items])
-    batch["question_id"] = torch.tensor([int(item["question_id"]) for item in items],
-                                        dtype=torch.long)
+    batch["question_id"] = torch.tensor(
+        [int(item["question_id"]) for item in items], dtype=torch.long
+    )
     batch["question"], batch["question_mask"] = pad_token_ids(
-        [item["question"] for item in items], question_pad_id)
+        [item["question"] for item in items], question_pad_id
+    )
     targets: List[Any] = [item.get("target") for item in items]
     if any(t is not None for t in targets):
         if any(t is None for t in targets):
@@ -76,8 +83,9 @@ def collate_vqa(items: Sequence[Mapping[str, Any]], question_pad_id: int = 0) ->
 def collate_captions(items: Sequence[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
     """Batch of ``CaptionDataset`` items (see the module docstring for the keys)."""
     batch = pad_image_rows([item["rows"] for item in items])
-    batch["image_index"] = torch.tensor([int(item["image_index"]) for item in items],
-                                        dtype=torch.long)
+    batch["image_index"] = torch.tensor(
+        [int(item["image_index"]) for item in items], dtype=torch.long
+    )
     captions = [item.get("caption") for item in items]
     if any(c is not None for c in captions):
         if any(c is None for c in captions):

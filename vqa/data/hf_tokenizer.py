@@ -9,6 +9,7 @@ The object offers what ``VQADataset`` asks of a question encoder: ``encode(text,
 ``pad_id`` and ``len()``. Note that models which treat id 0 as padding need a tokenizer whose pad
 id is 0 (BERT's is; RoBERTa's is 1): the collate function's ``question_mask`` is exact either way.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,14 +25,18 @@ class HFQuestionTokenizer:
     def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
         directory = Path(path)
         if not directory.is_dir():
-            raise DataFormatError(f"tokenizer directory not found: {directory} (a local directory "
-                                  f"written by save_pretrained is needed; hub names are not "
-                                  f"downloaded)")
+            raise DataFormatError(
+                f"tokenizer directory not found: {directory} (a local directory "
+                f"written by save_pretrained is needed; hub names are not "
+                f"downloaded)"
+            )
         try:
             from transformers import AutoTokenizer
         except ImportError:
-            raise DataFormatError("a Hugging Face tokenizer needs the transformers package: "
-                                  "pip install 'gridfeats[vqa]'") from None
+            raise DataFormatError(
+                "a Hugging Face tokenizer needs the transformers package: "
+                "pip install 'gridfeats[vqa]'"
+            ) from None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         except (OSError, ValueError) as exc:
@@ -48,5 +53,8 @@ class HFQuestionTokenizer:
 
     def encode(self, text: str, max_length: Optional[int] = None) -> List[int]:
         """Token ids with the tokenizer's special tokens, truncated to ``max_length`` ids."""
-        return list(self.tokenizer(text, truncation=max_length is not None,
-                                   max_length=max_length)["input_ids"])
+        return list(
+            self.tokenizer(text, truncation=max_length is not None, max_length=max_length)[
+                "input_ids"
+            ]
+        )

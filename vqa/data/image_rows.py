@@ -14,6 +14,7 @@ regions keep the ``max_rows`` highest-scoring boxes; a larger grid is average-po
 largest grid of the same aspect ratio that fits, so the whole image stays visible rather than
 being cropped.
 """
+
 from __future__ import annotations
 
 import math
@@ -115,8 +116,9 @@ def open_row_reader(data_cfg: Any, features: Optional[str] = None) -> Tuple[str,
     return path, ImageRowReader(path, max_rows=data_cfg["max_rows"])
 
 
-def as_row_reader(features: Union["ImageRowReader", StoreLike],
-                  max_rows: Optional[int] = None) -> "ImageRowReader":
+def as_row_reader(
+    features: Union["ImageRowReader", StoreLike], max_rows: Optional[int] = None
+) -> "ImageRowReader":
     """``features`` as an ``ImageRowReader``: a reader is used as is, a store/path is wrapped."""
     if isinstance(features, ImageRowReader):
         if max_rows is not None and max_rows != features.max_rows:
@@ -128,8 +130,7 @@ def as_row_reader(features: Union["ImageRowReader", StoreLike],
 MISSING_IMAGE_POLICIES = ("error", "skip")
 
 
-def find_missing_images(reader: ImageRowReader, image_ids: Any, policy: str,
-                        what: str) -> set:
+def find_missing_images(reader: ImageRowReader, image_ids: Any, policy: str, what: str) -> set:
     """Image ids (of ``image_ids``) absent from the store; raises under ``policy="error"``.
 
     The message names the store, a few ids and, when the store recorded why an image failed
@@ -148,5 +149,6 @@ def find_missing_images(reader: ImageRowReader, image_ids: Any, policy: str,
         raise DataFormatError(
             f"{len(missing)} image(s) of the {what} are not in the feature store "
             f"{getattr(reader.store, 'path', '')} (e.g. {', '.join(map(repr, shown))}){detail}. "
-            f"Extract them, or pass missing_images='skip' to leave their entries out")
+            f"Extract them, or pass missing_images='skip' to leave their entries out"
+        )
     return missing

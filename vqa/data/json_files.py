@@ -5,6 +5,7 @@ loop can pass the dicts it holds in memory while a command line passes paths. A 
 broken JSON becomes a ``DataFormatError`` naming the file and the role it plays, instead of a
 bare ``FileNotFoundError``/``JSONDecodeError`` traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,8 @@ def read_json(source: JsonSource, what: str) -> Any:
     if isinstance(source, (Mapping, list, tuple)):
         return source
     raise DataFormatError(
-        f"{what} must be a path or loaded JSON (dict or list), got {type(source).__name__}")
+        f"{what} must be a path or loaded JSON (dict or list), got {type(source).__name__}"
+    )
 
 
 def require_keys(entry: Any, keys: Sequence[str], what: str) -> None:

@@ -6,6 +6,7 @@ two vocabularies of the project tokenise alike; for captions this matches the us
 preprocessing (lower-case words, no punctuation) except that other symbols (``&``, ``$``) survive
 as their own characters inside words.
 """
+
 from __future__ import annotations
 
 import re

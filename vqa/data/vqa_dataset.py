@@ -17,6 +17,7 @@ Typical use::
                        annotations="train_annotations.json", answer_vocab=answers, max_rows=100)
     loader = DataLoader(train, batch_size=64, shuffle=True, collate_fn=train.collate)
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,11 +47,17 @@ class QuestionEncoder(Protocol):
 class VQADataset(Dataset):
     """Items: ``{"question_id", "image_id", "question" [L], "rows", "target" [A] (optional)}``."""
 
-    def __init__(self, questions: JsonSource, features: Union[ImageRowReader, StoreLike],
-                 question_encoder: QuestionEncoder, annotations: Optional[JsonSource] = None,
-                 answer_vocab: Optional[AnswerVocab] = None,
-                 max_question_length: int = MCAN_MAX_QUESTION_LENGTH,
-                 max_rows: Optional[int] = None, missing_images: str = "error") -> None:
+    def __init__(
+        self,
+        questions: JsonSource,
+        features: Union[ImageRowReader, StoreLike],
+        question_encoder: QuestionEncoder,
+        annotations: Optional[JsonSource] = None,
+        answer_vocab: Optional[AnswerVocab] = None,
+        max_question_length: int = MCAN_MAX_QUESTION_LENGTH,
+        max_rows: Optional[int] = None,
+        missing_images: str = "error",
+    ) -> None:
         self.question_encoder = question_encoder
         self.answer_vocab = answer_vocab
         self.max_question_length = max_question_length
@@ -58,15 +65,21 @@ class VQADataset(Dataset):
         self.entries = _question_entries(read_json(questions, "VQA questions"))
         self.answers: Optional[Dict[Any, Sequence[Any]]] = None
         if annotations is not None:
-            self.answers = _answers_by_question(read_json(annotations, "VQA annotations"),
-                                                self.entries)
-        missing = find_missing_images(self.rows, (e["image_id"] for e in self.entries),
-                                      missing_images, "questions")
+            self.answers = _answers_by_question(
+                read_json(annotations, "VQA annotations"), self.entries
+            )
+        missing = find_missing_images(
+            self.rows, (e["image_id"] for e in self.entries), missing_images, "questions"
+        )
         if missing:
             before = len(self.entries)
             self.entries = [e for e in self.entries if e["image_id"] not in missing]
-            log.warning("skipping %d of %d questions: %d image(s) are not in the feature store",
-                        before - len(self.entries), before, len(missing))
+            log.warning(
+                "skipping %d of %d questions: %d image(s) are not in the feature store",
+                before - len(self.entries),
+                before,
+                len(missing),
+            )
         if not self.entries:
             raise DataFormatError("the VQA dataset has no questions to serve")
 
@@ -107,13 +120,19 @@ def _question_entries(questions: Any) -> List[Dict[str, Any]]:
         require_keys(entry, ("question_id", "image_id", "question"), f"question #{position}")
         if not isinstance(entry["question"], str):
             raise DataFormatError(f"question #{position}: 'question' must be a string")
-        entries.append({"question_id": entry["question_id"], "image_id": entry["image_id"],
-                        "question": entry["question"]})
+        entries.append(
+            {
+                "question_id": entry["question_id"],
+                "image_id": entry["image_id"],
+                "question": entry["question"],
+            }
+        )
     return entries
 
 
-def _answers_by_question(annotations: Any,
-                         entries: Sequence[Mapping[str, Any]]) -> Dict[Any, Sequence[Any]]:
+def _answers_by_question(
+    annotations: Any, entries: Sequence[Mapping[str, Any]]
+) -> Dict[Any, Sequence[Any]]:
     if not isinstance(annotations, Mapping) or not isinstance(annotations.get("annotations"), list):
         raise DataFormatError("VQA annotations must be a JSON object with an 'annotations' list")
     answers = {}
@@ -127,5 +146,6 @@ def _answers_by_question(annotations: Any,
         raise DataFormatError(
             f"{len(unanswered)} question(s) have no annotation (e.g. "
             f"{', '.join(map(repr, unanswered[:5]))}): the questions and annotations files do "
-            f"not belong together")
+            f"not belong together"
+        )
     return answers

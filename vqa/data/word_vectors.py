@@ -10,6 +10,7 @@ and everything before them is the word.
 Words missing from the file get small random vectors (seeded, so runs repeat) and padding gets
 zeros, which is what ``vqa.models.inputs.WordEmbedding`` expects.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,9 +34,13 @@ def _vector_dim(first_line: str) -> tuple:
     return len(fields) - 1, False
 
 
-def load_word_vectors(path: Union[str, "os.PathLike[str]"], vocab: WordVocab,
-                      dim: Optional[int] = None, seed: int = 0,
-                      missing_scale: float = 0.1) -> np.ndarray:
+def load_word_vectors(
+    path: Union[str, "os.PathLike[str]"],
+    vocab: WordVocab,
+    dim: Optional[int] = None,
+    seed: int = 0,
+    missing_scale: float = 0.1,
+) -> np.ndarray:
     """``[len(vocab), dim]`` float32 matrix: row ``i`` is the vector of ``vocab.itos[i]``.
 
     ``dim`` is read from the file when None (a given ``dim`` must match it). Raises
@@ -64,8 +69,10 @@ def load_word_vectors(path: Union[str, "os.PathLike[str]"], vocab: WordVocab,
             if len(fields) == 1 and not fields[0]:
                 continue  # blank line
             if len(fields) < file_dim + 1:
-                raise DataFormatError(f"{path}:{number}: expected a word and {file_dim} values, "
-                                      f"got {len(fields)} fields")
+                raise DataFormatError(
+                    f"{path}:{number}: expected a word and {file_dim} values, "
+                    f"got {len(fields)} fields"
+                )
             word = " ".join(fields[:-file_dim])
             index = vocab.stoi.get(word)
             if index is None or found[index] or index == vocab.pad_id:
@@ -73,8 +80,9 @@ def load_word_vectors(path: Union[str, "os.PathLike[str]"], vocab: WordVocab,
             try:
                 vectors[index] = np.asarray(fields[-file_dim:], dtype=np.float32)
             except ValueError:
-                raise DataFormatError(f"{path}:{number}: non-numeric vector value for "
-                                      f"{word!r}") from None
+                raise DataFormatError(
+                    f"{path}:{number}: non-numeric vector value for {word!r}"
+                ) from None
             found[index] = True
     covered = int(found.sum())
     log.info("word vectors: %d of %d vocabulary entries found in %s", covered, len(vocab), path)

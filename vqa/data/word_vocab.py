@@ -8,6 +8,7 @@ always gives the same ids). Questions use ``QUESTION_SPECIALS``; captions add be
 The vocabulary is saved as JSON next to a checkpoint: the ids a model was trained with must be the
 ids it is evaluated with.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ class WordVocab:
 
     def __init__(self, words: Sequence[str], specials: Sequence[str] = QUESTION_SPECIALS) -> None:
         if not specials or specials[0] != PAD or UNK not in specials:
-            raise ValueError(f"specials must start with {PAD!r} and contain {UNK!r}, got {specials}")
+            raise ValueError(
+                f"specials must start with {PAD!r} and contain {UNK!r}, got {specials}"
+            )
         self.specials = tuple(specials)
         self.itos: List[str] = list(self.specials) + [w for w in words if w not in self.specials]
         self.stoi: Dict[str, int] = {word: i for i, word in enumerate(self.itos)}
@@ -37,21 +40,27 @@ class WordVocab:
             raise ValueError("vocabulary words must be unique")
 
     @classmethod
-    def build(cls, texts: Iterable[str], min_count: int = 1,
-              specials: Sequence[str] = QUESTION_SPECIALS,
-              max_size: Optional[int] = None) -> "WordVocab":
+    def build(
+        cls,
+        texts: Iterable[str],
+        min_count: int = 1,
+        specials: Sequence[str] = QUESTION_SPECIALS,
+        max_size: Optional[int] = None,
+    ) -> "WordVocab":
         """Words of ``texts`` (tokenised with ``vqa.data.text.tokenize``) seen ``>= min_count``
         times; ``max_size`` caps the number of words (specials not counted)."""
         if min_count < 1:
             raise ValueError(f"min_count must be at least 1, got {min_count}")
         counts = Counter(token for text in texts for token in tokenize(text))
-        ranked = sorted((w for w, c in counts.items() if c >= min_count),
-                        key=lambda w: (-counts[w], w))
+        ranked = sorted(
+            (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
+        )
         return cls(ranked[:max_size] if max_size is not None else ranked, specials)
 
     @classmethod
-    def from_questions(cls, questions: Union[str, "os.PathLike[str]", dict, list],
-                       min_count: int = 1) -> "WordVocab":
+    def from_questions(
+        cls, questions: Union[str, "os.PathLike[str]", dict, list], min_count: int = 1
+    ) -> "WordVocab":
         """Question vocabulary from one VQA questions file (path or loaded), or a list of them."""
         sources = questions if isinstance(questions, list) else [questions]
         texts: List[str] = []
@@ -63,8 +72,9 @@ class WordVocab:
         return cls.build(texts, min_count=min_count, specials=QUESTION_SPECIALS)
 
     @classmethod
-    def from_captions(cls, captions: Union[str, "os.PathLike[str]", dict],
-                      min_count: int = 5) -> "WordVocab":
+    def from_captions(
+        cls, captions: Union[str, "os.PathLike[str]", dict], min_count: int = 5
+    ) -> "WordVocab":
         """Caption vocabulary from a COCO captions file; 5 is the usual COCO threshold."""
         loaded = read_json(captions, "COCO captions")
         if not isinstance(loaded, dict) or not isinstance(loaded.get("annotations"), list):
@@ -100,8 +110,9 @@ class WordVocab:
     def eos_id(self) -> int:
         return self._special_id(EOS)
 
-    def encode(self, text: str, max_length: Optional[int] = None,
-               add_bos_eos: bool = False) -> List[int]:
+    def encode(
+        self, text: str, max_length: Optional[int] = None, add_bos_eos: bool = False
+    ) -> List[int]:
         """Token ids of ``text``, truncated to ``max_length`` words (markers not counted)."""
         unk = self.unk_id
         ids = [self.stoi.get(token, unk) for token in tokenize(text)]
@@ -127,14 +138,19 @@ class WordVocab:
 
     # ----------------------------------------------------------------- files
     def save(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        data = {"specials": list(self.specials), "words": self.itos[len(self.specials):]}
+        data = {"specials": list(self.specials), "words": self.itos[len(self.specials) :]}
         Path(path).write_text(json.dumps(data, ensure_ascii=False, indent=0), encoding="utf-8")
 
     @classmethod
     def load(cls, path: Union[str, "os.PathLike[str]"]) -> "WordVocab":
         data = read_json(path, "word vocabulary")
-        if not isinstance(data, dict) or not isinstance(data.get("words"), list) \
-                or not isinstance(data.get("specials"), list):
-            raise DataFormatError(f"{path} is not a word vocabulary file "
-                                  "(expected a JSON object with 'specials' and 'words' lists)")
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("words"), list)
+            or not isinstance(data.get("specials"), list)
+        ):
+            raise DataFormatError(
+                f"{path} is not a word vocabulary file "
+                "(expected a JSON object with 'specials' and 'words' lists)"
+            )
         return cls(data["words"], data["specials"])

@@ -22,6 +22,7 @@ Validation during training decodes with beam search and scores CIDEr-D on the to
 (``vqa.engine.cider_reward``, no Java); official numbers come from ``gridfeats caption eval``
 (PTB tokenizer, BLEU/METEOR/ROUGE-L/CIDEr-D through pycocoevalcap) on ``predict``'s output.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional
@@ -57,8 +58,9 @@ SCST_BASELINES = ("greedy", "mean")
 
 def caption_cross_entropy(logits: torch.Tensor, captions_out: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy; padding (id 0) is ignored."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), captions_out.reshape(-1),
-                           ignore_index=0)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), captions_out.reshape(-1), ignore_index=0
+    )
 
 
 def _strip(tokens: List[int], eos_id: int) -> List[int]:
@@ -77,8 +79,13 @@ class CaptionTask:
 
     kind = "caption"
 
-    def __init__(self, cfg: Mapping[str, Any], state: Optional[Mapping[str, Any]] = None,
-                 features: Optional[str] = None, for_training: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        state: Optional[Mapping[str, Any]] = None,
+        features: Optional[str] = None,
+        for_training: bool = True,
+    ) -> None:
         self.cfg = cfg
         data = cfg["data"]
         self.features_path, self.reader = open_row_reader(data, features)
@@ -87,15 +94,21 @@ class CaptionTask:
             if self.reader.feature_dim != int(state["feature_dim"]):
                 raise DataFormatError(
                     f"the feature store {self.features_path} has {self.reader.feature_dim}-d "
-                    f"features but the model was trained on {state['feature_dim']}-d features")
+                    f"features but the model was trained on {state['feature_dim']}-d features"
+                )
         else:
             if not data["train_captions"]:
                 raise DataFormatError("the config lacks data.train_captions")
-            self.vocab = WordVocab.from_captions(data["train_captions"],
-                                                 min_count=int(data["min_word_count"]))
-        self.model: nn.Module = build_captioner(cfg["model"], len(self.vocab),
-                                                self.reader.feature_dim, self.vocab.bos_id,
-                                                self.vocab.eos_id)
+            self.vocab = WordVocab.from_captions(
+                data["train_captions"], min_count=int(data["min_word_count"])
+            )
+        self.model: nn.Module = build_captioner(
+            cfg["model"],
+            len(self.vocab),
+            self.reader.feature_dim,
+            self.vocab.bos_id,
+            self.vocab.eos_id,
+        )
         self.train_dataset = self.val_images = None
         self._reward: Optional[CiderD] = None
         self._val_cider: Optional[CiderD] = None
@@ -107,9 +120,14 @@ class CaptionTask:
 
     def captions_dataset(self, captions: Any, per_image: bool) -> CaptionDataset:
         data = self.cfg["data"]
-        return CaptionDataset(captions, self.reader, self.vocab,
-                              max_length=int(data["max_caption_length"]), per_image=per_image,
-                              missing_images=data["missing_images"])
+        return CaptionDataset(
+            captions,
+            self.reader,
+            self.vocab,
+            max_length=int(data["max_caption_length"]),
+            per_image=per_image,
+            missing_images=data["missing_images"],
+        )
 
     # ----------------------------------------------------------------- TrainingTask protocol
     def collate(self, items: List[Any]) -> Dict[str, Any]:
@@ -126,10 +144,15 @@ class CaptionTask:
     def _reward_scorer(self) -> CiderD:
         if self._reward is None:
             dataset = self.train_dataset
-            self._reward = CiderD({
-                index: [self.vocab.encode(c, int(self.cfg["data"]["max_caption_length"]))
-                        for c in dataset.references(index)]
-                for index in range(len(dataset.image_ids))})
+            self._reward = CiderD(
+                {
+                    index: [
+                        self.vocab.encode(c, int(self.cfg["data"]["max_caption_length"]))
+                        for c in dataset.references(index)
+                    ]
+                    for index in range(len(dataset.image_ids))
+                }
+            )
         return self._reward
 
     def self_critical_loss(self, model: nn.Module, batch: Dict[str, Any]) -> torch.Tensor:
@@ -144,7 +167,9 @@ class CaptionTask:
         samples_per_image = int(self.cfg["scst"]["samples_per_image"])
         baseline_kind = self.cfg["scst"]["baseline"]
         if baseline_kind not in SCST_BASELINES:
-            raise ValueError(f"scst.baseline must be one of {SCST_BASELINES}, got {baseline_kind!r}")
+            raise ValueError(
+                f"scst.baseline must be one of {SCST_BASELINES}, got {baseline_kind!r}"
+            )
         if baseline_kind == "mean" and samples_per_image < 2:
             raise ValueError("scst.baseline 'mean' needs scst.samples_per_image >= 2")
         images = batch["image_index"].tolist()
@@ -157,19 +182,32 @@ class CaptionTask:
             with torch.no_grad():
                 greedy, _ = bare.sample(*inputs, max_len=max_len, greedy=True)
             bare.train()
-            greedy_scores = torch.tensor([scorer.score(i, _strip(t, eos))
-                                          for i, t in zip(images, greedy.tolist())])
-        tokens, logprobs = model(*inputs, mode="sample", max_len=max_len, greedy=False,
-                                 samples_per_image=samples_per_image)
-        scores = torch.tensor([scorer.score(images[row // samples_per_image], _strip(sampled, eos))
-                               for row, sampled in enumerate(tokens.tolist())])
+            greedy_scores = torch.tensor(
+                [scorer.score(i, _strip(t, eos)) for i, t in zip(images, greedy.tolist())]
+            )
+        tokens, logprobs = model(
+            *inputs,
+            mode="sample",
+            max_len=max_len,
+            greedy=False,
+            samples_per_image=samples_per_image,
+        )
+        scores = torch.tensor(
+            [
+                scorer.score(images[row // samples_per_image], _strip(sampled, eos))
+                for row, sampled in enumerate(tokens.tolist())
+            ]
+        )
         per_image = scores.view(len(images), samples_per_image)
         if greedy_scores is not None:
             baseline = greedy_scores.unsqueeze(1).expand_as(per_image)
         else:
             baseline = (per_image.sum(1, keepdim=True) - per_image) / (samples_per_image - 1)
         advantage = (per_image - baseline).reshape(-1).to(logprobs)
-        self._step_stats = {"reward": float(scores.mean()), "baseline_reward": float(baseline.mean())}
+        self._step_stats = {
+            "reward": float(scores.mean()),
+            "baseline_reward": float(baseline.mean()),
+        }
         mask = (tokens != 0).to(logprobs.dtype)
         return -(advantage.unsqueeze(1) * logprobs * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -190,8 +228,12 @@ class CaptionTask:
         if dataset is None:
             raise ValueError("no validation captions (data.val_captions) to score against")
         if self._val_cider is None:
-            self._val_cider = CiderD({image_id: [tokenize(c) for c in dataset.references(i)]
-                                      for i, image_id in enumerate(dataset.image_ids)})
+            self._val_cider = CiderD(
+                {
+                    image_id: [tokenize(c) for c in dataset.references(i)]
+                    for i, image_id in enumerate(dataset.image_ids)
+                }
+            )
         scores = [self._val_cider.score(r["image_id"], tokenize(r["caption"])) for r in results]
         return sum(scores) / len(scores)
 
@@ -200,30 +242,49 @@ class CaptionTask:
         return dict(self._step_stats)
 
     def checkpoint_state(self) -> Dict[str, Any]:
-        return {"vocab": {"specials": list(self.vocab.specials),
-                          "words": self.vocab.itos[len(self.vocab.specials):]},
-                "feature_dim": self.reader.feature_dim}
+        return {
+            "vocab": {
+                "specials": list(self.vocab.specials),
+                "words": self.vocab.itos[len(self.vocab.specials) :],
+            },
+            "feature_dim": self.reader.feature_dim,
+        }
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def predict(self, model: nn.Module, dataset: CaptionDataset, beam_size: Optional[int] = None,
-                batch_size: Optional[int] = None) -> List[Dict[str, Any]]:
+    def predict(
+        self,
+        model: nn.Module,
+        dataset: CaptionDataset,
+        beam_size: Optional[int] = None,
+        batch_size: Optional[int] = None,
+    ) -> List[Dict[str, Any]]:
         """``[{"image_id", "caption"}]`` for every image of a per-image ``dataset``."""
         bare = unwrap(model)
         was_training = bare.training
         bare.eval()
         device = next(bare.parameters()).device
         decode = self.cfg["decode"]
-        loader = DataLoader(dataset, batch_size=batch_size or int(self.cfg["train"]["eval_batch_size"]),
-                            shuffle=False, collate_fn=dataset.collate, generator=torch.Generator())
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size or int(self.cfg["train"]["eval_batch_size"]),
+            shuffle=False,
+            collate_fn=dataset.collate,
+            generator=torch.Generator(),
+        )
         results = []
         for batch in loader:
             batch = move_to_device(batch, device)
-            tokens = bare.beam_search(batch["feats"], batch["feat_mask"], batch["boxes"],
-                                      beam_size=int(beam_size or decode["beam_size"]),
-                                      max_len=int(decode["max_length"]))
+            tokens = bare.beam_search(
+                batch["feats"],
+                batch["feat_mask"],
+                batch["boxes"],
+                beam_size=int(beam_size or decode["beam_size"]),
+                max_len=int(decode["max_length"]),
+            )
             for index, row in zip(batch["image_index"].tolist(), tokens.tolist()):
-                results.append({"image_id": dataset.image_ids[index],
-                                "caption": self.vocab.decode(row)})
+                results.append(
+                    {"image_id": dataset.image_ids[index], "caption": self.vocab.decode(row)}
+                )
         bare.train(was_training)
         return results

@@ -7,6 +7,7 @@ Python/NumPy/torch random generators (dropout, SCST sampling) and the position i
 ``vqa.engine.sampler``). Files are written to a temporary name and renamed, so a kill during a
 save leaves the previous checkpoint intact.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,5 +80,6 @@ def load_checkpoint(path: Union[str, Path], kind: Optional[str] = None) -> Dict[
         raise CheckpointError(f"{path} is not a gridfeats VQA/captioning checkpoint")
     if kind is not None and payload.get("kind") != kind:
         raise CheckpointError(
-            f"{path} is a {payload.get('kind')!r} checkpoint, expected a {kind!r} one")
+            f"{path} is a {payload.get('kind')!r} checkpoint, expected a {kind!r} one"
+        )
     return payload

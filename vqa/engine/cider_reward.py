@@ -12,6 +12,7 @@ The formula is the toolkit's CIDEr-D: for n = 1..4, TF-IDF vectors of n-grams
 ``exp(-(len_c - len_r)^2 / (2 sigma^2))`` with sigma 6; averaged over n and over the references,
 times 10.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,10 @@ SIGMA = 6.0
 
 
 def _ngram_counts(tokens: Tokens) -> List[Counter]:
-    return [Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-            for n in range(1, MAX_N + 1)]
+    return [
+        Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+        for n in range(1, MAX_N + 1)
+    ]
 
 
 class CiderD:
@@ -44,12 +47,12 @@ class CiderD:
         for key, captions in references.items():
             counts = [_ngram_counts(list(c)) for c in captions]
             self._ref_counts[key] = counts
-            document_frequency.update({g for caption in counts for per_n in caption
-                                       for g in per_n})
+            document_frequency.update({g for caption in counts for per_n in caption for g in per_n})
         self._log_docs = math.log(float(len(references)))
         self._log_df = {g: math.log(max(1.0, df)) for g, df in document_frequency.items()}
-        self._ref_vectors = {key: [self._vector(c) for c in counts]
-                             for key, counts in self._ref_counts.items()}
+        self._ref_vectors = {
+            key: [self._vector(c) for c in counts] for key, counts in self._ref_counts.items()
+        }
 
     def _vector(self, counts: List[Counter]) -> NGramVector:
         vectors, norms = [], []
@@ -62,7 +65,7 @@ class CiderD:
     @staticmethod
     def _similarity(cand: NGramVector, ref: NGramVector) -> List[float]:
         (c_vecs, c_norms, c_len), (r_vecs, r_norms, r_len) = cand, ref
-        penalty = math.exp(-((c_len - r_len) ** 2) / (2 * SIGMA ** 2))
+        penalty = math.exp(-((c_len - r_len) ** 2) / (2 * SIGMA**2))
         values = []
         for c_vec, r_vec, c_norm, r_norm in zip(c_vecs, r_vecs, c_norms, r_norms):
             dot = sum(min(w, r_vec[g]) * r_vec[g] for g, w in c_vec.items() if g in r_vec)

@@ -5,6 +5,7 @@ train/predict live here once; ``vqa.cli_vqa`` and ``vqa.cli_caption`` only decla
 User errors (bad config, missing file, mismatched checkpoint, malformed results...) all derive
 from ``ValueError``/``OSError`` and are reported as one ``error:`` line with exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,19 +73,36 @@ def write_json(path: Path, payload: Any) -> None:
 # --------------------------------------------------------------------------- arguments
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML config (see configs/vqa/)")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="run directory: checkpoints, metrics.jsonl, config.yaml")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT/last.pt if it exists (else start fresh)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="run directory: checkpoints, metrics.jsonl, config.yaml",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/last.pt if it exists (else start fresh)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device")
-    parser.add_argument("opts", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.epochs=3 model.layers=2")
+    parser.add_argument(
+        "opts",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. train.epochs=3 model.layers=2",
+    )
 
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="a checkpoint file, or a run directory (uses final.pt, else last.pt)")
-    parser.add_argument("--features", help="feature store (default: the one in the training config)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a checkpoint file, or a run directory (uses final.pt, else last.pt)",
+    )
+    parser.add_argument(
+        "--features", help="feature store (default: the one in the training config)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="results json to write")
     parser.add_argument("--batch-size", type=int, help="default: train.eval_batch_size")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -130,8 +148,9 @@ def load_for_inference(args: argparse.Namespace, kind: str) -> Any:
     """The task rebuilt from a checkpoint (its config and vocabularies), weights loaded."""
     checkpoint = load_checkpoint(_checkpoint_file(args.checkpoint), kind=kind)
     cfg = checkpoint["config"]
-    task = task_class(kind)(cfg, state=checkpoint["task"], features=args.features,
-                            for_training=False)
+    task = task_class(kind)(
+        cfg, state=checkpoint["task"], features=args.features, for_training=False
+    )
     task.model.load_state_dict(checkpoint["model"])
     task.model.to(resolve_device(args.device))
     return task

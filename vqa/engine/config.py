@@ -8,6 +8,7 @@ unknown key is an error naming the key and the accepted ones.
 A config file may start with ``_base_: other.yaml`` (relative to the file) to inherit and
 override another file, which is how mcan-small and mcan-large share their training recipe.
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,8 +59,9 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
-def _merge(base: Dict[str, Any], update: Mapping[str, Any], defaults: Mapping[str, Any],
-           where: str) -> Dict[str, Any]:
+def _merge(
+    base: Dict[str, Any], update: Mapping[str, Any], defaults: Mapping[str, Any], where: str
+) -> Dict[str, Any]:
     for key, value in update.items():
         path = f"{where}.{key}" if where else str(key)
         free_form = where.split(".")[0] in FREE_FORM_SECTIONS if where else False
@@ -67,8 +69,9 @@ def _merge(base: Dict[str, Any], update: Mapping[str, Any], defaults: Mapping[st
             accepted = ", ".join(sorted(map(str, defaults))) or "(none)"
             raise ConfigError(f"unknown config key {path!r}; accepted here: {accepted}")
         default = defaults.get(key) if not free_form else None
-        if isinstance(value, Mapping) and (isinstance(default, Mapping) or key in FREE_FORM_SECTIONS
-                                           or free_form):
+        if isinstance(value, Mapping) and (
+            isinstance(default, Mapping) or key in FREE_FORM_SECTIONS or free_form
+        ):
             base[key] = _merge(dict(base.get(key) or {}), value, default or {}, path)
         elif isinstance(default, Mapping):
             raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
@@ -122,8 +125,9 @@ def parse_override(text: str) -> Dict[str, Any]:
     return value
 
 
-def load_config(path: Optional[Union[str, Path]], defaults: Mapping[str, Any],
-                overrides: Iterable[str] = ()) -> Dict[str, Any]:
+def load_config(
+    path: Optional[Union[str, Path]], defaults: Mapping[str, Any], overrides: Iterable[str] = ()
+) -> Dict[str, Any]:
     """Defaults, then the file (with its ``_base_`` chain), then ``key=value`` overrides."""
     config = copy.deepcopy(dict(defaults))
     if path is not None:

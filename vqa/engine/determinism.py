@@ -1,4 +1,5 @@
 """Seeding and the deterministic mode that makes a killed-and-resumed run match a straight one."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ import torch
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
+    np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 

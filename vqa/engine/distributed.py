@@ -4,6 +4,7 @@
 plain run has none of them and everything here degrades to single-process no-ops, so the
 training code has one path for both.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ JSON lines stay readable by ``jq``/pandas and append-safe across a resume: on re
 newer than the checkpoint are dropped first, so the log of a resumed run reads like the log of
 an uninterrupted one.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,12 @@ def read_metrics(path: Union[str, Path]) -> List[Dict[str, Any]]:
 class MetricsLog:
     """Appends ``{"kind", "step", "epoch", "time", ...values}`` records to ``path``."""
 
-    def __init__(self, path: Union[str, Path], tensorboard_dir: Optional[Union[str, Path]] = None,
-                 resume_from_step: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        path: Union[str, Path],
+        tensorboard_dir: Optional[Union[str, Path]] = None,
+        resume_from_step: Optional[int] = None,
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_from_step is None:
@@ -44,8 +49,10 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                warnings.warn("TensorBoard logging requested but the 'tensorboard' package is "
-                              "not installed; writing the JSON-lines log only")
+                warnings.warn(
+                    "TensorBoard logging requested but the 'tensorboard' package is "
+                    "not installed; writing the JSON-lines log only"
+                )
             else:
                 self._writer = SummaryWriter(str(tensorboard_dir))
 

@@ -6,6 +6,7 @@ e)``; resuming at batch ``k`` of epoch ``e`` regenerates the same permutation an
 ``k``. Under DDP each rank takes every ``world``-th index of the (padded) permutation, like
 ``DistributedSampler``, so ranks see disjoint, equally long shards.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,16 @@ from torch.utils.data import Sampler
 class ResumableBatchSampler(Sampler[List[int]]):
     """Yields lists of dataset indices; call ``set_epoch(epoch, skip_batches)`` before iterating."""
 
-    def __init__(self, dataset_size: int, batch_size: int, seed: int, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
         if dataset_size <= 0:
             raise ValueError("cannot sample batches from an empty data set")
         if batch_size <= 0:
@@ -46,7 +55,7 @@ class ResumableBatchSampler(Sampler[List[int]]):
             order = list(range(self.dataset_size))
         per_rank = math.ceil(self.dataset_size / self.world_size)
         order += order[: per_rank * self.world_size - len(order)]  # pad so shards are equal
-        return order[self.rank::self.world_size]
+        return order[self.rank :: self.world_size]
 
     def batches_per_epoch(self) -> int:
         per_rank = math.ceil(self.dataset_size / self.world_size)
@@ -60,4 +69,4 @@ class ResumableBatchSampler(Sampler[List[int]]):
     def __iter__(self) -> Iterator[List[int]]:
         shard = self._shard()
         for index in range(self.skip_batches, self.batches_per_epoch()):
-            yield shard[index * self.batch_size:(index + 1) * self.batch_size]
+            yield shard[index * self.batch_size : (index + 1) * self.batch_size]

@@ -8,6 +8,7 @@
 Both are a multiplier of the base LR as a function of the global optimizer step, so one
 ``LambdaLR`` covers them and its state (just the step count) checkpoints and resumes exactly.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -40,8 +41,10 @@ class WarmupStepDecay:
         if self.unit not in UNITS:
             raise ValueError(f"schedule.unit must be one of {UNITS}, got {self.unit!r}")
         if self.warmup_method not in WARMUP_METHODS:
-            raise ValueError(f"schedule.warmup_method must be one of {WARMUP_METHODS}, "
-                             f"got {self.warmup_method!r}")
+            raise ValueError(
+                f"schedule.warmup_method must be one of {WARMUP_METHODS}, "
+                f"got {self.warmup_method!r}"
+            )
         if self.steps_per_epoch <= 0:
             raise ValueError("steps_per_epoch must be positive (is the training set empty?)")
         if list(self.milestones) != sorted(self.milestones):
@@ -64,8 +67,9 @@ class WarmupStepDecay:
         return decay * (self.warmup_factor * (1.0 - alpha) + alpha)
 
 
-def build_scheduler(optimizer: Optimizer, schedule_cfg: Mapping[str, Any],
-                    steps_per_epoch: int) -> LambdaLR:
+def build_scheduler(
+    optimizer: Optimizer, schedule_cfg: Mapping[str, Any], steps_per_epoch: int
+) -> LambdaLR:
     """``schedule_cfg`` is the config's ``schedule:`` section (see ``WarmupStepDecay``)."""
     multiplier = WarmupStepDecay(steps_per_epoch=steps_per_epoch, **dict(schedule_cfg))
     return LambdaLR(optimizer, multiplier)

@@ -13,6 +13,7 @@ Test hook: if the environment variable ``GRIDFEATS_KILL_AT_STEP`` is set to ``N`
 SIGKILLs itself right after optimizer step ``N`` (after any checkpoint of that step), which is
 how the tests simulate a crash at an exact point mid-epoch.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vqa.engine.checkpoint import (BEST, FINAL, LAST, capture_rng_state, load_checkpoint,
-                                   restore_rng_state, save_checkpoint, unwrap)
+from vqa.engine.checkpoint import (
+    BEST,
+    FINAL,
+    LAST,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    unwrap,
+)
 from vqa.engine.determinism import enable_deterministic_mode, seed_everything
 from vqa.engine.distributed import DistInfo, all_gather_objects, barrier
 from vqa.engine.metrics_log import MetricsLog
@@ -48,8 +57,9 @@ class TrainingTask(Protocol):
 
     def collate(self, samples: List[Any]) -> Dict[str, Any]: ...
 
-    def training_loss(self, model: nn.Module, batch: Dict[str, Any],
-                      epoch: int) -> torch.Tensor: ...
+    def training_loss(
+        self, model: nn.Module, batch: Dict[str, Any], epoch: int
+    ) -> torch.Tensor: ...
 
     def evaluate(self, model: nn.Module) -> Dict[str, Any]: ...
 
@@ -71,8 +81,9 @@ class Position:
 
 
 def move_to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
 
 
 def _kill_step() -> Optional[int]:
@@ -83,8 +94,14 @@ def _kill_step() -> Optional[int]:
 class Trainer:
     """Runs ``task`` under ``cfg`` (the full config dict), writing into ``out_dir``."""
 
-    def __init__(self, task: TrainingTask, cfg: Mapping[str, Any], out_dir: Path,
-                 device: torch.device, dist_info: DistInfo = DistInfo()) -> None:
+    def __init__(
+        self,
+        task: TrainingTask,
+        cfg: Mapping[str, Any],
+        out_dir: Path,
+        device: torch.device,
+        dist_info: DistInfo = DistInfo(),
+    ) -> None:
         self.task = task
         self.cfg = cfg
         self.train_cfg = cfg["train"]
@@ -92,9 +109,12 @@ class Trainer:
         self.device = device
         self.dist = dist_info
         self.sampler = ResumableBatchSampler(
-            len(task.train_dataset), int(self.train_cfg["batch_size"]),
-            seed=int(self.train_cfg["seed"]), rank=dist_info.rank,
-            world_size=dist_info.world_size)
+            len(task.train_dataset),
+            int(self.train_cfg["batch_size"]),
+            seed=int(self.train_cfg["seed"]),
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        )
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         task.model.to(device)
         self.optimizer = build_optimizer(task.model.parameters(), cfg["optim"])
@@ -114,16 +134,18 @@ class Trainer:
             "task": self.task.checkpoint_state(),
         }
 
-    def _save(self, name: str, extra: Optional[Dict[str, Any]] = None,
-              collective: bool = True) -> None:
+    def _save(
+        self, name: str, extra: Optional[Dict[str, Any]] = None, collective: bool = True
+    ) -> None:
         """Writes a checkpoint from rank 0. ``collective``: every rank calls this (at the same
         step) and contributes its RNG state; otherwise only rank 0's is kept (``best.pt``)."""
         rng_states = [capture_rng_state()]
         if collective:
             rng_states = all_gather_objects(rng_states, self.dist)
         if self.dist.is_main:
-            save_checkpoint(self.out_dir / name, {**self._training_state(rng_states),
-                                                  **(extra or {})})
+            save_checkpoint(
+                self.out_dir / name, {**self._training_state(rng_states), **(extra or {})}
+            )
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, kind=self.task.kind)
@@ -148,15 +170,21 @@ class Trainer:
         log = None
         if self.dist.is_main:
             tb_dir = self.out_dir / "tensorboard" if self.train_cfg["tensorboard"] else None
-            log = MetricsLog(self.out_dir / METRICS_FILE, tb_dir,
-                             resume_from_step=self.position.global_step if resumed else None)
+            log = MetricsLog(
+                self.out_dir / METRICS_FILE,
+                tb_dir,
+                resume_from_step=self.position.global_step if resumed else None,
+            )
         model = self._wrap_ddp(self.task.model)
-        loader = DataLoader(self.task.train_dataset, batch_sampler=self.sampler,
-                            collate_fn=self.task.collate,
-                            num_workers=int(self.train_cfg["num_workers"]),
-                            # A private generator keeps DataLoader from drawing on the global
-                            # RNG, whose state is part of the checkpoint.
-                            generator=torch.Generator())
+        loader = DataLoader(
+            self.task.train_dataset,
+            batch_sampler=self.sampler,
+            collate_fn=self.task.collate,
+            num_workers=int(self.train_cfg["num_workers"]),
+            # A private generator keeps DataLoader from drawing on the global
+            # RNG, whose state is part of the checkpoint.
+            generator=torch.Generator(),
+        )
         epochs = int(self.train_cfg["epochs"])
         metrics: Dict[str, Any] = {}
         kill_at = _kill_step()
@@ -179,8 +207,13 @@ class Trainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    def _run_epoch(self, model: nn.Module, loader: DataLoader, log: Optional[MetricsLog],
-                   kill_at: Optional[int]) -> None:
+    def _run_epoch(
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        log: Optional[MetricsLog],
+        kill_at: Optional[int],
+    ) -> None:
         pos = self.position
         self.sampler.set_epoch(pos.epoch, skip_batches=pos.batch)
         model.train()
@@ -188,15 +221,23 @@ class Trainer:
         every_ckpt = int(self.train_cfg["checkpoint_every_steps"])
         every_log = max(1, int(self.train_cfg["log_every_steps"]))
         show = bool(self.train_cfg["progress"]) and self.dist.is_main
-        bar = tqdm(loader, total=self.steps_per_epoch, initial=pos.batch, disable=not show,
-                   desc=f"epoch {pos.epoch + 1}", leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            loader,
+            total=self.steps_per_epoch,
+            initial=pos.batch,
+            disable=not show,
+            desc=f"epoch {pos.epoch + 1}",
+            leave=False,
+            dynamic_ncols=True,
+        )
         for batch in bar:
             batch = move_to_device(batch, self.device)
             loss = self.task.training_loss(model, batch, pos.epoch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at step {pos.global_step + 1}; "
-                    "lower optim.lr or enable optim.grad_clip")
+                    "lower optim.lr or enable optim.grad_clip"
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip > 0:
@@ -208,9 +249,19 @@ class Trainer:
             pos.global_step += 1
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
             if log is not None and pos.global_step % every_log == 0:
-                log.log("train", pos.global_step, pos.epoch, loss=loss.item(), lr=lr,
-                        **self.task.step_stats())
-            if every_ckpt and pos.global_step % every_ckpt == 0 and pos.batch < self.steps_per_epoch:
+                log.log(
+                    "train",
+                    pos.global_step,
+                    pos.epoch,
+                    loss=loss.item(),
+                    lr=lr,
+                    **self.task.step_stats(),
+                )
+            if (
+                every_ckpt
+                and pos.global_step % every_ckpt == 0
+                and pos.batch < self.steps_per_epoch
+            ):
                 self._save(LAST)
             if kill_at is not None and pos.global_step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)

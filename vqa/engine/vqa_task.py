@@ -18,6 +18,7 @@ Config (``configs/vqa/*.yaml``; paths are relative to the working directory)::
 The vocabularies are stored in every checkpoint, so ``predict`` needs only the checkpoint, a
 feature store and a questions file.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -28,8 +29,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vqa.data import (AnswerVocab, DataFormatError, HFQuestionTokenizer, VQADataset, WordVocab,
-                      load_word_vectors, normalize_answer, read_json)
+from vqa.data import (
+    AnswerVocab,
+    DataFormatError,
+    HFQuestionTokenizer,
+    VQADataset,
+    WordVocab,
+    load_word_vectors,
+    normalize_answer,
+    read_json,
+)
 from vqa.data.image_rows import open_row_reader
 from vqa.engine.trainer import move_to_device
 from vqa.metrics import evaluate_vqa
@@ -63,7 +72,7 @@ def _require(data_cfg: Mapping[str, Any], *keys: str) -> None:
 
 
 def _vocab_state(vocab: WordVocab) -> Dict[str, List[str]]:
-    return {"specials": list(vocab.specials), "words": vocab.itos[len(vocab.specials):]}
+    return {"specials": list(vocab.specials), "words": vocab.itos[len(vocab.specials) :]}
 
 
 def vqa_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -77,8 +86,9 @@ def vqa_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> torc
 def majority_answer(annotations: Any) -> str:
     """The most frequent normalised ``multiple_choice_answer`` (the majority baseline)."""
     loaded = read_json(annotations, "VQA annotations")
-    counts = Counter(normalize_answer(str(a["multiple_choice_answer"]))
-                     for a in loaded["annotations"])
+    counts = Counter(
+        normalize_answer(str(a["multiple_choice_answer"])) for a in loaded["annotations"]
+    )
     return sorted(counts, key=lambda a: (-counts[a], a))[0]
 
 
@@ -87,8 +97,13 @@ class VQATask:
 
     kind = "vqa"
 
-    def __init__(self, cfg: Mapping[str, Any], state: Optional[Mapping[str, Any]] = None,
-                 features: Optional[str] = None, for_training: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        state: Optional[Mapping[str, Any]] = None,
+        features: Optional[str] = None,
+        for_training: bool = True,
+    ) -> None:
         self.cfg = cfg
         data = cfg["data"]
         self.features_path, self.reader = open_row_reader(data, features)
@@ -99,24 +114,30 @@ class VQATask:
             if self.reader.feature_dim != feature_dim:
                 raise DataFormatError(
                     f"the feature store {self.features_path} has {self.reader.feature_dim}-d "
-                    f"features but the model was trained on {feature_dim}-d features")
+                    f"features but the model was trained on {feature_dim}-d features"
+                )
         else:
             _require(data, "train_questions", "train_annotations")
-            self.question_vocab = WordVocab.from_questions(data["train_questions"],
-                                                           min_count=int(data["min_word_count"]))
+            self.question_vocab = WordVocab.from_questions(
+                data["train_questions"], min_count=int(data["min_word_count"])
+            )
             sources = [data[f"{split}_annotations"] for split in data["answer_vocab_from"]]
             if any(not s for s in sources):
                 raise DataFormatError("data.answer_vocab_from names a split without annotations")
             self.answer_vocab = AnswerVocab.build(sources, min_count=int(data["min_answer_count"]))
-        self.question_encoder = (HFQuestionTokenizer(data["hf_tokenizer"])
-                                 if data["hf_tokenizer"] else self.question_vocab)
+        self.question_encoder = (
+            HFQuestionTokenizer(data["hf_tokenizer"])
+            if data["hf_tokenizer"]
+            else self.question_vocab
+        )
         vocab_size = len(self.question_encoder)
         word_vectors = None
         if data["word_vectors"] and state is None and not data["hf_tokenizer"]:
             word_dim = int(cfg["model"].get("word_dim", 300))
             word_vectors = load_word_vectors(data["word_vectors"], self.question_vocab, word_dim)
-        self.model: nn.Module = build_vqa_model(cfg["model"], vocab_size, len(self.answer_vocab),
-                                                self.reader.feature_dim, word_vectors)
+        self.model: nn.Module = build_vqa_model(
+            cfg["model"], vocab_size, len(self.answer_vocab), self.reader.feature_dim, word_vectors
+        )
         self.train_dataset = self._dataset("train", with_answers=True) if for_training else None
         self.val_dataset = None
         if for_training and data["val_questions"] and data["val_annotations"]:
@@ -124,23 +145,34 @@ class VQATask:
 
     def _dataset(self, split: str, with_answers: bool) -> VQADataset:
         data = self.cfg["data"]
-        return self.questions_dataset(data[f"{split}_questions"],
-                                      data[f"{split}_annotations"] if with_answers else None)
+        return self.questions_dataset(
+            data[f"{split}_questions"], data[f"{split}_annotations"] if with_answers else None
+        )
 
     def questions_dataset(self, questions: Any, annotations: Any = None) -> VQADataset:
         data = self.cfg["data"]
-        return VQADataset(questions, self.reader, self.question_encoder, annotations=annotations,
-                          answer_vocab=self.answer_vocab if annotations is not None else None,
-                          max_question_length=int(data["max_question_length"]),
-                          missing_images=data["missing_images"])
+        return VQADataset(
+            questions,
+            self.reader,
+            self.question_encoder,
+            annotations=annotations,
+            answer_vocab=self.answer_vocab if annotations is not None else None,
+            max_question_length=int(data["max_question_length"]),
+            missing_images=data["missing_images"],
+        )
 
     # ----------------------------------------------------------------- TrainingTask protocol
     def collate(self, items: List[Any]) -> Dict[str, Any]:
         return self.train_dataset.collate(items)
 
     def training_loss(self, model: nn.Module, batch: Dict[str, Any], epoch: int) -> torch.Tensor:
-        logits = model(batch["feats"], batch["feat_mask"], batch["boxes"], batch["question"],
-                       batch["question_mask"])
+        logits = model(
+            batch["feats"],
+            batch["feat_mask"],
+            batch["boxes"],
+            batch["question"],
+            batch["question_mask"],
+        )
         return vqa_loss(logits, batch["target"], self.cfg["loss"]["reduction"])
 
     def evaluate(self, model: nn.Module) -> Dict[str, Any]:
@@ -156,29 +188,43 @@ class VQATask:
         return {}
 
     def checkpoint_state(self) -> Dict[str, Any]:
-        return {"question_vocab": _vocab_state(self.question_vocab),
-                "answers": list(self.answer_vocab.answers),
-                "feature_dim": self.reader.feature_dim}
+        return {
+            "question_vocab": _vocab_state(self.question_vocab),
+            "answers": list(self.answer_vocab.answers),
+            "feature_dim": self.reader.feature_dim,
+        }
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def predict(self, model: nn.Module, dataset: VQADataset,
-                batch_size: Optional[int] = None) -> List[Dict[str, Any]]:
+    def predict(
+        self, model: nn.Module, dataset: VQADataset, batch_size: Optional[int] = None
+    ) -> List[Dict[str, Any]]:
         """``[{"question_id", "answer"}]`` for every question of ``dataset`` (official format)."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        loader = DataLoader(dataset, batch_size=batch_size or int(self.cfg["train"]["eval_batch_size"]),
-                            shuffle=False, collate_fn=dataset.collate,
-                            generator=torch.Generator())
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size or int(self.cfg["train"]["eval_batch_size"]),
+            shuffle=False,
+            collate_fn=dataset.collate,
+            generator=torch.Generator(),
+        )
         results = []
         for batch in loader:
             batch = move_to_device(batch, device)
-            logits = model(batch["feats"], batch["feat_mask"], batch["boxes"], batch["question"],
-                           batch["question_mask"])
-            for question_id, index in zip(batch["question_id"].tolist(),
-                                          logits.argmax(dim=1).tolist()):
-                results.append({"question_id": question_id,
-                                "answer": self.answer_vocab.answers[index]})
+            logits = model(
+                batch["feats"],
+                batch["feat_mask"],
+                batch["boxes"],
+                batch["question"],
+                batch["question_mask"],
+            )
+            for question_id, index in zip(
+                batch["question_id"].tolist(), logits.argmax(dim=1).tolist()
+            ):
+                results.append(
+                    {"question_id": question_id, "answer": self.answer_vocab.answers[index]}
+                )
         model.train(was_training)
         return results

@@ -23,6 +23,7 @@ per question string, i.e. what a blind model can learn, 43.4; colour questions i
 for the constant caption. Random convolutions keep colour (a linear probe reads "has red" etc. at
 92-95%), hardly shape, so the heads gain on colour questions, not on shape or count ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,14 +47,31 @@ from vqa.metrics import evaluate_vqa
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "vqa"
 SMALL_VQA = {
-    "pythia": ["model.word_dim=64", "model.question_hidden=128", "model.question_attention=64",
-               "model.image_dim=128", "model.fusion_dim=256", "model.classifier_hidden=256",
-               "model.dropout=0.1", "optim.lr=0.003", "schedule.warmup=100",
-               "schedule.milestones=[]"],
-    "mcan-small": ["model.size=null", "model.hidden=64", "model.heads=4", "model.ffn=128",
-                   "model.flat_mlp=64", "model.flat_out=128", "model.layers=2",
-                   "model.word_dim=32", "optim.lr=1e-3", "schedule.warmup=1",
-                   "schedule.milestones=[]"],
+    "pythia": [
+        "model.word_dim=64",
+        "model.question_hidden=128",
+        "model.question_attention=64",
+        "model.image_dim=128",
+        "model.fusion_dim=256",
+        "model.classifier_hidden=256",
+        "model.dropout=0.1",
+        "optim.lr=0.003",
+        "schedule.warmup=100",
+        "schedule.milestones=[]",
+    ],
+    "mcan-small": [
+        "model.size=null",
+        "model.hidden=64",
+        "model.heads=4",
+        "model.ffn=128",
+        "model.flat_mlp=64",
+        "model.flat_out=128",
+        "model.layers=2",
+        "model.word_dim=32",
+        "optim.lr=1e-3",
+        "schedule.warmup=1",
+        "schedule.milestones=[]",
+    ],
 }
 EPOCHS = {"pythia": 20, "mcan-small": 10}
 
@@ -69,24 +87,34 @@ def _train(task_cls: Any, cfg: Dict[str, Any], out: Path) -> Any:
     return task
 
 
-def run_vqa(paths: Dict[str, Path], model: str, mode: str, out: Path,
-            epoch_scale: float) -> Dict[str, Any]:
-    opts = [f"data.features={paths[f'{mode}_features']}",
-            f"data.train_questions={paths['train_questions']}",
-            f"data.train_annotations={paths['train_annotations']}",
-            f"data.val_questions={paths['val_questions']}",
-            f"data.val_annotations={paths['val_annotations']}",
-            "data.min_answer_count=1", "train.batch_size=32", "train.device=cpu",
-            "train.progress=false",
-            f"train.epochs={max(1, round(EPOCHS[model] * epoch_scale))}",
-            *SMALL_VQA[model]]
+def run_vqa(
+    paths: Dict[str, Path], model: str, mode: str, out: Path, epoch_scale: float
+) -> Dict[str, Any]:
+    opts = [
+        f"data.features={paths[f'{mode}_features']}",
+        f"data.train_questions={paths['train_questions']}",
+        f"data.train_annotations={paths['train_annotations']}",
+        f"data.val_questions={paths['val_questions']}",
+        f"data.val_annotations={paths['val_annotations']}",
+        "data.min_answer_count=1",
+        "train.batch_size=32",
+        "train.device=cpu",
+        "train.progress=false",
+        f"train.epochs={max(1, round(EPOCHS[model] * epoch_scale))}",
+        *SMALL_VQA[model],
+    ]
     cfg = load_config(CONFIGS / f"{model}.yaml", task_defaults("vqa"), opts)
     start = time.time()
     task = _train(VQATask, cfg, out / f"{model}-{mode}")
     results = task.predict(task.model, task.val_dataset)
     metrics = evaluate_vqa(paths["val_annotations"], paths["val_questions"], results)
-    return {"model": model, "features": mode, "accuracy": metrics["overall"],
-            "perAnswerType": metrics["perAnswerType"], "minutes": (time.time() - start) / 60}
+    return {
+        "model": model,
+        "features": mode,
+        "accuracy": metrics["overall"],
+        "perAnswerType": metrics["perAnswerType"],
+        "minutes": (time.time() - start) / 60,
+    }
 
 
 def vqa_majority_baseline(paths: Dict[str, Path]) -> Dict[str, Any]:
@@ -94,12 +122,16 @@ def vqa_majority_baseline(paths: Dict[str, Path]) -> Dict[str, Any]:
     questions = json.loads(Path(paths["val_questions"]).read_text())["questions"]
     results = [{"question_id": q["question_id"], "answer": answer} for q in questions]
     metrics = evaluate_vqa(paths["val_annotations"], paths["val_questions"], results)
-    return {"answer": answer, "accuracy": metrics["overall"],
-            "perAnswerType": metrics["perAnswerType"]}
+    return {
+        "answer": answer,
+        "accuracy": metrics["overall"],
+        "perAnswerType": metrics["perAnswerType"],
+    }
 
 
-def _caption_scores(task: CaptionTask, results: List[Dict[str, Any]],
-                    annotations: Path) -> Dict[str, float]:
+def _caption_scores(
+    task: CaptionTask, results: List[Dict[str, Any]], annotations: Path
+) -> Dict[str, float]:
     try:
         from vqa.metrics import evaluate_captions
 
@@ -109,34 +141,56 @@ def _caption_scores(task: CaptionTask, results: List[Dict[str, Any]],
         return {"CIDEr": task.validation_cider(results)}
 
 
-def run_captioner(paths: Dict[str, Path], mode: str, out: Path,
-                  epoch_scale: float) -> Dict[str, Any]:
-    opts = [f"data.features={paths[f'{mode}_features']}",
-            f"data.train_captions={paths['train_captions']}",
-            f"data.val_captions={paths['val_captions']}", "data.min_word_count=1",
-            "model.hidden=128", "model.attention_dim=64", "model.word_dim=64",
-            "model.dropout=0.1", "optim.lr=3e-3", "optim.grad_clip=1.0",
-            "schedule.milestones=[]", "scst.start_epoch=null", "train.batch_size=32",
-            "train.device=cpu", "train.progress=false",
-            f"train.epochs={max(1, round(12 * epoch_scale))}"]
+def run_captioner(
+    paths: Dict[str, Path], mode: str, out: Path, epoch_scale: float
+) -> Dict[str, Any]:
+    opts = [
+        f"data.features={paths[f'{mode}_features']}",
+        f"data.train_captions={paths['train_captions']}",
+        f"data.val_captions={paths['val_captions']}",
+        "data.min_word_count=1",
+        "model.hidden=128",
+        "model.attention_dim=64",
+        "model.word_dim=64",
+        "model.dropout=0.1",
+        "optim.lr=3e-3",
+        "optim.grad_clip=1.0",
+        "schedule.milestones=[]",
+        "scst.start_epoch=null",
+        "train.batch_size=32",
+        "train.device=cpu",
+        "train.progress=false",
+        f"train.epochs={max(1, round(12 * epoch_scale))}",
+    ]
     cfg = load_config(CONFIGS / "updown.yaml", task_defaults("caption"), opts)
     start = time.time()
     task = _train(CaptionTask, cfg, out / f"updown-{mode}")
     results = task.predict(task.model, task.val_images)
-    train_refs = Counter(a["caption"] for a in
-                         json.loads(Path(paths["train_captions"]).read_text())["annotations"])
+    train_refs = Counter(
+        a["caption"] for a in json.loads(Path(paths["train_captions"]).read_text())["annotations"]
+    )
     constant = train_refs.most_common(1)[0][0]
     constant_results = [{"image_id": r["image_id"], "caption": constant} for r in results]
-    return {"features": mode, "model": _caption_scores(task, results, paths["val_captions"]),
-            "constant_caption": constant,
-            "constant": _caption_scores(task, constant_results, paths["val_captions"]),
-            "examples": results[:3], "minutes": (time.time() - start) / 60}
+    return {
+        "features": mode,
+        "model": _caption_scores(task, results, paths["val_captions"]),
+        "constant_caption": constant,
+        "constant": _caption_scores(task, constant_results, paths["val_captions"]),
+        "examples": results[:3],
+        "minutes": (time.time() - start) / 60,
+    }
 
 
-def extract_stores(paths: Dict[str, Path], out_dir: Path, min_size: int = 224,
-                   max_size: int = 320, num_boxes: int = 10, seed: int = 0,
-                   threads: int = 1,
-                   modes: Sequence[str] = ("grid", "region")) -> Dict[str, Path]:
+def extract_stores(
+    paths: Dict[str, Path],
+    out_dir: Path,
+    min_size: int = 224,
+    max_size: int = 320,
+    num_boxes: int = 10,
+    seed: int = 0,
+    threads: int = 1,
+    modes: Sequence[str] = ("grid", "region"),
+) -> Dict[str, Path]:
     """Grid and bottom-up region stores of the synthetic images, by ``gridfeats extract``'s code.
 
     Why: the heads must also learn from what the detector actually gives, not only from the
@@ -152,19 +206,30 @@ def extract_stores(paths: Dict[str, Path], out_dir: Path, min_size: int = 224,
     for mode in modes:
         output = Path(out_dir) / f"extracted_{mode}.h5"
         options = ExtractOptions(
-            input=str(paths["instances"]), image_root=str(paths["images"]), output=str(output),
-            mode=mode, regions="bottom-up",
+            input=str(paths["instances"]),
+            image_root=str(paths["images"]),
+            output=str(output),
+            mode=mode,
+            regions="bottom-up",
             bottom_up=BottomUpSettings(min_boxes=num_boxes, max_boxes=num_boxes),
             opts=["INPUT.MIN_SIZE_TEST", str(min_size), "INPUT.MAX_SIZE_TEST", str(max_size)],
-            workers=0, dtype="float32", seed=seed, threads=threads, progress=False,
-            overwrite=True)
+            workers=0,
+            dtype="float32",
+            seed=seed,
+            threads=threads,
+            progress=False,
+            overwrite=True,
+        )
         start = time.time()
         summary = run_extraction(options, log=io.StringIO())
         if summary.errors:
-            raise RuntimeError(f"{summary.errors} synthetic images failed to extract: "
-                               f"{summary.error_sample}")
-        _say(f"extracted {mode} features of {summary.images} images "
-             f"({time.time() - start:.0f} s, random-init detector)")
+            raise RuntimeError(
+                f"{summary.errors} synthetic images failed to extract: {summary.error_sample}"
+            )
+        _say(
+            f"extracted {mode} features of {summary.images} images "
+            f"({time.time() - start:.0f} s, random-init detector)"
+        )
         stores[f"{mode}_features"] = output
     return stores
 
@@ -173,45 +238,82 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("heads_demo"))
     parser.add_argument("--images", type=int, default=1000, help="synthetic images (80%% train)")
-    parser.add_argument("--epoch-scale", type=float, default=1.0,
-                        help="multiply every run's epochs (e.g. 0.5 for a quicker look)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (more only helps on an otherwise idle machine)")
+    parser.add_argument(
+        "--epoch-scale",
+        type=float,
+        default=1.0,
+        help="multiply every run's epochs (e.g. 0.5 for a quicker look)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (more only helps on an otherwise idle machine)",
+    )
     parser.add_argument("--grid-features", type=Path, help="extracted grid store to use instead")
-    parser.add_argument("--region-features", type=Path,
-                        help="extracted region store to use instead")
-    parser.add_argument("--extract", action="store_true",
-                        help="extract grid and region stores from the synthetic images with the "
-                             "(random-init) detector here, and train on those")
-    parser.add_argument("--extract-size", type=int, nargs=2, default=(224, 320),
-                        metavar=("SHORT", "MAX"), help="--extract: detector input size")
-    parser.add_argument("--num-boxes", type=int, default=10,
-                        help="--extract: bottom-up regions per image")
+    parser.add_argument(
+        "--region-features", type=Path, help="extracted region store to use instead"
+    )
+    parser.add_argument(
+        "--extract",
+        action="store_true",
+        help="extract grid and region stores from the synthetic images with the "
+        "(random-init) detector here, and train on those",
+    )
+    parser.add_argument(
+        "--extract-size",
+        type=int,
+        nargs=2,
+        default=(224, 320),
+        metavar=("SHORT", "MAX"),
+        help="--extract: detector input size",
+    )
+    parser.add_argument(
+        "--num-boxes", type=int, default=10, help="--extract: bottom-up regions per image"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    paths = make_feature_dataset(args.out / "data", args.images, seed=0, overwrite=True,
-                                 modes=() if args.extract else ("grid", "region"))
+    paths = make_feature_dataset(
+        args.out / "data",
+        args.images,
+        seed=0,
+        overwrite=True,
+        modes=() if args.extract else ("grid", "region"),
+    )
     if args.extract:
-        paths.update(extract_stores(paths, args.out / "data", *args.extract_size,
-                                    num_boxes=args.num_boxes, threads=args.threads))
+        paths.update(
+            extract_stores(
+                paths,
+                args.out / "data",
+                *args.extract_size,
+                num_boxes=args.num_boxes,
+                threads=args.threads,
+            )
+        )
     if args.grid_features:
         paths["grid_features"] = args.grid_features
     if args.region_features:
         paths["region_features"] = args.region_features
     report: Dict[str, Any] = {"images": args.images, "vqa_majority": vqa_majority_baseline(paths)}
-    _say(f"majority answer {report['vqa_majority']['answer']!r}: "
-          f"{report['vqa_majority']['accuracy']:.2f} held-out VQA accuracy")
+    _say(
+        f"majority answer {report['vqa_majority']['answer']!r}: "
+        f"{report['vqa_majority']['accuracy']:.2f} held-out VQA accuracy"
+    )
     report["vqa"] = []
     for model in ("pythia", "mcan-small"):
         for mode in ("grid", "region"):
             row = run_vqa(paths, model, mode, args.out / "runs", args.epoch_scale)
             report["vqa"].append(row)
-            _say(f"{model:>10} {mode:>6}: {row['accuracy']:6.2f} held-out VQA accuracy "
-                  f"({row['minutes']:.1f} min) {row['perAnswerType']}")
+            _say(
+                f"{model:>10} {mode:>6}: {row['accuracy']:6.2f} held-out VQA accuracy "
+                f"({row['minutes']:.1f} min) {row['perAnswerType']}"
+            )
     report["captions"] = run_captioner(paths, "region", args.out / "runs", args.epoch_scale)
     cap = report["captions"]
-    _say(f"captioner: CIDEr-D {cap['model']['CIDEr']:.3f} vs constant caption "
-          f"{cap['constant_caption']!r} {cap['constant']['CIDEr']:.3f} ({cap['minutes']:.1f} min)")
+    _say(
+        f"captioner: CIDEr-D {cap['model']['CIDEr']:.3f} vs constant caption "
+        f"{cap['constant_caption']!r} {cap['constant']['CIDEr']:.3f} ({cap['minutes']:.1f} min)"
+    )
     (args.out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     _say(f"wrote {args.out / 'report.json'}")
     return 0

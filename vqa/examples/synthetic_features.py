@@ -16,6 +16,7 @@ extracted features:
 
 Use real extracted features (``gridfeats extract``) whenever a trained detector is available.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,7 @@ MODES = ("grid", "region")
 
 
 def _vocabulary(instances: Dict[str, Any]) -> Dict[str, int]:
-    return {"categories": len(instances["categories"]),
-            "attributes": len(instances["attributes"])}
+    return {"categories": len(instances["categories"]), "attributes": len(instances["attributes"])}
 
 
 def _object_vector(annotation: Dict[str, Any], sizes: Dict[str, int]) -> np.ndarray:
@@ -54,8 +54,9 @@ def _cell_coverage(box_xywh: Sequence[float], cell: Sequence[float]) -> float:
     return ix * iy / max((x1 - x0) * (y1 - y0), 1e-6)
 
 
-def _grid_map(image: np.ndarray, objects: List[Dict[str, Any]], sizes: Dict[str, int],
-              stride: int) -> np.ndarray:
+def _grid_map(
+    image: np.ndarray, objects: List[Dict[str, Any]], sizes: Dict[str, int], stride: int
+) -> np.ndarray:
     """``[C, gh, gw]`` structured map (object channels then mean RGB)."""
     height, width = image.shape[:2]
     gh, gw = math.ceil(height / stride), math.ceil(width / stride)
@@ -64,29 +65,40 @@ def _grid_map(image: np.ndarray, objects: List[Dict[str, Any]], sizes: Dict[str,
     vectors = [(_object_vector(o, sizes), o["bbox"]) for o in objects]
     for gy in range(gh):
         for gx in range(gw):
-            cell = (gx * stride, gy * stride, min((gx + 1) * stride, width),
-                    min((gy + 1) * stride, height))
+            cell = (
+                gx * stride,
+                gy * stride,
+                min((gx + 1) * stride, width),
+                min((gy + 1) * stride, height),
+            )
             for vec, box in vectors:
                 fmap[:-3, gy, gx] += _cell_coverage(box, cell) * vec
-            pixels = image[cell[1]:cell[3], cell[0]:cell[2]].reshape(-1, 3)
+            pixels = image[cell[1] : cell[3], cell[0] : cell[2]].reshape(-1, 3)
             fmap[-3:, gy, gx] = pixels.mean(axis=0) / 255.0
     return fmap
 
 
-def _region_rows(image: np.ndarray, objects: List[Dict[str, Any]],
-                 sizes: Dict[str, int]) -> np.ndarray:
+def _region_rows(
+    image: np.ndarray, objects: List[Dict[str, Any]], sizes: Dict[str, int]
+) -> np.ndarray:
     rows = []
     for o in objects:
         x, y, w, h = (int(round(v)) for v in o["bbox"])
-        pixels = image[y:y + max(h, 1), x:x + max(w, 1)].reshape(-1, 3)
+        pixels = image[y : y + max(h, 1), x : x + max(w, 1)].reshape(-1, 3)
         rows.append(np.concatenate([_object_vector(o, sizes), pixels.mean(axis=0) / 255.0]))
     channels = sizes["categories"] + sizes["attributes"] + 3
     return np.asarray(rows, dtype=np.float32).reshape(-1, channels)
 
 
-def write_structured_store(synthetic_dir: PathLike, out_path: PathLike, mode: str = "grid",
-                           feature_dim: int = 64, stride: int = 32, noise: float = 0.05,
-                           seed: int = 0) -> Path:
+def write_structured_store(
+    synthetic_dir: PathLike,
+    out_path: PathLike,
+    mode: str = "grid",
+    feature_dim: int = 64,
+    stride: int = 32,
+    noise: float = 0.05,
+    seed: int = 0,
+) -> Path:
     """Writes a ``mode`` store for every image of ``synthetic_dir/annotations/instances.json``.
 
     Store image ids are the decimal image ids, as the VQA/caption files use them.
@@ -104,11 +116,16 @@ def write_structured_store(synthetic_dir: PathLike, out_path: PathLike, mode: st
         by_image[int(annotation["image_id"])].append(annotation)
     rng = np.random.default_rng(seed)
     structured_dim = sizes["categories"] + sizes["attributes"] + 3
-    projection = rng.normal(0.0, 1.0 / math.sqrt(structured_dim),
-                            size=(structured_dim, feature_dim)).astype(np.float32)
-    meta = StoreMetadata(mode=mode, feature_dim=feature_dim, dtype="float32",
-                         attr_topk=1 if mode == "region" else 0,
-                         config=f"structured synthetic features (stride {stride}, seed {seed})")
+    projection = rng.normal(
+        0.0, 1.0 / math.sqrt(structured_dim), size=(structured_dim, feature_dim)
+    ).astype(np.float32)
+    meta = StoreMetadata(
+        mode=mode,
+        feature_dim=feature_dim,
+        dtype="float32",
+        attr_topk=1 if mode == "region" else 0,
+        config=f"structured synthetic features (stride {stride}, seed {seed})",
+    )
     out_path = Path(out_path)
     with FeatureWriter(str(out_path), meta, compression="none", overwrite=True) as writer:
         for image in instances["images"]:
@@ -123,19 +140,35 @@ def write_structured_store(synthetic_dir: PathLike, out_path: PathLike, mode: st
             else:
                 rows = _region_rows(pixels, objects, sizes) @ projection
                 rows += rng.normal(0.0, noise, size=rows.shape).astype(np.float32)
-                boxes = np.asarray([[x, y, x + w, y + h] for x, y, w, h in
-                                    (o["bbox"] for o in objects)], dtype=np.float32).reshape(-1, 4)
+                boxes = np.asarray(
+                    [[x, y, x + w, y + h] for x, y, w, h in (o["bbox"] for o in objects)],
+                    dtype=np.float32,
+                ).reshape(-1, 4)
                 count = len(objects)
-                writer.add(str(image["id"]), region_record(
-                    rows, boxes, np.ones(count, np.float32),
-                    np.asarray([int(o["category_id"]) - 1 for o in objects], np.int32),
-                    np.zeros((count, 1), np.int32), np.ones((count, 1), np.float32), hw, hw))
+                writer.add(
+                    str(image["id"]),
+                    region_record(
+                        rows,
+                        boxes,
+                        np.ones(count, np.float32),
+                        np.asarray([int(o["category_id"]) - 1 for o in objects], np.int32),
+                        np.zeros((count, 1), np.int32),
+                        np.ones((count, 1), np.float32),
+                        hw,
+                        hw,
+                    ),
+                )
     return out_path
 
 
-def make_feature_dataset(out_dir: PathLike, num_images: int, seed: int = 0,
-                         modes: Sequence[str] = MODES, feature_dim: int = 64,
-                         overwrite: bool = False) -> Dict[str, Path]:
+def make_feature_dataset(
+    out_dir: PathLike,
+    num_images: int,
+    seed: int = 0,
+    modes: Sequence[str] = MODES,
+    feature_dim: int = 64,
+    overwrite: bool = False,
+) -> Dict[str, Path]:
     """A synthetic data set plus one structured store per mode, e.g. for tests and the demo.
 
     Returns ``gridfeats.data.synthetic.output_paths`` extended with ``"<mode>_features"``.
@@ -143,10 +176,15 @@ def make_feature_dataset(out_dir: PathLike, num_images: int, seed: int = 0,
     """
     from gridfeats.data.synthetic import make_synthetic
 
-    paths = dict(make_synthetic(Path(out_dir) / "synthetic", num_images, seed=seed,
-                                overwrite=overwrite))
+    paths = dict(
+        make_synthetic(Path(out_dir) / "synthetic", num_images, seed=seed, overwrite=overwrite)
+    )
     for mode in modes:
         paths[f"{mode}_features"] = write_structured_store(
-            paths["root"], Path(out_dir) / f"{mode}_features.h5", mode, feature_dim=feature_dim,
-            seed=seed)
+            paths["root"],
+            Path(out_dir) / f"{mode}_features.h5",
+            mode,
+            feature_dim=feature_dim,
+            seed=seed,
+        )
     return paths

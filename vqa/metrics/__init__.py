@@ -3,6 +3,7 @@
 ``evaluate_vqa`` (official VQA/VizWiz accuracy, pure Python) and ``evaluate_captions`` (COCO
 caption metrics; needs ``pycocoevalcap`` and Java, imported only when called).
 """
+
 from vqa.metrics.vqa_eval import VQAEvalError, evaluate_vqa, question_accuracy
 
 

@@ -15,6 +15,7 @@ those of the results) and turns the toolkit's asserts into clear errors.
 * Java (``java`` on PATH) is needed for PTB tokenisation and METEOR; its absence is an error that
   says so.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,10 @@ def _toolkit_dir() -> Path:
     try:  # pycocoevalcap is a namespace package: locate it through one of its modules
         from pycocoevalcap.tokenizer import ptbtokenizer
     except ImportError:
-        raise CaptionEvalError("caption metrics need pycocoevalcap: pip install "
-                               "'gridfeats[vqa]' (or pip install pycocoevalcap)") from None
+        raise CaptionEvalError(
+            "caption metrics need pycocoevalcap: pip install "
+            "'gridfeats[vqa]' (or pip install pycocoevalcap)"
+        ) from None
     return Path(ptbtokenizer.__file__).resolve().parent.parent
 
 
@@ -49,16 +52,18 @@ def spice_available() -> Optional[str]:
     lib = _toolkit_dir() / "spice" / "lib"
     missing = [jar for jar in SPICE_CORENLP_JARS if not (lib / jar).is_file()]
     if missing:
-        return (f"Stanford CoreNLP models are not installed ({', '.join(missing)} missing in "
-                f"{lib}); pycocoevalcap would download them, which is not possible offline")
+        return (
+            f"Stanford CoreNLP models are not installed ({', '.join(missing)} missing in "
+            f"{lib}); pycocoevalcap would download them, which is not possible offline"
+        )
     return None
 
 
 def _references(annotations: Any) -> Dict[Hashable, List[Dict[str, str]]]:
-    if not isinstance(annotations, Mapping) or not isinstance(annotations.get("annotations"),
-                                                             list):
-        raise CaptionEvalError("caption annotations must be a COCO captions JSON object with an "
-                               "'annotations' list")
+    if not isinstance(annotations, Mapping) or not isinstance(annotations.get("annotations"), list):
+        raise CaptionEvalError(
+            "caption annotations must be a COCO captions JSON object with an 'annotations' list"
+        )
     references: Dict[Hashable, List[Dict[str, str]]] = {}
     for position, entry in enumerate(annotations["annotations"]):
         require_keys(entry, ("image_id", "caption"), f"caption annotation #{position}")
@@ -66,11 +71,13 @@ def _references(annotations: Any) -> Dict[Hashable, List[Dict[str, str]]]:
     return references
 
 
-def _candidates(results: Any,
-                references: Mapping[Hashable, Any]) -> Dict[Hashable, List[Dict[str, str]]]:
+def _candidates(
+    results: Any, references: Mapping[Hashable, Any]
+) -> Dict[Hashable, List[Dict[str, str]]]:
     if not isinstance(results, list) or not results:
-        raise CaptionEvalError("caption results must be a non-empty JSON list of "
-                               "{'image_id', 'caption'} objects")
+        raise CaptionEvalError(
+            "caption results must be a non-empty JSON list of {'image_id', 'caption'} objects"
+        )
     candidates: Dict[Hashable, List[Dict[str, str]]] = {}
     for position, entry in enumerate(results):
         require_keys(entry, ("image_id", "caption"), f"caption result #{position}")
@@ -78,17 +85,22 @@ def _candidates(results: Any,
             raise CaptionEvalError(f"caption result #{position}: 'caption' must be a string")
         image_id = entry["image_id"]
         if image_id not in references:
-            raise CaptionEvalError(f"caption result #{position}: image_id {image_id!r} has no "
-                                   f"reference captions in the annotations")
+            raise CaptionEvalError(
+                f"caption result #{position}: image_id {image_id!r} has no "
+                f"reference captions in the annotations"
+            )
         if image_id in candidates:
-            raise CaptionEvalError(f"caption results give image_id {image_id!r} more than one "
-                                   f"caption; the metrics score exactly one per image")
+            raise CaptionEvalError(
+                f"caption results give image_id {image_id!r} more than one "
+                f"caption; the metrics score exactly one per image"
+            )
         candidates[image_id] = [{"caption": entry["caption"]}]
     return candidates
 
 
-def evaluate_captions(annotations_json: JsonSource, results: JsonSource,
-                      use_spice: Optional[bool] = None) -> Dict[str, float]:
+def evaluate_captions(
+    annotations_json: JsonSource, results: JsonSource, use_spice: Optional[bool] = None
+) -> Dict[str, float]:
     """Corpus-level caption metrics of ``results`` against COCO-format references.
 
     ``annotations_json``: COCO captions (path or dict with ``"annotations": [{"image_id",
@@ -102,8 +114,10 @@ def evaluate_captions(annotations_json: JsonSource, results: JsonSource,
     candidates = _candidates(read_json(results, "caption results"), references)
     _toolkit_dir()  # a clear error if pycocoevalcap is missing
     if shutil.which("java") is None:
-        raise CaptionEvalError("caption metrics need Java for PTB tokenisation and METEOR: "
-                               "install a JRE (java not found on PATH)")
+        raise CaptionEvalError(
+            "caption metrics need Java for PTB tokenisation and METEOR: "
+            "install a JRE (java not found on PATH)"
+        )
     spice_reason = spice_available() if use_spice is not False else "disabled"
     if use_spice is True and spice_reason is not None:
         raise CaptionEvalError(f"SPICE was requested but cannot run: {spice_reason}")
@@ -137,4 +151,3 @@ def evaluate_captions(annotations_json: JsonSource, results: JsonSource,
 
         scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
     return scores
-

@@ -46,6 +46,7 @@ Result files must answer exactly the annotated questions, once each: a missing o
 an error (``VQAEvalError``) with the counts and a few example ids. ``allow_missing=True`` relaxes
 only the "missing" half.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -104,18 +105,22 @@ def _answer_records(answers: Sequence[AnswerRecord]) -> List[Dict[str, Any]]:
         else:
             raise DataFormatError(
                 f"a ground-truth answer must be a string or an object with a string 'answer', "
-                f"got {item!r}")
+                f"got {item!r}"
+            )
     return records
 
 
 def _check_official(official: str) -> None:
     if official not in OFFICIAL_VERSIONS:
-        raise ValueError(f"unknown official VQA script {official!r}; choose one of "
-                         f"{', '.join(map(repr, OFFICIAL_VERSIONS))}")
+        raise ValueError(
+            f"unknown official VQA script {official!r}; choose one of "
+            f"{', '.join(map(repr, OFFICIAL_VERSIONS))}"
+        )
 
 
-def leave_one_out_accuracies(prediction: str, answers: Sequence[AnswerRecord],
-                             official: str = DEFAULT_OFFICIAL) -> List[float]:
+def leave_one_out_accuracies(
+    prediction: str, answers: Sequence[AnswerRecord], official: str = DEFAULT_OFFICIAL
+) -> List[float]:
     """The official per-annotator accuracies ``acc_g`` of one raw predicted answer (VQA rules).
 
     ``answers`` are the question's ground-truth answer records (``{"answer": ..., ...}``) or
@@ -145,14 +150,16 @@ def vizwiz_leave_one_out_accuracies(prediction: str, answers: Sequence[str]) -> 
     predicted = official_prediction(prediction, VIZWIZ)
     accuracies = []
     for position in range(len(answers)):
-        matches = sum(1 for other, answer in enumerate(answers)
-                      if other != position and answer == predicted)
+        matches = sum(
+            1 for other, answer in enumerate(answers) if other != position and answer == predicted
+        )
         accuracies.append(min(1.0, matches / 3))
     return accuracies
 
 
-def question_accuracy(prediction: str, answers: Sequence[AnswerRecord],
-                      official: str = DEFAULT_OFFICIAL) -> float:
+def question_accuracy(
+    prediction: str, answers: Sequence[AnswerRecord], official: str = DEFAULT_OFFICIAL
+) -> float:
     """Official VQA accuracy in ``[0, 1]`` of one prediction (for validation inside training)."""
     accuracies = leave_one_out_accuracies(prediction, answers, official)
     return sum(accuracies) / len(accuracies)
@@ -186,40 +193,55 @@ def _index_results(results: Any, key: str) -> Dict[Hashable, str]:
     if not isinstance(results, list):
         raise VQAEvalError(
             f"results must be a JSON list of {{{key!r}, 'answer'}} objects, "
-            f"got {type(results).__name__}")
+            f"got {type(results).__name__}"
+        )
     answers: Dict[Hashable, str] = {}
     duplicates = []
     for position, entry in enumerate(results):
         require_keys(entry, (key, "answer"), f"result #{position}")
         if not isinstance(entry["answer"], str):
-            raise VQAEvalError(f"result #{position} ({key} {entry[key]!r}): 'answer' must be a "
-                               f"string, got {type(entry['answer']).__name__}")
+            raise VQAEvalError(
+                f"result #{position} ({key} {entry[key]!r}): 'answer' must be a "
+                f"string, got {type(entry['answer']).__name__}"
+            )
         if entry[key] in answers:
             duplicates.append(entry[key])
         answers[entry[key]] = entry["answer"]
     if duplicates:
-        raise VQAEvalError(f"results answer {len(duplicates)} {key}(s) more than once: "
-                           f"{_describe_ids(duplicates)}")
+        raise VQAEvalError(
+            f"results answer {len(duplicates)} {key}(s) more than once: {_describe_ids(duplicates)}"
+        )
     return answers
 
 
-def _check_same_ids(annotated: Sequence[Hashable], answered: Mapping[Hashable, str],
-                    key: str, allow_missing: bool = False) -> None:
+def _check_same_ids(
+    annotated: Sequence[Hashable],
+    answered: Mapping[Hashable, str],
+    key: str,
+    allow_missing: bool = False,
+) -> None:
     missing = set() if allow_missing else set(annotated) - set(answered)
     extra = set(answered) - set(annotated)
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} annotated {key}(s) have no prediction "
-                         f"({_describe_ids(list(missing))})")
+            parts.append(
+                f"{len(missing)} annotated {key}(s) have no prediction "
+                f"({_describe_ids(list(missing))})"
+            )
         if extra:
-            parts.append(f"{len(extra)} predicted {key}(s) are not in the annotations "
-                         f"({_describe_ids(list(extra))})")
+            parts.append(
+                f"{len(extra)} predicted {key}(s) are not in the annotations "
+                f"({_describe_ids(list(extra))})"
+            )
         raise VQAEvalError("results do not correspond to the annotation set: " + "; ".join(parts))
 
 
-def _check_questions(questions: Any, annotations: Mapping[Hashable, Mapping[str, Any]],
-                     answered: Mapping[Hashable, str]) -> None:
+def _check_questions(
+    questions: Any,
+    annotations: Mapping[Hashable, Mapping[str, Any]],
+    answered: Mapping[Hashable, str],
+) -> None:
     """Catches a questions file from another split; enforces multiple-choice answers."""
     if not isinstance(questions, Mapping) or not isinstance(questions.get("questions"), list):
         raise VQAEvalError("VQA questions must be a JSON object with a 'questions' list")
@@ -229,33 +251,42 @@ def _check_questions(questions: Any, annotations: Mapping[Hashable, Mapping[str,
         by_id[entry["question_id"]] = entry
     unknown = set(annotations) - set(by_id)
     if unknown:
-        raise VQAEvalError(f"the questions file does not match the annotations: {len(unknown)} "
-                           f"annotated question_id(s) are not in it ({_describe_ids(list(unknown))})")
+        raise VQAEvalError(
+            f"the questions file does not match the annotations: {len(unknown)} "
+            f"annotated question_id(s) are not in it ({_describe_ids(list(unknown))})"
+        )
     if questions.get("task_type") == "Multiple Choice":
         for question_id, answer in answered.items():
             choices = by_id[question_id].get("multiple_choices", [])
             if answer not in choices:
-                raise VQAEvalError(f"question_id {question_id!r}: predicted answer {answer!r} is "
-                                   f"not one of its multiple choices")
+                raise VQAEvalError(
+                    f"question_id {question_id!r}: predicted answer {answer!r} is "
+                    f"not one of its multiple choices"
+                )
 
 
-def _question_order(by_id: Mapping[Hashable, Any], answered: Mapping[Hashable, str],
-                    facts: _ScriptFacts) -> List[Hashable]:
+def _question_order(
+    by_id: Mapping[Hashable, Any], answered: Mapping[Hashable, str], facts: _ScriptFacts
+) -> List[Hashable]:
     """The ids in the order the script walks them (its sums, hence last digits, depend on it)."""
     if facts.results_order:
         return list(answered)
     return [question_id for question_id in by_id if question_id in answered]
 
 
-def _evaluate_vqa_v2(annotations: Mapping[str, Any], questions: Any, results: Any,
-                     official: str, allow_missing: bool) -> Dict[str, Any]:
+def _evaluate_vqa_v2(
+    annotations: Mapping[str, Any], questions: Any, results: Any, official: str, allow_missing: bool
+) -> Dict[str, Any]:
     entries = annotations["annotations"]
     if not isinstance(entries, list):
         raise VQAEvalError("VQA annotations: 'annotations' must be a list")
     by_id: Dict[Hashable, Mapping[str, Any]] = {}
     for position, entry in enumerate(entries):
-        require_keys(entry, ("question_id", "answers", "question_type", "answer_type"),
-                     f"annotation #{position}")
+        require_keys(
+            entry,
+            ("question_id", "answers", "question_type", "answer_type"),
+            f"annotation #{position}",
+        )
         by_id[entry["question_id"]] = entry
     answered = _index_results(results, "question_id")
     _check_same_ids(list(by_id), answered, "question_id", allow_missing)
@@ -272,11 +303,11 @@ def _evaluate_vqa_v2(annotations: Mapping[str, Any], questions: Any, results: An
     for question_id in _question_order(by_id, answered, facts):
         entry = by_id[question_id]
         try:
-            accuracies = leave_one_out_accuracies(answered[question_id], entry["answers"],
-                                                  official)
+            accuracies = leave_one_out_accuracies(answered[question_id], entry["answers"], official)
         except Python2TextError as error:
-            raise VQAEvalError(f"question_id {question_id!r}: {error}; score with "
-                               f"official={VQA_PY3!r}") from None
+            raise VQAEvalError(
+                f"question_id {question_id!r}: {error}; score with official={VQA_PY3!r}"
+            ) from None
         mean = float(sum(accuracies)) / len(accuracies)
         overall.append(mean)
         typed = accuracies[-1] if facts.per_type_last_answer else mean
@@ -317,9 +348,13 @@ def _evaluate_vizwiz(entries: List[Any], results: Any, allow_missing: bool) -> D
     }
 
 
-def evaluate_vqa(annotations: JsonSource, questions: Optional[JsonSource],
-                 results: JsonSource, official: str = DEFAULT_OFFICIAL,
-                 allow_missing: bool = False) -> Dict[str, Any]:
+def evaluate_vqa(
+    annotations: JsonSource,
+    questions: Optional[JsonSource],
+    results: JsonSource,
+    official: str = DEFAULT_OFFICIAL,
+    allow_missing: bool = False,
+) -> Dict[str, Any]:
     """Official accuracy of ``results`` -> ``{"overall", "perQuestionType", "perAnswerType"}``.
 
     Each argument is a path or the loaded JSON. ``annotations`` is a VQA annotation file (a dict
@@ -339,16 +374,21 @@ def evaluate_vqa(annotations: JsonSource, questions: Optional[JsonSource],
     loaded_results = read_json(results, "VQA results")
     if isinstance(loaded_annotations, list):
         if official != DEFAULT_OFFICIAL:
-            raise VQAEvalError(f"official={official!r} names a VQA script; VizWiz annotations "
-                               f"are scored with VizWiz's own script (leave official unset)")
+            raise VQAEvalError(
+                f"official={official!r} names a VQA script; VizWiz annotations "
+                f"are scored with VizWiz's own script (leave official unset)"
+            )
         if not loaded_annotations:
             raise VQAEvalError("the VizWiz annotations are empty: nothing to evaluate")
         return _evaluate_vizwiz(loaded_annotations, loaded_results, allow_missing)
     if not isinstance(loaded_annotations, Mapping) or "annotations" not in loaded_annotations:
-        raise VQAEvalError("VQA annotations must be a JSON object with an 'annotations' list "
-                           "(VQA) or a JSON list (VizWiz)")
+        raise VQAEvalError(
+            "VQA annotations must be a JSON object with an 'annotations' list "
+            "(VQA) or a JSON list (VizWiz)"
+        )
     if not loaded_annotations["annotations"]:
         raise VQAEvalError("the VQA annotations are empty: nothing to evaluate")
     loaded_questions = None if questions is None else read_json(questions, "VQA questions")
-    return _evaluate_vqa_v2(loaded_annotations, loaded_questions, loaded_results, official,
-                            allow_missing)
+    return _evaluate_vqa_v2(
+        loaded_annotations, loaded_questions, loaded_results, official, allow_missing
+    )

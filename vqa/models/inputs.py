@@ -11,6 +11,7 @@ by the image size; a grid row at ``(y, x)`` of an ``h x w`` map uses the cell it
 ``(x/w, y/h, (x+1)/w, (y+1)/h)``. The box plus its area (5 numbers) goes through a linear layer and
 is added to the projected feature, as in LXMERT/ViLBERT's box embedding.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -70,8 +71,14 @@ class ImageRowEncoder(nn.Module):
     fine-tuned fc7 of bottom-up features) and off for MCAN (a plain linear map in the paper).
     """
 
-    def __init__(self, feature_dim: int, out_dim: int, use_position: bool = True,
-                 activation: bool = True, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        feature_dim: int,
+        out_dim: int,
+        use_position: bool = True,
+        activation: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.feature_proj = nn.Linear(feature_dim, out_dim)
         self.position_proj = nn.Linear(POSITION_DIM, out_dim) if use_position else None
@@ -94,14 +101,16 @@ class WordEmbedding(nn.Embedding):
     for words missing from the vector file are expected to be filled by that loader.
     """
 
-    def __init__(self, vocab_size: int, dim: int, vectors: Optional[np.ndarray] = None,
-                 freeze: bool = False) -> None:
+    def __init__(
+        self, vocab_size: int, dim: int, vectors: Optional[np.ndarray] = None, freeze: bool = False
+    ) -> None:
         super().__init__(vocab_size, dim, padding_idx=0)
         if vectors is not None:
             vectors = np.asarray(vectors, dtype=np.float32)
             if vectors.shape != (vocab_size, dim):
                 raise ValueError(
-                    f"word vectors have shape {vectors.shape}, expected ({vocab_size}, {dim})")
+                    f"word vectors have shape {vectors.shape}, expected ({vocab_size}, {dim})"
+                )
             with torch.no_grad():
                 self.weight.copy_(torch.from_numpy(vectors))
                 self.weight[0].zero_()
@@ -116,7 +125,8 @@ def run_lstm(lstm: nn.LSTM, embedded: torch.Tensor, lengths: torch.Tensor) -> to
     """
     total = embedded.shape[1]
     packed = nn.utils.rnn.pack_padded_sequence(
-        embedded, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        embedded, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+    )
     out, _ = lstm(packed)
     out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=total)
     return out

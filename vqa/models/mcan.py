@@ -14,6 +14,7 @@ with residual + LayerNorm (post-norm, as in the original).
 
 ``MCAN_SIZES`` holds the paper's small and large settings.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,9 @@ class MultiHeadAttention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, query: torch.Tensor, key_value: torch.Tensor,
-                key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, key_value: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
         q = self._split(self.q_proj(query))
         k = self._split(self.k_proj(key_value))
         v = self._split(self.v_proj(key_value))
@@ -63,8 +65,9 @@ class MultiHeadAttention(nn.Module):
 
 class FeedForward(nn.Sequential):
     def __init__(self, hidden: int, ffn: int, dropout: float) -> None:
-        super().__init__(nn.Linear(hidden, ffn), nn.ReLU(), nn.Dropout(dropout),
-                         nn.Linear(ffn, hidden))
+        super().__init__(
+            nn.Linear(hidden, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, hidden)
+        )
 
 
 class SelfAttentionBlock(nn.Module):
@@ -95,8 +98,13 @@ class GuidedSelfAttentionBlock(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(3))
         self.dropouts = nn.ModuleList(nn.Dropout(dropout) for _ in range(3))
 
-    def forward(self, rows: torch.Tensor, row_mask: torch.Tensor, words: torch.Tensor,
-                word_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        rows: torch.Tensor,
+        row_mask: torch.Tensor,
+        words: torch.Tensor,
+        word_mask: torch.Tensor,
+    ) -> torch.Tensor:
         rows = self.norms[0](rows + self.dropouts[0](self.self_attention(rows, rows, row_mask)))
         rows = self.norms[1](rows + self.dropouts[1](self.guided_attention(rows, words, word_mask)))
         return self.norms[2](rows + self.dropouts[2](self.ffn(rows)))
@@ -105,11 +113,13 @@ class GuidedSelfAttentionBlock(nn.Module):
 class AttentionalFlatten(nn.Module):
     """AttFlat: an MLP scores each element, glimpse-weighted sums are merged by a linear layer."""
 
-    def __init__(self, hidden: int, mlp_dim: int, out_dim: int, glimpses: int,
-                 dropout: float) -> None:
+    def __init__(
+        self, hidden: int, mlp_dim: int, out_dim: int, glimpses: int, dropout: float
+    ) -> None:
         super().__init__()
-        self.score = nn.Sequential(nn.Linear(hidden, mlp_dim), nn.ReLU(), nn.Dropout(dropout),
-                                   nn.Linear(mlp_dim, glimpses))
+        self.score = nn.Sequential(
+            nn.Linear(hidden, mlp_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(mlp_dim, glimpses)
+        )
         self.merge = nn.Linear(hidden * glimpses, out_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -121,26 +131,45 @@ class AttentionalFlatten(nn.Module):
 class MCAN(nn.Module):
     """MCAN encoder-decoder; returns answer logits ``[B, num_answers]``."""
 
-    def __init__(self, vocab_size: int, num_answers: int, feature_dim: int,
-                 size: Optional[str] = "small", hidden: Optional[int] = None,
-                 heads: Optional[int] = None, ffn: Optional[int] = None,
-                 flat_mlp: Optional[int] = None, flat_out: Optional[int] = None,
-                 layers: int = 6, word_dim: int = 300, dropout: float = 0.1,
-                 flat_glimpses: int = 1, use_position: bool = True,
-                 word_vectors: Optional[np.ndarray] = None, freeze_words: bool = False,
-                 text_encoder: Optional[str] = None, freeze_text_encoder: bool = False) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        num_answers: int,
+        feature_dim: int,
+        size: Optional[str] = "small",
+        hidden: Optional[int] = None,
+        heads: Optional[int] = None,
+        ffn: Optional[int] = None,
+        flat_mlp: Optional[int] = None,
+        flat_out: Optional[int] = None,
+        layers: int = 6,
+        word_dim: int = 300,
+        dropout: float = 0.1,
+        flat_glimpses: int = 1,
+        use_position: bool = True,
+        word_vectors: Optional[np.ndarray] = None,
+        freeze_words: bool = False,
+        text_encoder: Optional[str] = None,
+        freeze_text_encoder: bool = False,
+    ) -> None:
         super().__init__()
         if size is not None and size not in MCAN_SIZES:
             raise ValueError(f"unknown MCAN size {size!r}; choose one of {sorted(MCAN_SIZES)}")
         dims = dict(MCAN_SIZES[size or "small"])
-        for name, value in (("hidden", hidden), ("heads", heads), ("ffn", ffn),
-                            ("flat_mlp", flat_mlp), ("flat_out", flat_out)):
+        for name, value in (
+            ("hidden", hidden),
+            ("heads", heads),
+            ("ffn", ffn),
+            ("flat_mlp", flat_mlp),
+            ("flat_out", flat_out),
+        ):
             if value is not None:
                 dims[name] = value
         h = dims["hidden"]
         if text_encoder:
             self.text_encoder: Optional[PretrainedTextEncoder] = PretrainedTextEncoder(
-                text_encoder, freeze_text_encoder)
+                text_encoder, freeze_text_encoder
+            )
             self.text_proj = nn.Linear(self.text_encoder.out_dim, h)
         else:
             self.text_encoder = None
@@ -148,20 +177,28 @@ class MCAN(nn.Module):
             self.lstm = nn.LSTM(word_dim, h, batch_first=True)
         self.image_encoder = ImageRowEncoder(feature_dim, h, use_position, activation=False)
         self.encoder = nn.ModuleList(
-            SelfAttentionBlock(h, dims["heads"], dims["ffn"], dropout) for _ in range(layers))
+            SelfAttentionBlock(h, dims["heads"], dims["ffn"], dropout) for _ in range(layers)
+        )
         self.decoder = nn.ModuleList(
-            GuidedSelfAttentionBlock(h, dims["heads"], dims["ffn"], dropout)
-            for _ in range(layers))
-        self.flatten_words = AttentionalFlatten(h, dims["flat_mlp"], dims["flat_out"],
-                                                flat_glimpses, dropout)
-        self.flatten_rows = AttentionalFlatten(h, dims["flat_mlp"], dims["flat_out"],
-                                               flat_glimpses, dropout)
+            GuidedSelfAttentionBlock(h, dims["heads"], dims["ffn"], dropout) for _ in range(layers)
+        )
+        self.flatten_words = AttentionalFlatten(
+            h, dims["flat_mlp"], dims["flat_out"], flat_glimpses, dropout
+        )
+        self.flatten_rows = AttentionalFlatten(
+            h, dims["flat_mlp"], dims["flat_out"], flat_glimpses, dropout
+        )
         self.fusion_norm = nn.LayerNorm(dims["flat_out"])
         self.classifier = nn.Linear(dims["flat_out"], num_answers)
 
-    def forward(self, feats: torch.Tensor, feat_mask: torch.Tensor,
-                boxes: Optional[torch.Tensor], question: torch.Tensor,
-                question_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        feats: torch.Tensor,
+        feat_mask: torch.Tensor,
+        boxes: Optional[torch.Tensor],
+        question: torch.Tensor,
+        question_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """``feats [B,N,D]``, ``feat_mask [B,N]`` bool, ``boxes [B,N,4]``, ``question [B,T]``.
 
         ``question_mask`` defaults to ``question != 0`` (id 0 is padding).

@@ -13,6 +13,7 @@ Pythia is bottom-up top-down VQA with a few changes that the paper found to matt
 
 Sizes default to the paper's; tests build tiny instances through the same constructor.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -46,10 +47,18 @@ class QuestionSelfAttention(nn.Module):
     is given).
     """
 
-    def __init__(self, vocab_size: int, word_dim: int, hidden_dim: int, attention_dim: int,
-                 glimpses: int, word_vectors: Optional[np.ndarray] = None,
-                 freeze_words: bool = False, dropout: float = 0.0,
-                 text_encoder: Optional[PretrainedTextEncoder] = None) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        word_dim: int,
+        hidden_dim: int,
+        attention_dim: int,
+        glimpses: int,
+        word_vectors: Optional[np.ndarray] = None,
+        freeze_words: bool = False,
+        dropout: float = 0.0,
+        text_encoder: Optional[PretrainedTextEncoder] = None,
+    ) -> None:
         super().__init__()
         self.text_encoder = text_encoder
         if text_encoder is None:
@@ -80,16 +89,16 @@ class QuestionSelfAttention(nn.Module):
 class TopDownAttention(nn.Module):
     """Question-guided soft attention over image rows, ignoring padded rows."""
 
-    def __init__(self, image_dim: int, question_dim: int, hidden_dim: int,
-                 dropout: float) -> None:
+    def __init__(self, image_dim: int, question_dim: int, hidden_dim: int, dropout: float) -> None:
         super().__init__()
         self.image_proj = ReLUWeightNormFC(image_dim, hidden_dim)
         self.question_proj = ReLUWeightNormFC(question_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.score = nn.Linear(hidden_dim, 1)
 
-    def forward(self, rows: torch.Tensor, row_mask: torch.Tensor,
-                question: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, rows: torch.Tensor, row_mask: torch.Tensor, question: torch.Tensor
+    ) -> torch.Tensor:
         joint = self.image_proj(rows) * self.question_proj(question).unsqueeze(1)
         scores = self.score(self.dropout(joint)).squeeze(-1)  # [B, N]
         weights = masked_softmax(scores, row_mask, dim=1)
@@ -99,19 +108,37 @@ class TopDownAttention(nn.Module):
 class Pythia(nn.Module):
     """Pythia v0.1: returns answer logits ``[B, num_answers]`` (use BCE-with-logits on them)."""
 
-    def __init__(self, vocab_size: int, num_answers: int, feature_dim: int,
-                 word_dim: int = 300, question_hidden: int = 1024, question_attention: int = 512,
-                 glimpses: int = 2, image_dim: int = 2048, fusion_dim: int = 5000,
-                 classifier_hidden: int = 5000, dropout: float = 0.5,
-                 use_position: bool = True, word_vectors: Optional[np.ndarray] = None,
-                 freeze_words: bool = False, text_encoder: Optional[str] = None,
-                 freeze_text_encoder: bool = False) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        num_answers: int,
+        feature_dim: int,
+        word_dim: int = 300,
+        question_hidden: int = 1024,
+        question_attention: int = 512,
+        glimpses: int = 2,
+        image_dim: int = 2048,
+        fusion_dim: int = 5000,
+        classifier_hidden: int = 5000,
+        dropout: float = 0.5,
+        use_position: bool = True,
+        word_vectors: Optional[np.ndarray] = None,
+        freeze_words: bool = False,
+        text_encoder: Optional[str] = None,
+        freeze_text_encoder: bool = False,
+    ) -> None:
         super().__init__()
-        encoder = (PretrainedTextEncoder(text_encoder, freeze_text_encoder)
-                   if text_encoder else None)
+        encoder = PretrainedTextEncoder(text_encoder, freeze_text_encoder) if text_encoder else None
         self.question_encoder = QuestionSelfAttention(
-            vocab_size, word_dim, question_hidden, question_attention, glimpses,
-            word_vectors, freeze_words, text_encoder=encoder)
+            vocab_size,
+            word_dim,
+            question_hidden,
+            question_attention,
+            glimpses,
+            word_vectors,
+            freeze_words,
+            text_encoder=encoder,
+        )
         question_dim = self.question_encoder.out_dim
         self.image_encoder = ImageRowEncoder(feature_dim, image_dim, use_position, activation=True)
         self.attention = TopDownAttention(image_dim, question_dim, fusion_dim, dropout)
@@ -125,9 +152,14 @@ class Pythia(nn.Module):
             wn_linear(classifier_hidden, num_answers),
         )
 
-    def forward(self, feats: torch.Tensor, feat_mask: torch.Tensor,
-                boxes: Optional[torch.Tensor], question: torch.Tensor,
-                question_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        feats: torch.Tensor,
+        feat_mask: torch.Tensor,
+        boxes: Optional[torch.Tensor],
+        question: torch.Tensor,
+        question_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """``feats [B,N,D]``, ``feat_mask [B,N]`` bool, ``boxes [B,N,4]``, ``question [B,T]``.
 
         ``question_mask`` defaults to ``question != 0`` (id 0 is padding).

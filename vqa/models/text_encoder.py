@@ -6,6 +6,7 @@ directory is what ``model.save_pretrained(dir)`` writes (use the matching tokeni
 The encoder replaces the word embedding + LSTM of Pythia/MCAN; its last hidden states are the
 word features.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,14 +24,18 @@ class PretrainedTextEncoder(nn.Module):
         super().__init__()
         directory = Path(path)
         if not (directory / "config.json").is_file():
-            raise ValueError(f"text encoder directory {directory} has no config.json; give a "
-                             f"local directory written by save_pretrained (hub names are not "
-                             f"downloaded)")
+            raise ValueError(
+                f"text encoder directory {directory} has no config.json; give a "
+                f"local directory written by save_pretrained (hub names are not "
+                f"downloaded)"
+            )
         try:
             from transformers import AutoModel
         except ImportError:
-            raise ValueError("a transformers text encoder needs the transformers package: "
-                             "pip install 'gridfeats[vqa]'") from None
+            raise ValueError(
+                "a transformers text encoder needs the transformers package: "
+                "pip install 'gridfeats[vqa]'"
+            ) from None
         try:
             self.encoder = AutoModel.from_pretrained(str(directory), local_files_only=True)
         except (OSError, ValueError) as exc:

@@ -10,6 +10,7 @@ Training is teacher-forced cross-entropy (``forward``); decoding is greedy, samp
 self-critical training, with per-token log-probabilities kept for the policy gradient) or beam
 search. Token id 0 is padding; ``bos_id``/``eos_id`` come from the caption vocabulary.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional, Tuple
@@ -38,9 +39,18 @@ class EncodedImage(NamedTuple):
 class UpDownCaptioner(nn.Module):
     """Up-Down captioner; sizes default to the paper (hidden 1000, attention 512, embedding 1000)."""
 
-    def __init__(self, vocab_size: int, feature_dim: int, bos_id: int, eos_id: int,
-                 hidden: int = 1000, attention_dim: int = 512, word_dim: int = 1000,
-                 dropout: float = 0.5, use_position: bool = True) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        bos_id: int,
+        eos_id: int,
+        hidden: int = 1000,
+        attention_dim: int = 512,
+        word_dim: int = 1000,
+        dropout: float = 0.5,
+        use_position: bool = True,
+    ) -> None:
         super().__init__()
         if not (0 < bos_id < vocab_size and 0 < eos_id < vocab_size):
             raise ValueError("bos_id and eos_id must be non-padding ids inside the vocabulary")
@@ -48,10 +58,12 @@ class UpDownCaptioner(nn.Module):
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.hidden = hidden
-        self.image_encoder = ImageRowEncoder(feature_dim, hidden, use_position, activation=True,
-                                             dropout=dropout)
-        self.embedding = nn.Sequential(nn.Embedding(vocab_size, word_dim, padding_idx=0),
-                                       nn.ReLU(), nn.Dropout(dropout))
+        self.image_encoder = ImageRowEncoder(
+            feature_dim, hidden, use_position, activation=True, dropout=dropout
+        )
+        self.embedding = nn.Sequential(
+            nn.Embedding(vocab_size, word_dim, padding_idx=0), nn.ReLU(), nn.Dropout(dropout)
+        )
         self.attention_lstm = nn.LSTMCell(hidden + hidden + word_dim, hidden)
         self.language_lstm = nn.LSTMCell(hidden + hidden, hidden)
         self.key_proj = nn.Linear(hidden, attention_dim)
@@ -61,8 +73,9 @@ class UpDownCaptioner(nn.Module):
         self.output = nn.Linear(hidden, vocab_size)
 
     # ----------------------------------------------------------------- building blocks
-    def encode(self, feats: torch.Tensor, feat_mask: torch.Tensor,
-               boxes: Optional[torch.Tensor]) -> EncodedImage:
+    def encode(
+        self, feats: torch.Tensor, feat_mask: torch.Tensor, boxes: Optional[torch.Tensor]
+    ) -> EncodedImage:
         rows = self.image_encoder(feats, boxes)
         return EncodedImage(rows, feat_mask, masked_mean(rows, feat_mask), self.key_proj(rows))
 
@@ -70,25 +83,32 @@ class UpDownCaptioner(nn.Module):
         zeros = like.new_zeros(batch, self.hidden)
         return zeros, zeros, zeros, zeros
 
-    def step(self, words: torch.Tensor, state: State,
-             image: EncodedImage) -> Tuple[torch.Tensor, State]:
+    def step(
+        self, words: torch.Tensor, state: State, image: EncodedImage
+    ) -> Tuple[torch.Tensor, State]:
         """One word step: ``words [B]`` (previous tokens) -> next-word logits ``[B, V]``."""
         h_att, c_att, h_lang, c_lang = state
         att_input = torch.cat([h_lang, image.mean, self.embedding(words)], dim=1)
         h_att, c_att = self.attention_lstm(att_input, (h_att, c_att))
         scores = self.attention_score(
-            torch.tanh(image.keys + self.query_proj(h_att).unsqueeze(1))).squeeze(-1)
+            torch.tanh(image.keys + self.query_proj(h_att).unsqueeze(1))
+        ).squeeze(-1)
         weights = masked_softmax(scores, image.mask, dim=1)
         attended = torch.bmm(weights.unsqueeze(1), image.rows).squeeze(1)
-        h_lang, c_lang = self.language_lstm(torch.cat([attended, h_att], dim=1),
-                                            (h_lang, c_lang))
+        h_lang, c_lang = self.language_lstm(torch.cat([attended, h_att], dim=1), (h_lang, c_lang))
         logits = self.output(self.output_dropout(h_lang))
         return logits, (h_att, c_att, h_lang, c_lang)
 
     # ----------------------------------------------------------------- training
-    def forward(self, feats: torch.Tensor, feat_mask: torch.Tensor,
-                boxes: Optional[torch.Tensor], captions_in: Optional[torch.Tensor] = None,
-                mode: str = "teacher_forcing", **sample_options: Any) -> Any:
+    def forward(
+        self,
+        feats: torch.Tensor,
+        feat_mask: torch.Tensor,
+        boxes: Optional[torch.Tensor],
+        captions_in: Optional[torch.Tensor] = None,
+        mode: str = "teacher_forcing",
+        **sample_options: Any,
+    ) -> Any:
         """Teacher forcing: ``captions_in [B, L]`` (starting with BOS) -> logits ``[B, L, V]``.
 
         ``mode="sample"`` runs ``sample(**sample_options)`` instead: SCST must go through
@@ -114,9 +134,15 @@ class UpDownCaptioner(nn.Module):
         logprobs[:, self.bos_id] = float("-inf")
         return logprobs
 
-    def sample(self, feats: torch.Tensor, feat_mask: torch.Tensor,
-               boxes: Optional[torch.Tensor], max_len: int, greedy: bool = True,
-               samples_per_image: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self,
+        feats: torch.Tensor,
+        feat_mask: torch.Tensor,
+        boxes: Optional[torch.Tensor],
+        max_len: int,
+        greedy: bool = True,
+        samples_per_image: int = 1,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Greedy or multinomial decoding.
 
         Returns ``tokens [B*S, L]`` (0 after EOS, EOS kept) and the per-token log-probabilities
@@ -148,9 +174,14 @@ class UpDownCaptioner(nn.Module):
         return torch.stack(tokens, dim=1), torch.stack(token_logprobs, dim=1)
 
     @torch.no_grad()
-    def beam_search(self, feats: torch.Tensor, feat_mask: torch.Tensor,
-                    boxes: Optional[torch.Tensor], beam_size: int = 3,
-                    max_len: int = 16) -> torch.Tensor:
+    def beam_search(
+        self,
+        feats: torch.Tensor,
+        feat_mask: torch.Tensor,
+        boxes: Optional[torch.Tensor],
+        beam_size: int = 3,
+        max_len: int = 16,
+    ) -> torch.Tensor:
         """Beam search by summed log-probability; returns the best ``tokens [B, L]`` per image.
 
         Finished beams carry their score unchanged (they may only extend with padding), so a
@@ -177,8 +208,9 @@ class UpDownCaptioner(nn.Module):
             scores, flat_index = candidates.topk(beam_size, dim=1)
             source_beam = flat_index // self.vocab_size
             words = (flat_index % self.vocab_size).reshape(-1)
-            source = (source_beam + torch.arange(batch, device=device).unsqueeze(1)
-                      * beam_size).reshape(-1)
+            source = (
+                source_beam + torch.arange(batch, device=device).unsqueeze(1) * beam_size
+            ).reshape(-1)
             state = tuple(s.index_select(0, source) for s in state)
             history = torch.cat([history.index_select(0, source), words.unsqueeze(1)], dim=1)
             finished = finished.index_select(0, source) | (words == self.eos_id)

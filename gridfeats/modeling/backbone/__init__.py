@@ -1,3 +1,15 @@
-from gridfeats.modeling.backbone.resnet import BottleneckBlock, DeformBottleneckBlock, ResNet, build_resnet_backbone, make_stage
+from gridfeats.modeling.backbone.resnet import (
+    BottleneckBlock,
+    DeformBottleneckBlock,
+    ResNet,
+    build_resnet_backbone,
+    make_stage,
+)
 
-__all__ = ["BottleneckBlock", "DeformBottleneckBlock", "ResNet", "build_resnet_backbone", "make_stage"]
+__all__ = [
+    "BottleneckBlock",
+    "DeformBottleneckBlock",
+    "ResNet",
+    "build_resnet_backbone",
+    "make_stage",
+]

@@ -6,6 +6,7 @@ stride on the 1x1 (MSRA R-50) or on the 3x3 (ResNeXt), a projection shortcut onl
 change, res5 dilation 2 with stride 1 for detection, and stride 2 / dilation 1 for grid extraction
 with the same weights (chosen per call, see :meth:`ResNet.forward`).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -36,8 +37,15 @@ class BasicStem(nn.Module):
 
     def __init__(self, in_channels: int = 3, out_channels: int = 64, norm: str = "FrozenBN"):
         super().__init__()
-        self.conv1 = Conv2d(in_channels, out_channels, 7, stride=2, padding=3, bias=False,
-                            norm=_norm(norm, out_channels))
+        self.conv1 = Conv2d(
+            in_channels,
+            out_channels,
+            7,
+            stride=2,
+            padding=3,
+            bias=False,
+            norm=_norm(norm, out_channels),
+        )
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,23 +60,50 @@ class BottleneckBlock(nn.Module):
     stride 1 instead, which is how Detectron2 builds res5 with RES5_DILATION = 2.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, bottleneck_channels: int, stride: int = 1,
-                 num_groups: int = 1, norm: str = "FrozenBN", stride_in_1x1: bool = False, dilation: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        bottleneck_channels: int,
+        stride: int = 1,
+        num_groups: int = 1,
+        norm: str = "FrozenBN",
+        stride_in_1x1: bool = False,
+        dilation: int = 1,
+    ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.stride, self.dilation, self.stride_in_1x1 = stride, dilation, stride_in_1x1
         if in_channels != out_channels:
-            self.shortcut = Conv2d(in_channels, out_channels, 1, stride=stride, bias=False,
-                                   norm=_norm(norm, out_channels))
+            self.shortcut = Conv2d(
+                in_channels,
+                out_channels,
+                1,
+                stride=stride,
+                bias=False,
+                norm=_norm(norm, out_channels),
+            )
         else:
             self.shortcut = None
-        self.conv1 = Conv2d(in_channels, bottleneck_channels, 1, bias=False, norm=_norm(norm, bottleneck_channels))
+        self.conv1 = Conv2d(
+            in_channels, bottleneck_channels, 1, bias=False, norm=_norm(norm, bottleneck_channels)
+        )
         self._build_conv2(bottleneck_channels, num_groups, norm)
-        self.conv3 = Conv2d(bottleneck_channels, out_channels, 1, bias=False, norm=_norm(norm, out_channels))
+        self.conv3 = Conv2d(
+            bottleneck_channels, out_channels, 1, bias=False, norm=_norm(norm, out_channels)
+        )
 
     def _build_conv2(self, channels: int, num_groups: int, norm: str) -> None:
-        self.conv2 = Conv2d(channels, channels, 3, padding=self.dilation, bias=False, groups=num_groups,
-                            dilation=self.dilation, norm=_norm(norm, channels))
+        self.conv2 = Conv2d(
+            channels,
+            channels,
+            3,
+            padding=self.dilation,
+            bias=False,
+            groups=num_groups,
+            dilation=self.dilation,
+            norm=_norm(norm, channels),
+        )
 
     def _strides(self, dilation: int):
         stride = 1 if dilation > 1 else self.stride
@@ -83,7 +118,9 @@ class BottleneckBlock(nn.Module):
         out = F.relu_(self.conv1(x, stride=stride_1x1))
         out = F.relu_(self._conv2(out, stride_3x3, d))
         out = self.conv3(out)
-        shortcut = x if self.shortcut is None else self.shortcut(x, stride=max(stride_1x1, stride_3x3))
+        shortcut = (
+            x if self.shortcut is None else self.shortcut(x, stride=max(stride_1x1, stride_3x3))
+        )
         out += shortcut
         return F.relu_(out)
 
@@ -102,26 +139,58 @@ class DeformBottleneckBlock(BottleneckBlock):
 
     def _build_conv2(self, channels: int, num_groups: int, norm: str) -> None:
         per_group = 27 if self.deform_modulated else 18
-        self.conv2_offset = Conv2d(channels, per_group * self.deform_num_groups, 3, padding=self.dilation,
-                                   dilation=self.dilation, bias=True)
+        self.conv2_offset = Conv2d(
+            channels,
+            per_group * self.deform_num_groups,
+            3,
+            padding=self.dilation,
+            dilation=self.dilation,
+            bias=True,
+        )
         nn.init.zeros_(self.conv2_offset.weight)
         nn.init.zeros_(self.conv2_offset.bias)
-        self.conv2 = Conv2d(channels, channels, 3, padding=self.dilation, bias=False, groups=num_groups,
-                            dilation=self.dilation, norm=_norm(norm, channels))
+        self.conv2 = Conv2d(
+            channels,
+            channels,
+            3,
+            padding=self.dilation,
+            bias=False,
+            groups=num_groups,
+            dilation=self.dilation,
+            norm=_norm(norm, channels),
+        )
 
     def _conv2(self, x: torch.Tensor, stride: int, dilation: int) -> torch.Tensor:
         offset = self.conv2_offset(x, stride=stride, padding=dilation, dilation=dilation)
         mask = None
         if self.deform_modulated:
-            dy_dx, mask_logits = offset[:, : 18 * self.deform_num_groups], offset[:, 18 * self.deform_num_groups:]
+            dy_dx, mask_logits = (
+                offset[:, : 18 * self.deform_num_groups],
+                offset[:, 18 * self.deform_num_groups :],
+            )
             offset, mask = dy_dx, mask_logits.sigmoid()
-        out = deform_conv2d(x, offset, self.conv2.weight, None, stride=stride, padding=dilation,
-                            dilation=dilation, mask=mask)
+        out = deform_conv2d(
+            x,
+            offset,
+            self.conv2.weight,
+            None,
+            stride=stride,
+            padding=dilation,
+            dilation=dilation,
+            mask=mask,
+        )
         return out if self.conv2.norm is None else self.conv2.norm(out)
 
 
-def make_stage(num_blocks: int, in_channels: int, out_channels: int, bottleneck_channels: int,
-               first_stride: int, deform: bool = False, **block_kwargs) -> nn.Sequential:
+def make_stage(
+    num_blocks: int,
+    in_channels: int,
+    out_channels: int,
+    bottleneck_channels: int,
+    first_stride: int,
+    deform: bool = False,
+    **block_kwargs,
+) -> nn.Sequential:
     """A stage of ``num_blocks`` blocks; only the first one strides and projects."""
     blocks: List[nn.Module] = []
     for i in range(num_blocks):
@@ -130,7 +199,15 @@ def make_stage(num_blocks: int, in_channels: int, out_channels: int, bottleneck_
             kwargs.pop("deform_modulated", None)
             kwargs.pop("deform_num_groups", None)
         cls = DeformBottleneckBlock if deform else BottleneckBlock
-        blocks.append(cls(in_channels, out_channels, bottleneck_channels, stride=first_stride if i == 0 else 1, **kwargs))
+        blocks.append(
+            cls(
+                in_channels,
+                out_channels,
+                bottleneck_channels,
+                stride=first_stride if i == 0 else 1,
+                **kwargs,
+            )
+        )
         in_channels = out_channels
     return nn.Sequential(*blocks)
 
@@ -138,8 +215,13 @@ def make_stage(num_blocks: int, in_channels: int, out_channels: int, bottleneck_
 class ResNet(nn.Module):
     """Stem + stages up to the deepest requested output; returns ``{name: feature map}``."""
 
-    def __init__(self, stem: BasicStem, stages: Dict[str, nn.Sequential], out_features: Sequence[str],
-                 freeze_at: int = 0):
+    def __init__(
+        self,
+        stem: BasicStem,
+        stages: Dict[str, nn.Sequential],
+        out_features: Sequence[str],
+        freeze_at: int = 0,
+    ):
         super().__init__()
         self.stem = stem
         self.stage_names: List[str] = list(stages)
@@ -167,10 +249,14 @@ class ResNet(nn.Module):
                     p.requires_grad_(False)
 
     def output_shape(self) -> Dict[str, Dict[str, int]]:
-        return {n: {"channels": self._out_channels[n], "stride": self._out_strides[n]} for n in self.out_features}
+        return {
+            n: {"channels": self._out_channels[n], "stride": self._out_strides[n]}
+            for n in self.out_features
+        }
 
-    def forward(self, x: torch.Tensor, res5_dilation: Optional[int] = None,
-                return_all: bool = False) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, res5_dilation: Optional[int] = None, return_all: bool = False
+    ) -> Dict[str, torch.Tensor]:
         """Run the backbone. ``res5_dilation`` overrides the configured res5 dilation for this call
         (1 = grid-feats-vqa's stride-32 extraction); ``return_all`` also returns every stage."""
         outputs: Dict[str, torch.Tensor] = {}
@@ -203,11 +289,18 @@ def build_resnet_backbone(cfg) -> ResNet:
     for stage_idx in range(2, max_stage + 1):
         dilation = r.RES5_DILATION if stage_idx == 5 else 1
         stage = make_stage(
-            STAGE_BLOCKS[depth][stage_idx - 2], in_channels, out_channels, bottleneck,
+            STAGE_BLOCKS[depth][stage_idx - 2],
+            in_channels,
+            out_channels,
+            bottleneck,
             first_stride=2 if stage_idx > 2 else 1,  # a dilated block runs it as stride 1 itself
             deform=bool(r.DEFORM_ON_PER_STAGE[stage_idx - 2]),
-            num_groups=r.NUM_GROUPS, norm=r.NORM, stride_in_1x1=r.STRIDE_IN_1X1, dilation=dilation,
-            deform_modulated=r.DEFORM_MODULATED, deform_num_groups=r.DEFORM_NUM_GROUPS,
+            num_groups=r.NUM_GROUPS,
+            norm=r.NORM,
+            stride_in_1x1=r.STRIDE_IN_1X1,
+            dilation=dilation,
+            deform_modulated=r.DEFORM_MODULATED,
+            deform_num_groups=r.DEFORM_NUM_GROUPS,
         )
         stages[f"res{stage_idx}"] = stage
         in_channels, out_channels, bottleneck = out_channels, out_channels * 2, bottleneck * 2

@@ -6,4 +6,10 @@ from gridfeats.modeling.roi_heads.roi_heads import (
     build_roi_heads,
 )
 
-__all__ = ["AttributeRes5ROIHeads", "AttributeStandardROIHeads", "BoxPredictions", "Detections", "build_roi_heads"]
+__all__ = [
+    "AttributeRes5ROIHeads",
+    "AttributeStandardROIHeads",
+    "BoxPredictions",
+    "Detections",
+    "build_roi_heads",
+]

@@ -1,4 +1,5 @@
 """grid-feats-vqa's attribute predictor: box feature + class embedding -> 400 attribute logits."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,14 @@ class AttributePredictor(nn.Module):
     The embedding has ``num_classes + 1`` rows (background last), as in the released checkpoints.
     """
 
-    def __init__(self, input_size: int, num_classes: int, num_attributes: int = 400, embed_dim: int = 256,
-                 fc_dim: int = 512):
+    def __init__(
+        self,
+        input_size: int,
+        num_classes: int,
+        num_attributes: int = 400,
+        embed_dim: int = 256,
+        fc_dim: int = 512,
+    ):
         super().__init__()
         self.obj_embed = nn.Embedding(num_classes + 1, embed_dim)
         self.fc = nn.Sequential(nn.Linear(input_size + embed_dim, fc_dim), nn.ReLU(inplace=True))
@@ -26,7 +33,9 @@ class AttributePredictor(nn.Module):
         return self.attr_score(self.fc(torch.cat([features, self.obj_embed(classes)], dim=1)))
 
 
-def attribute_loss(logits: torch.Tensor, labels: torch.Tensor, loss_weight: float = 0.2) -> torch.Tensor:
+def attribute_loss(
+    logits: torch.Tensor, labels: torch.Tensor, loss_weight: float = 0.2
+) -> torch.Tensor:
     """grid-feats' loss: per instance the mean CE over its valid labels (``-1`` = padding),
     averaged over instances that have at least one label, times ``loss_weight``."""
     n, width = labels.shape

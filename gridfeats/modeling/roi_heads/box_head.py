@@ -1,4 +1,5 @@
 """``FastRCNNConvFCHead``: optional convs then fully connected layers (grid configs: 2 FC of 1024)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,16 @@ from gridfeats.layers import Conv2d
 class FastRCNNConvFCHead(nn.Module):
     """Pooled ``[R, C, S, S]`` -> ``[R, FC_DIM]`` (``fc7`` for the grid-feats configs)."""
 
-    def __init__(self, in_channels: int, pooler_resolution: int, num_conv: int = 0, conv_dim: int = 256,
-                 num_fc: int = 2, fc_dim: int = 1024, conv_norm: str = ""):
+    def __init__(
+        self,
+        in_channels: int,
+        pooler_resolution: int,
+        num_conv: int = 0,
+        conv_dim: int = 256,
+        num_fc: int = 2,
+        fc_dim: int = 1024,
+        conv_norm: str = "",
+    ):
         super().__init__()
         if num_conv + num_fc == 0:
             raise ValueError("the box head needs at least one conv or fc layer")

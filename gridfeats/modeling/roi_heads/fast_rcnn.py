@@ -1,4 +1,5 @@
 """Box classification/regression layers and Detectron2's test-time detection selection."""
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -40,8 +41,12 @@ def predict_boxes_and_probs(
 
 
 def fast_rcnn_inference_single_image(
-    boxes: torch.Tensor, probs: torch.Tensor, image_hw: Tuple[int, int], score_thresh: float,
-    nms_thresh: float, topk: int,
+    boxes: torch.Tensor,
+    probs: torch.Tensor,
+    image_hw: Tuple[int, int],
+    score_thresh: float,
+    nms_thresh: float,
+    topk: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Detectron2's selection: threshold (strict) -> per-class NMS -> top-k by score.
 

@@ -1,4 +1,5 @@
 """ROI pooling from a single feature map with torchvision's ``roi_align`` (ROIAlignV2 = aligned)."""
+
 from __future__ import annotations
 
 from typing import List
@@ -16,7 +17,13 @@ class ROIPooler(nn.Module):
     FPN level assignment.
     """
 
-    def __init__(self, output_size: int, spatial_scale: float, sampling_ratio: int, pooler_type: str = "ROIAlignV2"):
+    def __init__(
+        self,
+        output_size: int,
+        spatial_scale: float,
+        sampling_ratio: int,
+        pooler_type: str = "ROIAlignV2",
+    ):
         super().__init__()
         if pooler_type not in ("ROIAlignV2", "ROIAlign"):
             raise ValueError(f"POOLER_TYPE {pooler_type!r} is not supported (ROIAlignV2, ROIAlign)")
@@ -28,11 +35,19 @@ class ROIPooler(nn.Module):
     def forward(self, feature: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
         """``boxes[i]`` are image i's ``[R_i, 4]`` boxes; returns ``[sum R_i, C, S, S]``."""
         rois = torch.cat(
-            [torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1)
-             for i, b in enumerate(boxes)],
+            [
+                torch.cat([torch.full((len(b), 1), i, dtype=b.dtype, device=b.device), b], dim=1)
+                for i, b in enumerate(boxes)
+            ],
             dim=0,
         )
         if rois.numel() == 0:
             return feature.new_zeros((0, feature.shape[1], *self.output_size))
-        return roi_align(feature, rois.to(feature.dtype), self.output_size, self.spatial_scale,
-                         self.sampling_ratio, self.aligned)
+        return roi_align(
+            feature,
+            rois.to(feature.dtype),
+            self.output_size,
+            self.spatial_scale,
+            self.sampling_ratio,
+            self.aligned,
+        )

@@ -7,6 +7,7 @@
 Both share the inference logic of :class:`_AttributeROIHeads`, differ in how a box becomes a feature
 vector (:meth:`box_features`) and in what the whole-image conv5 map is (:meth:`conv5_features`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,27 +64,36 @@ class _AttributeROIHeads(nn.Module):
         self.box2box_transform = Box2BoxTransform(box.BBOX_REG_WEIGHTS)
         self.cls_agnostic_bbox_reg = box.CLS_AGNOSTIC_BBOX_REG
         stride = input_shape[self.in_feature]["stride"]
-        self.pooler = ROIPooler(box.POOLER_RESOLUTION, 1.0 / stride, box.POOLER_SAMPLING_RATIO, box.POOLER_TYPE)
+        self.pooler = ROIPooler(
+            box.POOLER_RESOLUTION, 1.0 / stride, box.POOLER_SAMPLING_RATIO, box.POOLER_TYPE
+        )
         self.attribute_on = cfg.MODEL.ATTRIBUTE_ON
         self._attr_cfg = cfg.MODEL.ROI_ATTRIBUTE_HEAD
 
     def _build_predictors(self, feature_dim: int) -> None:
-        self.box_predictor = FastRCNNOutputLayers(feature_dim, self.num_classes, self.cls_agnostic_bbox_reg)
+        self.box_predictor = FastRCNNOutputLayers(
+            feature_dim, self.num_classes, self.cls_agnostic_bbox_reg
+        )
         if self.attribute_on:
             a = self._attr_cfg
-            self.attribute_predictor = AttributePredictor(feature_dim, self.num_classes, a.NUM_CLASSES,
-                                                          a.OBJ_EMBED_DIM, a.FC_DIM)
+            self.attribute_predictor = AttributePredictor(
+                feature_dim, self.num_classes, a.NUM_CLASSES, a.OBJ_EMBED_DIM, a.FC_DIM
+            )
         self.feature_dim = feature_dim
 
     # -- what differs between the two heads ---------------------------------------------------------
-    def box_features(self, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor]) -> torch.Tensor:
+    def box_features(
+        self, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor]
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def conv5_features(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
     # -- shared inference --------------------------------------------------------------------------
-    def predict(self, features: Dict[str, torch.Tensor], proposals: List[Proposals]) -> List[BoxPredictions]:
+    def predict(
+        self, features: Dict[str, torch.Tensor], proposals: List[Proposals]
+    ) -> List[BoxPredictions]:
         """Box features, class probabilities and decoded boxes for every proposal of every image."""
         proposal_boxes = [p.boxes for p in proposals]
         box_feats = self.box_features(features, proposal_boxes)
@@ -92,17 +102,26 @@ class _AttributeROIHeads(nn.Module):
         start = 0
         for boxes in proposal_boxes:
             end = start + len(boxes)
-            decoded, probs = predict_boxes_and_probs(logits[start:end], deltas[start:end], boxes, self.box2box_transform)
+            decoded, probs = predict_boxes_and_probs(
+                logits[start:end], deltas[start:end], boxes, self.box2box_transform
+            )
             out.append(BoxPredictions(boxes, box_feats[start:end], probs, decoded))
             start = end
         return out
 
-    def select(self, predictions: List[BoxPredictions], image_sizes: List[Tuple[int, int]]) -> List[Detections]:
+    def select(
+        self, predictions: List[BoxPredictions], image_sizes: List[Tuple[int, int]]
+    ) -> List[Detections]:
         """Detectron2's test-time selection (score threshold, per-class NMS, top-k) per image."""
         results = []
         for pred, hw in zip(predictions, image_sizes):
             boxes, scores, classes, index = fast_rcnn_inference_single_image(
-                pred.boxes, pred.probs, hw, self.score_thresh, self.nms_thresh, self.detections_per_image
+                pred.boxes,
+                pred.probs,
+                hw,
+                self.score_thresh,
+                self.nms_thresh,
+                self.detections_per_image,
             )
             results.append(Detections(boxes, scores, classes, index))
         return results
@@ -113,8 +132,12 @@ class _AttributeROIHeads(nn.Module):
             raise RuntimeError("this model has no attribute head (MODEL.ATTRIBUTE_ON is False)")
         return torch.softmax(self.attribute_predictor(box_feats, classes), dim=-1)
 
-    def forward(self, features: Dict[str, torch.Tensor], proposals: List[Proposals],
-                image_sizes: List[Tuple[int, int]]) -> List[Detections]:
+    def forward(
+        self,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Proposals],
+        image_sizes: List[Tuple[int, int]],
+    ) -> List[Detections]:
         return self.select(self.predict(features, proposals), image_sizes)
 
 
@@ -125,10 +148,17 @@ class AttributeStandardROIHeads(_AttributeROIHeads):
         super().__init__(cfg, input_shape)
         box = cfg.MODEL.ROI_BOX_HEAD
         if box.NAME != "FastRCNNConvFCHead":
-            raise ValueError(f"MODEL.ROI_BOX_HEAD.NAME {box.NAME!r} is not supported (FastRCNNConvFCHead)")
+            raise ValueError(
+                f"MODEL.ROI_BOX_HEAD.NAME {box.NAME!r} is not supported (FastRCNNConvFCHead)"
+            )
         self.box_head = FastRCNNConvFCHead(
-            input_shape[self.in_feature]["channels"], box.POOLER_RESOLUTION, box.NUM_CONV, box.CONV_DIM,
-            box.NUM_FC, box.FC_DIM, box.NORM,
+            input_shape[self.in_feature]["channels"],
+            box.POOLER_RESOLUTION,
+            box.NUM_CONV,
+            box.CONV_DIM,
+            box.NUM_FC,
+            box.FC_DIM,
+            box.NORM,
         )
         self._build_predictors(self.box_head.output_size)
 
@@ -149,8 +179,16 @@ class AttributeRes5ROIHeads(_AttributeROIHeads):
             raise ValueError("a deformable res5 is not supported in the Res5 ROI head")
         bottleneck = r.NUM_GROUPS * r.WIDTH_PER_GROUP * 8
         out_channels = r.RES2_OUT_CHANNELS * 8
-        self.res5 = make_stage(3, out_channels // 2, out_channels, bottleneck, first_stride=2,
-                               num_groups=r.NUM_GROUPS, norm=r.NORM, stride_in_1x1=r.STRIDE_IN_1X1)
+        self.res5 = make_stage(
+            3,
+            out_channels // 2,
+            out_channels,
+            bottleneck,
+            first_stride=2,
+            num_groups=r.NUM_GROUPS,
+            norm=r.NORM,
+            stride_in_1x1=r.STRIDE_IN_1X1,
+        )
         self._build_predictors(out_channels)
 
     def _res5(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,5 +214,7 @@ ROI_HEADS = {
 def build_roi_heads(cfg, input_shape: Dict[str, Dict[str, int]]) -> _AttributeROIHeads:
     name = cfg.MODEL.ROI_HEADS.NAME
     if name not in ROI_HEADS:
-        raise ValueError(f"MODEL.ROI_HEADS.NAME {name!r} is not supported (one of {sorted(ROI_HEADS)})")
+        raise ValueError(
+            f"MODEL.ROI_HEADS.NAME {name!r} is not supported (one of {sorted(ROI_HEADS)})"
+        )
     return ROI_HEADS[name](cfg, input_shape)
