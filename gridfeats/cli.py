@@ -26,7 +26,11 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("vqa", "vqa.cli_vqa", "train, predict and evaluate VQA heads"),
     ("caption", "vqa.cli_caption", "train, predict and evaluate the captioning head"),
     ("demo", "gridfeats.demo", "the main job end to end on synthetic data"),
-    ("pretrain", "gridfeats.pretrain.train", "self-supervised pretraining (SimSiam, MoCo, MAE, DINO)"),
+    (
+        "pretrain",
+        "gridfeats.pretrain.train",
+        "self-supervised pretraining (SimSiam, MoCo, MAE, DINO)",
+    ),
 ]
 
 

@@ -420,8 +420,10 @@ def run(args: argparse.Namespace) -> int:
             from gridfeats.data.synthetic_classes import make_classification
 
             paths.update(
-                {f"classify_{k}": v for k, v in make_classification(
-                    args.out, args.classify, seed=args.seed).items()}
+                {
+                    f"classify_{k}": v
+                    for k, v in make_classification(args.out, args.classify, seed=args.seed).items()
+                }
             )
     except SyntheticDataError as exc:
         print(f"gridfeats make-synthetic: error: {exc}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """A labelled classification split of synthetic images: one shape of one colour per image.
 
-``make_classification(out, per_class)`` writes ``out/classify/{train,val}/<shape>_<colour>/NNNNN.png``
+``make_classification(out, per_class)`` writes
+``out/classify/{train,val}/<shape>_<colour>/NNNNN.png``
 (class = sub-folder, the layout the kNN monitor of ``gridfeats pretrain --knn-train/--knn-val``
 reads, and ``--data`` accepts as a folder). Each image has a random background tint and noise, the
 shape at a random position, size and rotation, so classes differ in shape and colour only.
@@ -33,23 +34,30 @@ def _draw(rng: np.random.Generator, shape: str, colour, size: int) -> Image.Imag
     else:
         n = 4 if shape == "square" else 3
         a0 = rng.uniform(0, 2 * math.pi)
-        pts = [(cx + r * math.cos(a0 + 2 * math.pi * k / n), cy + r * math.sin(a0 + 2 * math.pi * k / n))
-               for k in range(n)]
+        pts = [
+            (
+                cx + r * math.cos(a0 + 2 * math.pi * k / n),
+                cy + r * math.sin(a0 + 2 * math.pi * k / n),
+            )
+            for k in range(n)
+        ]
         d.polygon(pts, fill=jitter)
     return img
 
 
 def make_classification(
-    out_dir: Union[str, Path], per_class: int, seed: int = 0, size: int = 64, val_fraction: float = 0.25
+    out_dir: Union[str, Path],
+    per_class: int,
+    seed: int = 0,
+    size: int = 64,
+    val_fraction: float = 0.25,
 ) -> Dict[str, Path]:
     """Write ``per_class`` images per class (9 classes), ``val_fraction`` of them under ``val``."""
     if per_class < 2:
         raise ValueError("per_class must be >= 2 (one train and one val image at least)")
     root = Path(out_dir) / "classify"
     n_val = max(1, int(round(per_class * val_fraction)))
-    for ci, (shape, (cname, colour)) in enumerate(
-        (s, c) for s in SHAPES for c in COLOURS.items()
-    ):
+    for ci, (shape, (cname, colour)) in enumerate((s, c) for s in SHAPES for c in COLOURS.items()):
         rng = np.random.default_rng([seed, 7, ci])
         for i in range(per_class):
             split = "val" if i < n_val else "train"

@@ -1,4 +1,4 @@
-"""Self-supervised pretraining: SimSiam, MoCo v2, MoCo v3, MAE and DINO as their reference repos run them.
+"""Self-supervised pretraining: SimSiam, MoCo v2 / v3, MAE and DINO as their reference repos run it.
 
 ``build_method(name, checkpoint=..., **hparams)`` returns a :class:`PretrainMethod` whose
 ``train_step(views)`` is one iteration of the repo's training loop and whose

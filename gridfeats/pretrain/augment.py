@@ -1,7 +1,8 @@
 """The papers' augmentations in torchvision.transforms.v2, on the decoded uint8 image.
 
 Parameters are the repos' (``../shared/docs/ssl-backbones.md`` section 6): random resized crop,
-colour jitter with probability 0.8, grayscale 0.2, Gaussian blur sigma in [0.1, 2] (kernel about 10 %
+colour jitter with probability 0.8, grayscale 0.2, Gaussian blur sigma in [0.1, 2] (kernel
+about 10 %
 of the crop, as torchvision needs an odd size where PIL's radius blur needs none), solarisation at
 128, horizontal flip 0.5, then ImageNet mean/std. DINO adds 96 px local crops (scaled with
 ``size``: ``size * 96 / 224``).
@@ -28,8 +29,9 @@ def _finish() -> List[T.Transform]:
 
 
 def _view(size, scale, jitter, blur_p, solarize_p, interpolation=InterpolationMode.BILINEAR):
-    ops: List[T.Transform] = [T.RandomResizedCrop(size, scale=scale, interpolation=interpolation,
-                                                  antialias=True)]
+    ops: List[T.Transform] = [
+        T.RandomResizedCrop(size, scale=scale, interpolation=interpolation, antialias=True)
+    ]
     if jitter is not None:
         ops += [T.RandomApply([T.ColorJitter(*jitter)], p=0.8), T.RandomGrayscale(p=0.2)]
     if blur_p:
@@ -64,6 +66,4 @@ def views_transform(method: str, size: int = 224, local_crops: int = 8) -> Calla
 
 def eval_transform(size: int = 224) -> Callable:
     """Resize the short side to size*256/224, centre crop (the kNN / monitor input)."""
-    return T.Compose(
-        [T.Resize(size * 256 // 224, antialias=True), T.CenterCrop(size)] + _finish()
-    )
+    return T.Compose([T.Resize(size * 256 // 224, antialias=True), T.CenterCrop(size)] + _finish())

@@ -33,7 +33,7 @@ def world() -> tuple:
 
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """All ranks' tensors concatenated along dim 0 (no gradient), the tensor itself on one process."""
+    """All ranks' tensors concatenated along dim 0 (no gradient); the tensor itself alone."""
     _, size = world()
     if size == 1:
         return tensor
@@ -123,7 +123,7 @@ class PretrainMethod(nn.Module):
 
     # ----------------------------------------------------------------- pieces for the subclasses
     def _finish(self, checkpoint: Optional[Any]) -> None:
-        """Move to the device, build the optimizer, then load a checkpoint (weights and optimizer)."""
+        """Move to the device, build the optimizer, then load a checkpoint (weights, optimizer)."""
         self.to(self._device)
         self.optimizer = self.build_optimizer()
         if self.precision == "fp16":

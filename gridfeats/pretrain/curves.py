@@ -31,8 +31,10 @@ def _panel(title: str, xs: Sequence[float], ys: Sequence[float], colour: str) ->
     x1 = x1 if x1 > x0 else x0 + 1
 
     def at(x: float, y: float) -> Tuple[float, float]:
-        return (PAD + (x - x0) / (x1 - x0) * (W - 10 - PAD),
-                H - PAD - (y - y0) / (y1 - y0) * (H - 2 * PAD))
+        return (
+            PAD + (x - x0) / (x1 - x0) * (W - 10 - PAD),
+            H - PAD - (y - y0) / (y1 - y0) * (H - 2 * PAD),
+        )
 
     d.line([at(x, y) for x, y in pts], fill=colour, width=2) if len(pts) > 1 else None
     for x, y in pts[-1:] + pts[:1]:
@@ -50,10 +52,18 @@ def plot_curves(metrics: Path, out: Path) -> None:
     epochs = [r for r in rows if "output_std" in r]
     panels = [
         _panel("loss / step", [r["step"] for r in steps], [r["loss"] for r in steps], "navy"),
-        _panel("kNN top-1 / epoch", [r["epoch"] for r in epochs],
-               [r.get("knn_top1") for r in epochs], "darkgreen"),
-        _panel("output_std*sqrt(d) / epoch", [r["epoch"] for r in epochs],
-               [r["output_std"] * math.sqrt(r["output_dim"]) for r in epochs], "darkred"),
+        _panel(
+            "kNN top-1 / epoch",
+            [r["epoch"] for r in epochs],
+            [r.get("knn_top1") for r in epochs],
+            "darkgreen",
+        ),
+        _panel(
+            "output_std*sqrt(d) / epoch",
+            [r["epoch"] for r in epochs],
+            [r["output_std"] * math.sqrt(r["output_dim"]) for r in epochs],
+            "darkred",
+        ),
     ]
     canvas = Image.new("RGB", (W * len(panels), H), "white")
     for i, p in enumerate(panels):

@@ -2,11 +2,11 @@
 
 Student and teacher are ``MultiCropWrapper``s of a backbone (ViT with a learned position table, or
 a torchvision ResNet with ``fc`` removed) and a ``DINOHead``; consecutive crops of one resolution go
-through the backbone together, the head runs once on all of them. The teacher sees the 2 global crops,
-the student all of them. Loss: for every (teacher global view, other student view) pair,
+through the backbone together, the head runs once on all of them. The teacher sees the 2 global
+crops, the student all of them. Loss: for every (teacher global view, other student view) pair,
 -softmax((t - center) / tau_t) . log softmax(s / tau_s), averaged; then the center moves to
-``center_momentum`` * center + (1 - ...) * batch mean of the teacher outputs. Per step, in the repo's
-order: lr / weight decay from their schedules, teacher and student forwards, loss (and center
+``center_momentum`` * center + (1 - ...) * batch mean of the teacher outputs. Per step, in the
+repo's order: lr / weight decay from their schedules, teacher and student forwards, loss (and center
 update), backward, per-parameter gradient clipping (``clip_grad``), no gradient for the head's last
 layer during the first ``freeze_last_layer`` epochs, optimizer step, EMA of the teacher with the
 cosine momentum schedule. The teacher temperature warms up linearly per epoch.
@@ -227,7 +227,7 @@ class DINO(PretrainMethod):
                 group["momentum"] = self.momentum
 
     def set_progress(self, epoch: float, epochs: int, iters_per_epoch: int = 1000) -> None:
-        """The repo's per-iteration lr, weight-decay and momentum schedules, per-epoch temperature."""
+        """The repo's per-iteration lr, weight-decay and momentum schedules."""
         super().set_progress(epoch, epochs)
         n = max(1, int(iters_per_epoch))
         it, total = int(round(epoch * n)), epochs * n

@@ -2,9 +2,9 @@
 
 The module tree is ``MaskedAutoencoderViT``'s: encoder ``patch_embed``, ``cls_token``, fixed sin-cos
 ``pos_embed`` (first half of the channels from the token's column), ``blocks``, ``norm``; decoder
-``decoder_embed``, ``mask_token``, fixed ``decoder_pos_embed``, ``decoder_blocks``, ``decoder_norm``,
-``decoder_pred``. Masking is the repo's: per sample, argsort of uniform noise, the first
-``int(L * (1 - mask_ratio))`` patches are kept, the encoder sees only those (plus [cls]), the
+``decoder_embed``, ``mask_token``, fixed ``decoder_pos_embed``, ``decoder_blocks``,
+``decoder_norm``, ``decoder_pred``. Masking is the repo's: per sample, argsort of uniform noise, the
+first ``int(L * (1 - mask_ratio))`` patches are kept, the encoder sees only those (plus [cls]), the
 decoder gets mask tokens at the others and predicts pixels; the loss is the per-patch MSE averaged
 over the masked patches only, with ``norm_pix_loss`` targets normalised per patch by their mean and
 sqrt(unbiased var + 1e-6). AdamW (0.9, 0.95), no decay on 1-D parameters and biases; lr warm-up then
@@ -218,7 +218,7 @@ class MAE(PretrainMethod):
         return self.model.norm_pix_loss
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """timm 0.3 ``add_weight_decay``: [no-decay (1-D, biases), decay] groups, AdamW (0.9, 0.95)."""
+        """``add_weight_decay`` groups [no decay (1-D, biases), decay]; AdamW (0.9, 0.95)."""
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:

@@ -34,7 +34,7 @@ from gridfeats.pretrain.nets import backbone_features, resnet, resnet_arch_from_
 
 
 class MoCoNet(nn.Module):
-    """``queue``, ``queue_ptr`` (first in the state dict, as in the repo), ``encoder_q``, ``encoder_k``."""
+    """``queue``, ``queue_ptr`` (first, as in the repo), ``encoder_q``, ``encoder_k``"""
 
     def __init__(self, arch: str, dim: int = 128, K: int = 65536, mlp: bool = True):
         super().__init__()

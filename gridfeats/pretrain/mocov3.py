@@ -1,12 +1,13 @@
 """MoCo v3 (Chen, Xie & He, arXiv:2104.02057) as facebookresearch/moco-v3 trains it.
 
-``base_encoder`` and ``momentum_encoder`` are a torchvision ResNet with a 2-layer projector as ``fc``
-or a ViT with a 3-layer projector as ``head``; ``predictor`` is 2 layers (with the last BN for ViT).
-Per step, in the repo's order: q1, q2 = predictor(base(x1, x2)); momentum update of the momentum
-encoder's parameters with m; k1, k2 from the momentum encoder; loss ctr(q1, k2) + ctr(q2, k1),
-each a cross-entropy over the global batch's keys scaled by 2T; optimizer step (LARS for ResNets,
-AdamW for ViTs). lr: linear warm-up then half-cosine, per iteration; m: 1 - (1 - m0)(1 + cos(pi e/E))/2
-per iteration (``--moco-m-cos``). ``stop_grad_conv1`` freezes the ViT patch projection.
+``base_encoder`` and ``momentum_encoder`` are a torchvision ResNet with a 2-layer projector as
+``fc`` or a ViT with a 3-layer projector as ``head``; ``predictor`` is 2 layers (with the last BN
+for ViT). Per step, in the repo's order: q1, q2 = predictor(base(x1, x2)); momentum update of the
+momentum encoder's parameters with m; k1, k2 from the momentum encoder; loss ctr(q1, k2) + ctr(q2,
+k1), each a cross-entropy over the global batch's keys scaled by 2T; optimizer step (LARS for
+ResNets, AdamW for ViTs). lr: linear warm-up then half-cosine, per iteration; m: 1 - (1 - m0)(1 +
+cos(pi e/E))/2 per iteration (``--moco-m-cos``). ``stop_grad_conv1`` freezes the ViT patch
+projection.
 """
 
 from __future__ import annotations

@@ -50,5 +50,7 @@ def knn_top1(
 
 
 @torch.no_grad()
-def embed(fn: Callable[[torch.Tensor], torch.Tensor], batches: Sequence[torch.Tensor]) -> torch.Tensor:
+def embed(
+    fn: Callable[[torch.Tensor], torch.Tensor], batches: Sequence[torch.Tensor]
+) -> torch.Tensor:
     return torch.cat([fn(b) for b in batches]) if batches else torch.zeros(0)

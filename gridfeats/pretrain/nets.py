@@ -78,7 +78,7 @@ def backbone_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def mlp_mocov3(
     num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True
 ) -> nn.Sequential:
-    """MoCo v3's MLP: (Linear no-bias, BN, ReLU) x (n-1), Linear no-bias, optional BN(affine=False)."""
+    """MoCo v3's MLP: (Linear no bias, BN, ReLU) x (n-1), Linear no bias, [BN(affine=False)]."""
     layers = []
     for i in range(num_layers):
         dim1 = input_dim if i == 0 else mlp_dim

@@ -23,7 +23,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -54,7 +54,7 @@ BASE_LR = {
 
 # ------------------------------------------------------------------------------------- data
 class ImageViews(Dataset):
-    """Images of a source decoded by the project's reader, each augmented into the method's views."""
+    """Images decoded by the project's reader, each augmented into the method's views."""
 
     def __init__(self, items, transform, seed: int):
         self.items, self.transform, self.seed, self.epoch = items, transform, seed, 0
@@ -137,12 +137,54 @@ def backbone_tensors(m: PretrainMethod) -> Dict[str, torch.Tensor]:
     return out
 
 
+#: what every recipe feeds its nets: RGB, ImageNet mean/std, torchvision's stride on the 3x3
+RESNET_INPUT = {
+    "INPUT.FORMAT": "RGB",
+    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
+    "MODEL.RESNETS.STRIDE_IN_1X1": False,
+}
+_POS = {
+    "mocov3": ("sincos-rows-first", "bicubic"),
+    "mae": ("sincos-cols-first", "bicubic"),
+    "dino": ("learned", "dino"),
+}
+
+
+def recorded_config(m: PretrainMethod) -> Dict[str, Any]:
+    """The config keys ``convert-backbone`` (format gridfeats-pretrain) needs to rebuild the
+    backbone as trained: input convention, and for ViTs the sizes, heads (shapes cannot tell them)
+    and the position-table rule of the method's repo (docs/backbones.md)."""
+    cfg = {k: (list(v) if isinstance(v, list) else v) for k, v in RESNET_INPUT.items()}
+    net = m.backbone()
+    if not hasattr(net, "patch_embed"):
+        return cfg
+    del cfg["MODEL.RESNETS.STRIDE_IN_1X1"]
+    kind, interp = _POS[m.name]
+    proj = net.patch_embed.proj.weight
+    cfg.update(
+        {
+            "MODEL.VIT.PATCH_SIZE": int(proj.shape[-1]),
+            "MODEL.VIT.EMBED_DIM": int(proj.shape[0]),
+            "MODEL.VIT.DEPTH": len(net.blocks),
+            "MODEL.VIT.NUM_HEADS": int(net.blocks[0].attn.num_heads),
+            "MODEL.VIT.MLP_RATIO": net.blocks[0].mlp.fc1.out_features / proj.shape[0],
+            "MODEL.VIT.LN_EPS": 1e-6,
+            "MODEL.VIT.PRETRAIN_GRID": int(round(math.sqrt(net.pos_embed.shape[1] - 1))),
+            "MODEL.VIT.POS_EMBED": kind,
+            "MODEL.VIT.POS_INTERP": interp,
+        }
+    )
+    return cfg
+
+
 def save_checkpoint(path: Path, m: PretrainMethod, meta: Dict[str, Any]) -> None:
     obj = {
         "format": FORMAT,
         "method": m.name,
         "arch": m.arch,
         "model": backbone_tensors(m),
+        "config": recorded_config(m),
         "method_state": m.state_dict(),
         "optimizer": m.optimizer.state_dict(),
         "scaler": m.scaler.state_dict() if m.scaler is not None else None,
@@ -189,8 +231,11 @@ class Run:
         self.lines += 1
 
     def _truncate_metrics(self, lines: int) -> None:
-        kept = self.metrics_path.read_text().splitlines(keepends=True)[:lines] if (
-            self.metrics_path.exists()) else []
+        kept = (
+            self.metrics_path.read_text().splitlines(keepends=True)[:lines]
+            if (self.metrics_path.exists())
+            else []
+        )
         self.metrics_path.write_text("".join(kept))
         self.lines = len(kept)
 
@@ -221,7 +266,8 @@ class Run:
         row["collapse_score"] = score
         if score < self.args.collapse_threshold:
             warnings.warn(
-                f"collapse monitor: output_std*sqrt(d) = {score:.3f} < {self.args.collapse_threshold} at "
+                f"collapse monitor: output_std*sqrt(d) = {score:.3f} < "
+                f"{self.args.collapse_threshold} at "
                 f"epoch {epoch} (outputs are concentrating; healthy runs stay near 1)",
                 stacklevel=1,
             )
@@ -291,8 +337,12 @@ class Run:
                 collate_fn=_collate,
                 generator=torch.Generator().manual_seed(a.seed * 7919 + epoch),
             )
-            bar = tqdm(loader, total=iters - first, desc=f"{a.method} epoch {epoch}",
-                       disable=not sys.stderr.isatty() and not a.progress)
+            bar = tqdm(
+                loader,
+                total=iters - first,
+                desc=f"{a.method} epoch {epoch}",
+                disable=not sys.stderr.isatty() and not a.progress,
+            )
             for b, (views, bad) in enumerate(bar, start=first):
                 for image_id, reason in bad:
                     with open(bad_log, "a") as f:
@@ -327,11 +377,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="folder, COCO json or list of image paths")
     parser.add_argument("--image-root", default=None, help="root for a COCO json or a path list")
     parser.add_argument("--out", required=True, help="run folder (checkpoint, metrics, curves)")
-    parser.add_argument("--arch", default=None, help="resnet18|resnet50|vit_tiny|vit_small|vit_base")
+    parser.add_argument(
+        "--arch", default=None, help="resnet18|resnet50|vit_tiny|vit_small|vit_base"
+    )
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=None,
-                        help="base lr per 256 images (linear scaling rule); default: the recipe's")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="base lr per 256 images (linear scaling rule); default: the recipe's",
+    )
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pth")
@@ -340,17 +396,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
     parser.add_argument("--knn-train", default=None, help="labelled folder (class = sub-folder)")
     parser.add_argument("--knn-val", default=None)
-    parser.add_argument("--monitor-images", type=int, default=256,
-                        help="training images the output_std monitor reads (one fixed set)")
-    parser.add_argument("--collapse-threshold", type=float, default=COLLAPSE_THRESHOLD,
-                        help="warn when output_std*sqrt(d) falls under this (default 0.85; checked at epoch ends)")
+    parser.add_argument(
+        "--monitor-images",
+        type=int,
+        default=256,
+        help="training images the output_std monitor reads (one fixed set)",
+    )
+    parser.add_argument(
+        "--collapse-threshold",
+        type=float,
+        default=COLLAPSE_THRESHOLD,
+        help="warn when output_std*sqrt(d) falls under this (default 0.85; checked at epoch ends)",
+    )
     parser.add_argument("--no-stop-grad", action="store_true", help="SimSiam ablation")
     parser.add_argument("--no-predictor", action="store_true", help="SimSiam ablation")
     parser.add_argument("--export-layout", choices=("upstream",), default=None)
     parser.add_argument("--local-crops", dest="overrides_local_crops", type=int, default=8)
     parser.add_argument("--progress", action="store_true", help="tqdm bar even without a tty")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="method hyper-parameters, e.g. ema=0.99 temperature=0.2")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="method hyper-parameters, e.g. ema=0.99 temperature=0.2",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

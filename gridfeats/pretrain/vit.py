@@ -8,9 +8,9 @@ other crop sizes), the stochastic depth rate and the head. Key names are timm's
 (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,
 mlp.fc1,mlp.fc2}``, ``norm``, ``head``) so the repos' checkpoints load as they are.
 
-Attention is written as the explicit matmul-softmax-matmul the repos run, not a fused kernel, so that
-one training step reproduces theirs to float32 rounding (Adam turns tiny gradient differences into
-full-size updates).
+Attention is written as the explicit matmul-softmax-matmul the repos run, not a fused kernel, so
+that one training step reproduces theirs to float32 rounding (Adam turns tiny gradient differences
+into full-size updates).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches by a strided Conv2d, flattened to [B, N, D] in row-major order."""
+    """Non-overlapping p x p patches by a strided Conv2d, flattened row-major to [B, N, D]."""
 
     def __init__(self, img_size: int, patch_size: int, embed_dim: int, in_chans: int = 3):
         super().__init__()
@@ -160,9 +160,10 @@ def resample_pos_embed_dino(pos_embed: torch.Tensor, h: int, w: int) -> torch.Te
 class VisionTransformer(nn.Module):
     """ViT with a [cls] token; ``forward`` returns ``head(norm(tokens)[:, 0])``.
 
-    ``pos_embed`` is ``"sincos-row"`` (MoCo v3), ``"sincos-col"`` (MAE) or ``"learned"`` (DINO, which
-    also resamples it for crops of another size; the fixed tables require the built image size).
-    ``stop_grad_conv1`` freezes the patch projection (MoCo v3's "random patch projection").
+    ``pos_embed`` is ``"sincos-row"`` (MoCo v3), ``"sincos-col"`` (MAE) or ``"learned"`` (DINO,
+    which also resamples it for crops of another size; the fixed tables require the built image
+    size). ``stop_grad_conv1`` freezes the patch projection (MoCo v3's "random patch
+    projection").
     """
 
     def __init__(

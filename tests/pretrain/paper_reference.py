@@ -1,7 +1,7 @@
 """Independent, straightforward implementations of the five methods' training steps, written from
-the papers' pseudocode (SimSiam Alg. 1, MoCo Alg. 1, MoCo v3 Alg. 1, MAE Sec. 3, DINO Alg. 1) for the
-tests to hold ``gridfeats.pretrain`` to. Only the module *names* follow the repos (so a state dict
-moves between the two); the code is written the obvious way, as one function per step.
+the papers' pseudocode (SimSiam Alg. 1, MoCo Alg. 1, MoCo v3 Alg. 1, MAE Sec. 3, DINO Alg. 1) for
+the tests to hold ``gridfeats.pretrain`` to. Only the module *names* follow the repos (so a state
+dict moves between the two); the code is written the obvious way, as one function per step.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class TinyBlock(nn.Module):
     def forward(self, x):
         b, n, d = x.shape
         h = self.norm1(x)
-        q, k, v = self.attn.qkv(h).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.attn.qkv(h).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        )
         a = ((q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5).softmax(-1)
         x = x + self.attn.proj((a @ v).transpose(1, 2).reshape(b, n, d))
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
@@ -135,7 +137,9 @@ def mocov3_step(net, opt, x1, x2, m, t):
 def mae_step(net, opt, img, noise, mask_ratio, patch):
     b, _, h, w = img.shape
     gh, gw = h // patch, w // patch
-    target = img.reshape(b, 3, gh, patch, gw, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, -1)
+    target = (
+        img.reshape(b, 3, gh, patch, gw, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, -1)
+    )
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     keep = int(gh * gw * (1 - mask_ratio))
     order = noise.argsort(1)
@@ -165,7 +169,10 @@ class DinoHeadRef(nn.Module):
     def __init__(self, d, out, hidden=16, bottleneck=8):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(d, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
             nn.Linear(hidden, bottleneck),
         )
         self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck, out, bias=False))
@@ -211,7 +218,7 @@ def dino_step(student, teacher, center, opt, crops, tps, tpt, m, c_m, clip, free
 
 
 def lars_step_(params, lr, wd, momentum, state, eta=0.001):
-    """LARS (You et al.): trust ratio eta*||w||/||g + wd w|| for >1-D weights, plain SGD otherwise."""
+    """LARS: trust ratio eta*||w||/||g + wd w|| for >1-D weights, plain SGD otherwise."""
     with torch.no_grad():
         for p in params:
             if p.grad is None:

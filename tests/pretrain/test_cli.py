@@ -1,4 +1,4 @@
-"""``gridfeats pretrain``: metrics / monitors / curves / checkpoint layouts, bad images, kill -9 + resume."""
+"""``gridfeats pretrain``: metrics, monitors, curves, checkpoint layouts, bad images, resume."""
 
 from __future__ import annotations
 
@@ -17,8 +17,17 @@ from gridfeats.data.synthetic_classes import make_classification
 from gridfeats.pretrain import build_method
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--arch", "resnet18", "--crop-size", "32", "--batch-size", "8", "--monitor-images", "16",
-        "dim=32"]
+TINY = [
+    "--arch",
+    "resnet18",
+    "--crop-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--monitor-images",
+    "16",
+    "dim=32",
+]
 
 
 def _cmd(*args):
@@ -45,9 +54,26 @@ def _main(*args) -> int:
 
 def test_run_writes_monitors_curves_and_both_checkpoint_layouts(data, tmp_path, one_thread):
     out = tmp_path / "run"
-    assert _main("simsiam", "--data", data["train"], "--out", out, "--epochs", 2, *TINY,
-                 "--knn-train", data["train"], "--knn-val", data["val"],
-                 "--export-layout", "upstream", "pred_dim=8") == 0
+    assert (
+        _main(
+            "simsiam",
+            "--data",
+            data["train"],
+            "--out",
+            out,
+            "--epochs",
+            2,
+            *TINY,
+            "--knn-train",
+            data["train"],
+            "--knn-val",
+            data["val"],
+            "--export-layout",
+            "upstream",
+            "pred_dim=8",
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     monitors = [r for r in rows if "output_std" in r]
     steps = [r for r in rows if "loss" in r]
@@ -79,9 +105,10 @@ def _same_runs(ref: Path, other: Path) -> None:
     assert ra == rb
 
 
-def test_interrupted_run_resumes_to_identical_weights_in_process(data, tmp_path, monkeypatch,
-                                                                 one_thread):
-    """Cheap form of the kill -9 test below: the run dies (an exception) after step 3, mid-epoch 1."""
+def test_interrupted_run_resumes_to_identical_weights_in_process(
+    data, tmp_path, monkeypatch, one_thread
+):
+    """Cheap form of the kill -9 test below: the run dies (an exception) after step 3."""
     from gridfeats.pretrain.mocov2 import MoCoV2
 
     args = ["--data", data["train"], "--epochs", 2, "--ckpt-every", 1, *TINY, "queue_size=16"]
@@ -107,10 +134,21 @@ def test_interrupted_run_resumes_to_identical_weights_in_process(data, tmp_path,
 def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(data, tmp_path):
     args = ["--data", data["train"], "--epochs", 2, "--ckpt-every", 1, *TINY]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    assert subprocess.run(_cmd("mocov2", "--out", ref, *args, "queue_size=16"), env=_env(),
-                          capture_output=True, timeout=600).returncode == 0
-    proc = subprocess.Popen(_cmd("mocov2", "--out", killed, *args, "queue_size=16"), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert (
+        subprocess.run(
+            _cmd("mocov2", "--out", ref, *args, "queue_size=16"),
+            env=_env(),
+            capture_output=True,
+            timeout=600,
+        ).returncode
+        == 0
+    )
+    proc = subprocess.Popen(
+        _cmd("mocov2", "--out", killed, *args, "queue_size=16"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = killed / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -122,7 +160,12 @@ def test_kill_9_mid_epoch_then_resume_gives_bit_identical_weights(data, tmp_path
     proc.wait()
     done = torch.load(killed / "checkpoint.pth", weights_only=True)
     assert (done["epoch"], done["epoch_batch"]) != (2, 0)  # killed before the end
-    res = subprocess.run(_cmd("mocov2", "--out", killed, *args, "--resume", "queue_size=16"),
-                         env=_env(), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        _cmd("mocov2", "--out", killed, *args, "--resume", "queue_size=16"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     _same_runs(ref, killed)

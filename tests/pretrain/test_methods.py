@@ -1,4 +1,4 @@
-"""Two ``train_step``s of each method equal two steps of the papers' pseudocode (paper_reference.py).
+"""Two ``train_step``s of each method equal two steps of the papers' pseudocode.
 
 Each test seeds a tiny network written independently in paper_reference.py, saves it in the
 reference repo's own checkpoint layout, loads that into ``build_method(..., checkpoint=...)``, runs
@@ -79,7 +79,9 @@ def test_mocov2_two_steps_match_including_queue_and_key_encoder():
     net = nn.Module()
     net.register_buffer("queue", nn.functional.normalize(torch.randn(16, 32), dim=0))
     net.register_buffer("queue_ptr", torch.tensor([8]))
-    net.encoder_q = ref.resnet18_with(nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 16)))
+    net.encoder_q = ref.resnet18_with(
+        nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 16))
+    )
     net.encoder_k = copy.deepcopy(net.encoder_q)
     ckpt = {"state_dict": module(net.state_dict())}
     opt = torch.optim.SGD(net.encoder_q.parameters(), 0.03, momentum=0.9, weight_decay=1e-4)
@@ -112,12 +114,18 @@ def test_mocov3_two_steps_match(arch):
     ckpt = {"state_dict": module(net.state_dict())}
     kw = dict(ema=0.9, num_heads=4) if arch == "vit" else dict(ema=0.9)
     if arch == "vit":
-        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], 1e-3, weight_decay=0.1)
-        m = build_method("mocov3", checkpoint=ckpt, lr=1e-3, weight_decay=0.1, temperature=0.2, **kw)
+        opt = torch.optim.AdamW(
+            [p for p in net.parameters() if p.requires_grad], 1e-3, weight_decay=0.1
+        )
+        m = build_method(
+            "mocov3", checkpoint=ckpt, lr=1e-3, weight_decay=0.1, temperature=0.2, **kw
+        )
         t = 0.2
     else:
         state = {}
-        m = build_method("mocov3", checkpoint=ckpt, lr=0.3, weight_decay=1e-6, temperature=1.0, **kw)
+        m = build_method(
+            "mocov3", checkpoint=ckpt, lr=0.3, weight_decay=1e-6, temperature=1.0, **kw
+        )
         t = 0.2 * 5
     for seed in (1, 2):
         if arch == "vit":
@@ -144,7 +152,10 @@ def _reorder(net):
     """Register in the repos' order: base_encoder, momentum_encoder, predictor."""
     out = nn.Module()
     out.base_encoder, out.momentum_encoder, out.predictor = (
-        net.base_encoder, net.momentum_encoder, net.predictor)
+        net.base_encoder,
+        net.momentum_encoder,
+        net.predictor,
+    )
     return out
 
 
@@ -162,11 +173,29 @@ def test_mae_two_steps_match_with_given_noise():
     ckpt = {"model": copy.deepcopy(net.state_dict())}
     named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
-        [{"params": [p for n, p in named if p.ndim == 1 or n.endswith(".bias")], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not (p.ndim == 1 or n.endswith(".bias"))], "weight_decay": 0.05}],
-        lr=1e-3, betas=(0.9, 0.95))
-    m = build_method("mae", checkpoint=ckpt, lr=1e-3, weight_decay=0.05, mask_ratio=0.75,
-                     norm_pix_loss=True, num_heads=4, decoder_num_heads=4)
+        [
+            {
+                "params": [p for n, p in named if p.ndim == 1 or n.endswith(".bias")],
+                "weight_decay": 0.0,
+            },
+            {
+                "params": [p for n, p in named if not (p.ndim == 1 or n.endswith(".bias"))],
+                "weight_decay": 0.05,
+            },
+        ],
+        lr=1e-3,
+        betas=(0.9, 0.95),
+    )
+    m = build_method(
+        "mae",
+        checkpoint=ckpt,
+        lr=1e-3,
+        weight_decay=0.05,
+        mask_ratio=0.75,
+        norm_pix_loss=True,
+        num_heads=4,
+        decoder_num_heads=4,
+    )
     for seed in (1, 2):
         noise = torch.rand(B, 16, generator=torch.Generator().manual_seed(seed))
         (img,) = views(seed, 1)
@@ -194,21 +223,53 @@ def test_dino_two_steps_match_teacher_and_center(arch):
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     center = torch.randn(1, 64) * 0.1
-    t_sd = module(teacher.state_dict()) if arch == "resnet18" else copy.deepcopy(teacher.state_dict())
-    ckpt = {"student": module(student.state_dict()), "teacher": t_sd, "dino_loss": {"center": center.clone()}}
+    t_sd = (
+        module(teacher.state_dict()) if arch == "resnet18" else copy.deepcopy(teacher.state_dict())
+    )
+    ckpt = {
+        "student": module(student.state_dict()),
+        "teacher": t_sd,
+        "dino_loss": {"center": center.clone()},
+    }
     params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in params if not (n.endswith(".bias") or p.ndim == 1)]},
-              {"params": [p for n, p in params if n.endswith(".bias") or p.ndim == 1], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for n, p in params if not (n.endswith(".bias") or p.ndim == 1)]},
+        {
+            "params": [p for n, p in params if n.endswith(".bias") or p.ndim == 1],
+            "weight_decay": 0.0,
+        },
+    ]
     if arch == "vit":
         opt, adam_lr = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.04), 1e-3
     else:  # the README's ResNet recipe: SGD
         opt, adam_lr = torch.optim.SGD(groups, lr=0.03, momentum=0.9, weight_decay=0.04), None
-    m = build_method("dino", checkpoint=ckpt, lr=opt.defaults["lr"], weight_decay=0.04, ema=0.9,
-                     teacher_temp=0.04, student_temp=0.1, center_momentum=0.9,
-                     optimizer="adamw" if adam_lr else "sgd", num_heads=4, drop_path_rate=0.0)
+    m = build_method(
+        "dino",
+        checkpoint=ckpt,
+        lr=opt.defaults["lr"],
+        weight_decay=0.04,
+        ema=0.9,
+        teacher_temp=0.04,
+        student_temp=0.1,
+        center_momentum=0.9,
+        optimizer="adamw" if adam_lr else "sgd",
+        num_heads=4,
+        drop_path_rate=0.0,
+    )
     for epoch, seed in ((0, 1), (1, 2)):
-        theirs, center = ref.dino_step(student, teacher, center, opt, crops(seed), 0.1, 0.04, 0.9, 0.9,
-                                       3.0, freeze_last=epoch == 0)
+        theirs, center = ref.dino_step(
+            student,
+            teacher,
+            center,
+            opt,
+            crops(seed),
+            0.1,
+            0.04,
+            0.9,
+            0.9,
+            3.0,
+            freeze_last=epoch == 0,
+        )
         m.epoch = epoch
         assert m.train_step(crops(seed)) == pytest.approx(theirs, rel=1e-5)
     state = m.upstream_state_dict()
@@ -224,7 +285,9 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     path = tmp_path / "checkpoint_0000.pth.tar"
     torch.save(m.upstream_state_dict(), path)
     again = build_method("simsiam", checkpoint=str(path))
-    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), again.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(m.state_dict().values(), again.state_dict().values())
+    )
     bad = m.upstream_state_dict()
     bad["state_dict"].pop("module.predictor.0.weight")
     with pytest.raises(Exception, match="predictor.0.weight"):
