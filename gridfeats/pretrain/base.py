@@ -138,11 +138,23 @@ class PretrainMethod(nn.Module):
             return contextlib.nullcontext()
         return autocast(self.precision, self._device)
 
+    def _sync_grads(self) -> None:
+        """Average gradients over ranks (what DDP's reducer does), right after backward so that
+        gradient edits (DINO's clipping) see the global gradient as in the repos' DDP runs."""
+        _, size = world()
+        if size == 1:
+            return
+        for p in self.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(size)
+
     def backward_and_step(self, loss: torch.Tensor, before_step=None) -> None:
         """zero_grad, backward (scaled in fp16), optional gradient edit, optimizer step."""
         self.optimizer.zero_grad()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            self._sync_grads()
             if before_step is not None:
                 self.scaler.unscale_(self.optimizer)
                 before_step()
@@ -150,6 +162,7 @@ class PretrainMethod(nn.Module):
             self.scaler.update()
         else:
             loss.backward()
+            self._sync_grads()
             if before_step is not None:
                 before_step()
             self.optimizer.step()

@@ -224,19 +224,19 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
         self.lines = 0  # rows in metrics.jsonl; a checkpoint records it, a resume truncates to it
+        self.rank, self.world = 0, 1
 
     def log(self, row: Dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         self.lines += 1
 
     def _truncate_metrics(self, lines: int) -> None:
-        kept = (
-            self.metrics_path.read_text().splitlines(keepends=True)[:lines]
-            if (self.metrics_path.exists())
-            else []
-        )
-        self.metrics_path.write_text("".join(kept))
+        text = self.metrics_path.read_text() if self.metrics_path.exists() else ""
+        kept = text.splitlines(keepends=True)[:lines]
+        if self.rank == 0:
+            self.metrics_path.write_text("".join(kept))
         self.lines = len(kept)
 
     def monitors(self, m: PretrainMethod, epoch: int, step: int, knn) -> Dict[str, Any]:
@@ -247,17 +247,17 @@ class Run:
         buffers = {k: v.clone() for k, v in m.named_buffers()}
         m.train()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            outs = torch.cat([m.monitor_output(b) for b in self.monitor_batches])
+            outs = torch.cat([m.monitor_output(b.to(m._device)) for b in self.monitor_batches])
         with torch.no_grad():
             for k, v in m.named_buffers():
                 v.copy_(buffers[k])
-        row["output_std"], row["output_dim"] = output_std(outs), int(outs.shape[1])
+        row["output_std"], row["output_dim"] = output_std(outs.cpu()), int(outs.shape[1])
         m.eval()
         with torch.no_grad():
             if knn is not None:
                 (tr, trl), (va, val) = knn
-                ftr = torch.cat([m.features(b) for b in tr])
-                fva = torch.cat([m.features(b) for b in va])
+                ftr = torch.cat([m.features(b.to(m._device)).cpu() for b in tr])
+                fva = torch.cat([m.features(b.to(m._device)).cpu() for b in va])
                 row["knn_top1"] = knn_top1(ftr, trl[: len(ftr)], fva, val[: len(fva)])
             else:
                 row["knn_top1"] = None
@@ -274,8 +274,47 @@ class Run:
         m.train()
         return row
 
+    def _setup_distributed(self) -> str:
+        """torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; returns the device."""
+        device = self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            if device == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                device = f"cuda:{torch.cuda.current_device()}"
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if self.args.batch_size % self.world:
+                raise PretrainError(
+                    f"--batch-size {self.args.batch_size} (global) is not divisible by "
+                    f"{self.world} ranks"
+                )
+        return device
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _mean_loss(self, loss: float) -> float:
+        if self.world == 1:
+            return loss
+        import torch.distributed as dist
+
+        t = torch.tensor([loss], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item() / self.world)
+
+    def _save(self, path: Path, m: PretrainMethod, meta: Dict[str, Any]) -> None:
+        if self.rank == 0:
+            save_checkpoint(path, m, meta)
+        self._barrier()
+
     def main(self) -> int:
         a = self.args
+        device = self._setup_distributed()
         torch.manual_seed(a.seed)
         items = list_images(a.data, a.image_root)
         if len(items) < a.batch_size:
@@ -296,7 +335,12 @@ class Run:
             hp.setdefault("img_size", a.crop_size)
         ckpt_path = self.out / CHECKPOINT
         resume = a.resume and ckpt_path.exists()
-        m = build_method(a.method, arch=a.arch, precision=a.precision, **hp)
+        m = build_method(a.method, arch=a.arch, precision=a.precision, device=device, **hp)
+        if self.world > 1 and device.startswith("cuda") and a.method != "mocov2":
+            # SyncBN as the repos (MoCo v2 keeps per-GPU BN: that is what its shuffle is for).
+            # Parameters are reused by the conversion, so the optimizer stays valid. On CPU
+            # torch has no SyncBN: BN statistics stay per rank.
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
         start_epoch, start_batch, step = 0, 0, 0
         if resume:
             obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -307,7 +351,7 @@ class Run:
             torch.set_rng_state(obj["rng"])
             start_epoch, start_batch, step = obj["epoch"], obj["epoch_batch"], obj["step"]
             self._truncate_metrics(obj["metrics_lines"])
-        elif self.metrics_path.exists():
+        elif self.metrics_path.exists() and self.rank == 0:
             self.metrics_path.unlink()
         n_local = a.overrides_local_crops
         transform = views_transform(a.method, a.crop_size, n_local)
@@ -320,6 +364,7 @@ class Run:
             knn = ((_eval_batches(tr, a.crop_size), trl), (_eval_batches(va, a.crop_size), val))
         if not resume:
             self.log(self.monitors(m, 0, 0, knn))
+        local = a.batch_size // self.world  # each rank takes its contiguous share of a batch
         iters = len(items) // a.batch_size
         bad_log = self.out / "bad_images.jsonl"
         from tqdm import tqdm
@@ -332,7 +377,9 @@ class Run:
             # when iterated, which a resumed run would do at another point of the stream.
             loader = DataLoader(
                 data,
-                batch_sampler=batches[first:],
+                batch_sampler=[
+                    b[self.rank * local : (self.rank + 1) * local] for b in batches[first:]
+                ],
                 num_workers=a.workers,
                 collate_fn=_collate,
                 generator=torch.Generator().manual_seed(a.seed * 7919 + epoch),
@@ -347,10 +394,10 @@ class Run:
                 for image_id, reason in bad:
                     with open(bad_log, "a") as f:
                         f.write(json.dumps({"image_id": image_id, "reason": reason}) + "\n")
-                if not views or (a.method == "mocov2" and len(views[0]) != a.batch_size):
+                if not views or (a.method == "mocov2" and len(views[0]) != local):
                     continue  # the queue needs whole batches
                 m.set_progress(epoch + b / iters, a.epochs, iters)
-                loss = m.train_step(views)
+                loss = self._mean_loss(m.train_step(views))
                 if not math.isfinite(loss):
                     raise PretrainError(f"loss is {loss} at epoch {epoch} step {step}; stopping")
                 step += 1
@@ -359,11 +406,13 @@ class Run:
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if a.ckpt_every and step % a.ckpt_every == 0 and b + 1 < iters:
                     meta = {"epoch": epoch, "epoch_batch": b + 1, "step": step}
-                    save_checkpoint(ckpt_path, m, dict(meta, metrics_lines=self.lines))
+                    self._save(ckpt_path, m, dict(meta, metrics_lines=self.lines))
             row = self.monitors(m, epoch + 1, step, knn)
             self.log(row)
             meta = {"epoch": epoch + 1, "epoch_batch": 0, "step": step}
-            save_checkpoint(ckpt_path, m, dict(meta, metrics_lines=self.lines))
+            self._save(ckpt_path, m, dict(meta, metrics_lines=self.lines))
+        if self.rank != 0:
+            return 0
         if a.export_layout == "upstream":
             torch.save(m.upstream_state_dict(), self.out / "upstream_checkpoint.pth")
         from gridfeats.pretrain.curves import plot_curves
@@ -390,6 +439,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pth")
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)

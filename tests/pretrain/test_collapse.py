@@ -2,7 +2,7 @@
 
 With stop-gradient the score stays near 1 while the loss falls; without it the outputs concentrate
 and the score drifts down (paper Fig. 2). The default test shows it in 8 steps at a high lr on
-fixed views; the slow one runs the CLI on synthetic shapes for 10 epochs at the recipe's settings.
+fixed views; the slow one runs the CLI on 108 synthetic shape images for 12 epochs (36 steps).
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ def _score(m, images):
 
 def test_without_stop_gradient_the_monitor_falls_and_with_it_stays(tmp_path, one_thread):
     paths = make_classification(tmp_path, per_class=5, size=40)
-    imgs = [torch.from_numpy(read_image(i.path).copy()).permute(2, 0, 1)
-            for i in list_images(str(paths["train"]))][:32]
+    imgs = [
+        torch.from_numpy(read_image(i.path).copy()).permute(2, 0, 1)
+        for i in list_images(str(paths["train"]))
+    ][:32]
     tf = views_transform("simsiam", 24)
     torch.manual_seed(0)
     batches = []
@@ -45,8 +47,9 @@ def test_without_stop_gradient_the_monitor_falls_and_with_it_stays(tmp_path, one
     result = {}
     for stop_grad in (True, False):
         torch.manual_seed(0)
-        m = build_method("simsiam", arch="resnet18", dim=64, pred_dim=16, lr=0.3,
-                         stop_grad=stop_grad)
+        m = build_method(
+            "simsiam", arch="resnet18", dim=64, pred_dim=16, lr=0.3, stop_grad=stop_grad
+        )
         start = _score(m, probe)
         losses = [m.train_step(batches[i % 4]) for i in range(8)]
         result[stop_grad] = (start, _score(m, probe), losses)
@@ -65,17 +68,42 @@ def test_simsiam_ablation_over_epochs_on_synthetic_shapes(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    paths = make_classification(tmp_path, per_class=14, size=48)
+    paths = make_classification(tmp_path, per_class=16, size=48)  # 108 train images
     runs = {}
     for name, extra in (("sg", []), ("nosg", ["--no-stop-grad"])):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "gridfeats", "pretrain", "simsiam", "--data", paths["train"],
-               "--out", out, "--arch", "resnet18", "--epochs", 10, "--batch-size", 32,
-               "--crop-size", 32, "--monitor-images", 64, "--lr", 0.5, "dim=128", "pred_dim=32",
-               *extra]
-        res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
-                             env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
-                                  "PATH": "/usr/bin:/bin"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "gridfeats",
+            "pretrain",
+            "simsiam",
+            "--data",
+            paths["train"],
+            "--out",
+            out,
+            "--arch",
+            "resnet18",
+            "--epochs",
+            12,
+            "--batch-size",
+            32,
+            "--crop-size",
+            32,
+            "--monitor-images",
+            64,
+            "--lr",
+            0.5,
+            "dim=128",
+            "pred_dim=32",
+            *extra,
+        ]
+        res = subprocess.run(
+            [str(c) for c in cmd],
+            capture_output=True,
+            text=True,
+            env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         scores = [r["output_std"] * math.sqrt(r["output_dim"]) for r in rows if "output_std" in r]
