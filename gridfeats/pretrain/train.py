@@ -264,7 +264,7 @@ class Run:
         m.train()
         score = collapse_score(row["output_std"], row["output_dim"])
         row["collapse_score"] = score
-        if score < self.args.collapse_threshold:
+        if score < self.args.collapse_threshold and step > 0:  # init values are not warned about
             warnings.warn(
                 f"collapse monitor: output_std*sqrt(d) = {score:.3f} < "
                 f"{self.args.collapse_threshold} at "
