@@ -22,12 +22,13 @@ Which script: ``revision`` names the revision of GT-Vision-Lab/VQA's
 * ``"vizwiz"``: the VizWiz-VQA evaluation script (its punctuation list is the 2017 one, its
   contraction table the typographic 07aecec one, run on Python 3). Used for VizWiz files.
 
-All of them run on Python 3 except ``beta-07aecec-py2``; the master file itself still has Python 2
-``print`` statements, and its published reproduction converts only those.
+All of them are reproduced as run on Python 3 except ``beta-07aecec-py2``: the master file itself
+still has Python 2 ``print`` statements, and the reference figures this project is checked against
+were produced by converting only those and running it under Python 3.
 
 Deprecated names, still accepted with a ``DeprecationWarning`` (``DEPRECATED_REVISIONS``):
-``"vqa-py3"`` was c4e6a0e, mislabelled "the current revision": it is ``"v2.0-a4f1afd"``;
-``"vqa-py2-07aecec"`` is ``"beta-07aecec-py2"``.
+``"vqa-py3"`` named the c4e6a0e rules, which are the 2017 ones and not today's script: it is
+``"v2.0-a4f1afd"``; ``"vqa-py2-07aecec"`` is ``"beta-07aecec-py2"``.
 
 Rules common to all of them, reimplemented with their quirks because matching the published
 numbers matters more than tidy rules:

@@ -433,8 +433,8 @@ def evaluate_vqa(
     official ``vqaEval.py`` whose numbers are reproduced (``REVISIONS``); ``None`` means the
     official script today, master a013f00 (``"master-a013f00"``), for VQA files and VizWiz's own
     script for VizWiz files, which accept no other. The older ``"v2.0-a4f1afd"`` (2017, = c4e6a0e),
-    ``"beta-07aecec"`` and ``"beta-07aecec-py2"`` (2015) give the numbers papers of their time
-    printed; see the module docstring for what differs.
+    ``"beta-07aecec"`` and ``"beta-07aecec-py2"`` (2015) reproduce what those revisions print, for
+    comparison with numbers computed by them; see the module docstring for what differs.
     ``allow_missing=True`` scores the answered subset (e.g. validation on the questions whose
     images were extracted; the 07aecec ``loadRes`` allowed this too); unknown ids stay an error.
     Raises ``VQAEvalError`` (a ``ValueError``) with a specific message on any mismatch.
