@@ -77,6 +77,20 @@ def read_obj(checkpoint: Optional[Any]) -> Optional[Mapping[str, Any]]:
     return obj
 
 
+def optimizer_kind(obj: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """Which optimizer wrote a checkpoint's state: "lars" (``mu``), "adamw" (``exp_avg``), "sgd"
+    (``momentum_buffer``); None when it holds no per-parameter state."""
+    state = ((obj or {}).get("optimizer") or {}).get("state") or {}
+    for entry in state.values():
+        if "mu" in entry:
+            return "lars"
+        if "exp_avg" in entry:
+            return "adamw"
+        if "momentum_buffer" in entry:
+            return "sgd"
+    return None
+
+
 def cosine(base: float, final: float, progress: float) -> float:
     """Half-cosine from ``base`` (progress 0) to ``final`` (progress 1)."""
     return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))

@@ -28,6 +28,7 @@ from gridfeats.pretrain.base import (
     PretrainMethod,
     add_module,
     load_strict,
+    optimizer_kind,
     read_obj,
     strip_module,
     world,
@@ -131,7 +132,7 @@ class DINO(PretrainMethod):
         student_state = strip_module(obj["student"]) if obj is not None else None
         vit = is_vit(arch) if obj is None else "backbone.cls_token" in student_state
         self.vit = vit
-        self.opt_name = optimizer or ("adamw" if vit else "sgd")
+        self.opt_name = optimizer or optimizer_kind(obj) or ("adamw" if vit else "sgd")
         if self.opt_name not in ("adamw", "sgd"):
             raise PretrainError(f"dino optimizer must be adamw or sgd here, got {self.opt_name!r}")
         # main_dino.py defaults (ViT) / the README's ResNet-50 command (SGD lr 0.03, wd 1e-4).

@@ -25,6 +25,7 @@ from gridfeats.pretrain.base import (
     add_module,
     concat_all_gather,
     load_strict,
+    optimizer_kind,
     read_obj,
     strip_module,
     world,
@@ -104,7 +105,7 @@ class MoCoV3(PretrainMethod):
         self.vit = vit
         # The recipes of CONFIG.md: R-50 LARS lr 0.6 (bs 4096 -> 0.6 * bs / 256 per 256) wd 1e-6
         # T 1.0 warm-up 10; ViT AdamW lr 1.5e-4 wd 0.1 T 0.2 warm-up 40, frozen patch projection.
-        self.opt_name = optimizer or ("adamw" if vit else "lars")
+        self.opt_name = optimizer or optimizer_kind(obj) or ("adamw" if vit else "lars")
         if self.opt_name not in ("lars", "adamw"):
             raise PretrainError(f"mocov3 optimizer must be lars or adamw, got {self.opt_name!r}")
         self.init_lr = self.lr = lr if lr is not None else (1.5e-4 if vit else 0.6)

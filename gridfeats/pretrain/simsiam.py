@@ -49,7 +49,7 @@ class SimSiam(PretrainMethod):
         lr: float = 0.05,
         weight_decay: float = 1e-4,
         momentum: float = 0.9,
-        predictor_fixed_lr: bool = True,
+        predictor_fixed_lr: Optional[bool] = None,
         dim: Optional[int] = None,
         pred_dim: Optional[int] = None,
         stop_grad: bool = True,
@@ -64,6 +64,11 @@ class SimSiam(PretrainMethod):
             self.arch = arch = resnet_arch_from_state(state, "encoder.")
             dim = state["encoder.fc.6.weight"].shape[0]
             pred_dim = state["predictor.0.weight"].shape[0]
+            groups = (obj.get("optimizer") or {}).get("param_groups")
+            if predictor_fixed_lr is None and groups:  # --fix-pred-lr wrote 2 groups
+                predictor_fixed_lr = len(groups) == 2
+        if predictor_fixed_lr is None:
+            predictor_fixed_lr = True  # the README recipe's --fix-pred-lr
         self.init_lr = self.lr = lr
         self.weight_decay, self.momentum = weight_decay, momentum
         self.predictor_fixed_lr = predictor_fixed_lr
