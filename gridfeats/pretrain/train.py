@@ -331,7 +331,8 @@ class Run:
             hp["stop_grad"] = False
         if a.no_predictor:
             hp["predictor"] = False
-        if a.arch and a.arch.startswith("vit") and a.method != "simsiam":
+        default_arch = "vit" if a.method in ("mae", "dino") else "resnet"
+        if (a.arch or default_arch).startswith("vit") and a.method != "simsiam":
             hp.setdefault("img_size", a.crop_size)
         ckpt_path = self.out / CHECKPOINT
         resume = a.resume and ckpt_path.exists()
