@@ -44,7 +44,7 @@ def _digest(key: str) -> bytes:
 
 
 class ApiKeyChecker:
-    """Decides whether a presented key is one of the configured keys; disabled when there are none."""
+    """Whether a presented key is one of the configured keys; disabled when there are none."""
 
     def __init__(self, keys: Iterable[str]) -> None:
         self._digests: Tuple[bytes, ...] = tuple(_digest(key) for key in keys if key)

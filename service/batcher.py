@@ -2,10 +2,10 @@
 
 A model forward on a batch of B images costs much less than B forwards of one image, but HTTP
 requests arrive one at a time. The :class:`DynamicBatcher` holds arriving items in a bounded queue
-and hands them to ``batch_fn`` in groups: a group leaves when it is full (``max_batch_size``) or when
-its oldest item has waited ``max_wait_s``. Items that already waited while the previous forward ran
-leave at once, so under load batches fill up by themselves and the wait only costs latency at low
-load.
+and hands them to ``batch_fn`` in groups: a group leaves when it is full (``max_batch_size``) or
+when its oldest item has waited ``max_wait_s``. Items that already waited while the previous forward
+ran leave at once, so under load batches fill up by themselves and the wait only costs latency at
+low load.
 
 Properties the service relies on:
 

@@ -19,8 +19,8 @@ from service.settings import ServiceSettings, SettingsError, load_settings
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "Every option also reads GRIDFEATS_<OPTION> from the environment, e.g. GRIDFEATS_MAX_BATCH=16. "
-        "API keys: GRIDFEATS_API_KEYS=key1,key2 or --api-keys-file."
+        "Every option also reads GRIDFEATS_<OPTION> from the environment, e.g. "
+        "GRIDFEATS_MAX_BATCH=16. API keys: GRIDFEATS_API_KEYS=key1,key2 or --api-keys-file."
     )
     model = parser.add_argument_group("model")
     model.add_argument(

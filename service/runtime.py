@@ -145,7 +145,7 @@ class ServiceRuntime:
         self.state, self.detail = state, detail
 
     def require_ready(self) -> FeatureBackend:
-        """The backend, or :class:`NotReady` (503) while loading, after a failure or when stopping."""
+        """The backend, or :class:`NotReady` (503) while loading, after a failure, or stopping."""
         if not self.ready or self.backend is None:
             raise NotReady(
                 f"not ready: {self.detail}", retry_after_s=5 if self.state != "failed" else 60

@@ -1,4 +1,4 @@
-"""Settings of ``gridfeats serve``: defaults, then ``GRIDFEATS_*`` environment variables, then flags.
+"""Settings of ``gridfeats serve``: defaults, then ``GRIDFEATS_*`` environment, then flags.
 
 Containers are configured through the environment and people through flags, so both feed one
 validated model. Validation happens once, at start-up, with a message that names the setting;

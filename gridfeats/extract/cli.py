@@ -128,7 +128,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--bottom-up-boxes",
         choices=BOX_SOURCES,
         default="proposals",
-        help="bottom-up: NMS on and store the proposals (generate_tsv.py) or the regressed class boxes",
+        help=(
+            "bottom-up: NMS on and store the proposals (generate_tsv.py) or the regressed class "
+            "boxes"
+        ),
     )
     what.add_argument(
         "--attr-topk",
@@ -194,12 +197,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--exact-kernels",
         action="store_true",
-        help="do not fold frozen norms into convolutions nor run channels-last (slower; Detectron2's exact fp32 numbers)",
+        help=(
+            "do not fold frozen norms into convolutions nor run channels-last (slower; "
+            "Detectron2's exact fp32 numbers)"
+        ),
     )
     run.add_argument(
         "--batched-forward",
         action="store_true",
-        help="one forward per batch instead of per image (faster on GPUs; rows then depend on the batch size by float rounding)",
+        help=(
+            "one forward per batch instead of per image (faster on GPUs; rows then depend on the "
+            "batch size by float rounding)"
+        ),
     )
     run.add_argument(
         "--commit-every",
@@ -237,7 +246,8 @@ def options_from_args(args: argparse.Namespace):
     )
     if len(args.opts) % 2:
         raise ValueError(
-            f"config overrides come in KEY VALUE pairs, got {len(args.opts)} words: {' '.join(args.opts)}"
+            f"config overrides come in KEY VALUE pairs, got {len(args.opts)} words: "
+            f"{' '.join(args.opts)}"
         )
     return ExtractOptions(
         input=args.input,
@@ -290,8 +300,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if options.weights is None:
         print(
-            f"gridfeats extract: no --weights given: the detector uses a seeded random initialisation "
-            f"(seed {options.seed}); the features are not meaningful",
+            "gridfeats extract: no --weights given: the detector uses a seeded random "
+            f"initialisation (seed {options.seed}); the features are not meaningful",
             file=sys.stderr,
         )
     previous = _install_sigterm()
@@ -305,7 +315,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            "gridfeats extract: interrupted; finished work is kept. Re-run the same command to resume.",
+            "gridfeats extract: interrupted; finished work is kept. Re-run the same command to "
+            "resume.",
             file=sys.stderr,
         )
         return 130
@@ -322,8 +333,8 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(cause, OSError):
             raise  # a bug, not the environment: keep the traceback
         print(
-            f"gridfeats extract: I/O error: {cause}. Finished work is kept; fix the cause and re-run the same "
-            "command to resume.",
+            f"gridfeats extract: I/O error: {cause}. Finished work is kept; fix the cause and "
+            "re-run the same command to resume.",
             file=sys.stderr,
         )
         return 1
@@ -336,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _install_sigterm() -> Optional[object]:
-    """SIGTERM (torchrun stopping workers, a scheduler's time limit) commits finished work like Ctrl-C."""
+    """SIGTERM (torchrun stopping workers, a scheduler's limit) commits done work like Ctrl-C."""
     try:
         return signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread

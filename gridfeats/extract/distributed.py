@@ -46,7 +46,8 @@ class RankInfo:
             raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
         if world < 1 or not 0 <= rank < world or local < 0:
             raise ValueError(
-                f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}"
+                f"inconsistent torchrun environment: RANK={rank} WORLD_SIZE={world} "
+                f"LOCAL_RANK={local}"
             )
         return cls(rank, world, local)
 

@@ -167,7 +167,8 @@ class ExtractSummary:
             f"rows        {self.rows}",
             f"size        {_human_bytes(self.bytes)}",
             f"this run    {self.run.processed} processed ({self.run.failed} failed), "
-            f"{self.run.skipped} already done, {self.run.seconds:.1f} s, {self.images_per_second:.2f} images/s",
+            f"{self.run.skipped} already done, {self.run.seconds:.1f} s, "
+            f"{self.images_per_second:.2f} images/s",
         ]
         if self.random_init:
             lines.append(
@@ -193,7 +194,7 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-# --- building ------------------------------------------------------------------------------------------
+# --- building -------------------------------------------------------------------------------------
 def build_detector(options: ExtractOptions, info: RankInfo):
     """The detector of a run (fast kernels and batching policy as the options say)."""
     from gridfeats.api import Detector
@@ -255,7 +256,7 @@ def store_metadata(options: ExtractOptions, detector, maker) -> StoreMetadata:
     )
 
 
-# --- the run -----------------------------------------------------------------------------------------
+# --- the run --------------------------------------------------------------------------------------
 def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> ExtractSummary:
     """Extract features as ``options`` say; returns the summary (of the merged output on rank 0).
 
@@ -296,7 +297,10 @@ def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> Ext
         pattern = shard_output_path(options.output, 0, options.shard_count).replace(
             ".shard-0-", ".shard-*-"
         )
-        hint = f"shard {options.shard_index}/{options.shard_count} done; when all are: gridfeats merge {options.output} {pattern}"
+        hint = (
+            f"shard {options.shard_index}/{options.shard_count} done; when all are: "
+            f"gridfeats merge {options.output} {pattern}"
+        )
     if info.distributed and not info.is_main:
         return ExtractSummary(
             my_file,
@@ -347,8 +351,8 @@ def _merged_ids(
         return frozenset()
     if os.path.isdir(parts_dir_for(target)):
         raise ExtractError(
-            f"an unfinished single-process run into {target} exists ({parts_dir_for(target)}); finish it with "
-            "the same command without torchrun, or start over with --overwrite"
+            f"an unfinished single-process run into {target} exists ({parts_dir_for(target)}); "
+            "finish it with the same command without torchrun, or start over with --overwrite"
         )
     if not os.path.exists(target):
         return frozenset()

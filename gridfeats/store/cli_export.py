@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Kept in sync with gridfeats.store.export.FORMATS (importing it here would load numpy/h5py for --help).
+# Kept in sync with gridfeats.store.export.FORMATS (importing it here would load numpy/h5py for
+# --help).
 FORMAT_NAMES = ("gridfeats-pth", "mmf", "mmf-lmdb", "mcan-npz", "sc-npz", "sc-h5", "bua-tsv")
 
 

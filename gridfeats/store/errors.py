@@ -17,7 +17,7 @@ class StoreFormatError(StoreError):
 
 
 class StoreMismatchError(StoreError):
-    """Existing output was written with different run metadata (mode, dims, config, weights, dtype)."""
+    """Existing output has other run metadata (mode, dims, config, weights, dtype)."""
 
 
 class StoreBusyError(StoreError):

@@ -138,8 +138,8 @@ class StoreMetadata:
         version = int(attrs.get("version", -1))
         if version != FORMAT_VERSION:
             raise StoreFormatError(
-                f"{f.filename}: store layout version {version} is not supported (this gridfeats reads "
-                f"version {FORMAT_VERSION})"
+                f"{f.filename}: store layout version {version} is not supported (this gridfeats "
+                f"reads version {FORMAT_VERSION})"
             )
         if "rows/features" not in f:
             raise StoreFormatError(f"{f.filename}: store has no rows/features dataset")

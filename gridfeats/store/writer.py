@@ -321,7 +321,8 @@ class FeatureWriter:
         except BlockingIOError:
             os.close(fd)
             raise StoreBusyError(
-                f"another process is writing {self.path} (it holds {lock_path}); wait for it or stop it"
+                f"another process is writing {self.path} (it holds {lock_path}); wait for it or "
+                "stop it"
             ) from None
         return fd
 

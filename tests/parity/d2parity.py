@@ -1,8 +1,8 @@
 """Run the detector on the Detectron2 parity fixtures and collect results in the fixtures' layout.
 
-The fixtures (``../shared/fixtures/d2parity``: photos, seeded weight generator, Detectron2's outputs)
-live outside the repository; ``GRIDFEATS_D2PARITY`` may point elsewhere. Used by the tests and by
-``python -m tests.parity.d2parity CONFIG OUT.npz`` for a manual ``compare.py`` run.
+The fixtures (``../shared/fixtures/d2parity``: photos, seeded weight generator, Detectron2's
+outputs) live outside the repository; ``GRIDFEATS_D2PARITY`` may point elsewhere. Used by the tests
+and by ``python -m tests.parity.d2parity CONFIG OUT.npz`` for a manual ``compare.py`` run.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def run(
 
     Detectron2's ``detector_postprocess`` scales and clips the detections' box tensor in place, so
     the reference's ``boxes_input``, ``box_feats`` and ``attr_probs`` describe all detections before
-    the empty-box filter, on original-pixel boxes; this rebuilds exactly that (``kept`` marks the rows
-    that survive, i.e. what :meth:`Detector.detect` returns).
+    the empty-box filter, on original-pixel boxes; this rebuilds exactly that (``kept`` marks the
+    rows that survive, i.e. what :meth:`Detector.detect` returns).
     """
     from gridfeats.api import GRID_RES5_DILATION
     from gridfeats.modeling import postprocess
@@ -120,5 +120,6 @@ if __name__ == "__main__":
     det = Detector(config, weights=weights_path(config, dest.parent))
     np.savez(dest, **run(det))
     print(
-        f"wrote {dest}; compare with: python {FIXTURES / 'compare.py'} {FIXTURES / f'expected_{config}.npz'} {dest}"
+        f"wrote {dest}; compare with: python {FIXTURES / 'compare.py'} "
+        f"{FIXTURES / f'expected_{config}.npz'} {dest}"
     )

@@ -1,4 +1,4 @@
-"""Helpers for the service tests (no tests here): a tiny fake detector and a real uvicorn server thread.
+"""Helpers for the service tests (no tests here): a tiny fake detector, a real uvicorn thread.
 
 The fake detector stands in for the network only: images are decoded and resized by the project's
 own ``prepare_image`` (resizing is switched off with ``INPUT.MIN_SIZE_TEST 0``, so pixels stay
@@ -132,7 +132,7 @@ def image_bytes(
     seed: int = 0,
     first_red: Optional[int] = None,
 ) -> bytes:
-    """A random RGB image encoded as ``fmt``; ``first_red`` fixes the top-left red value (PNG keeps it)."""
+    """A random RGB image as ``fmt``; ``first_red`` fixes the top-left red value (PNG keeps it)."""
     rng = np.random.RandomState(seed)
     pixels = rng.randint(0, 256, size=(height, width, 3), dtype=np.uint8)
     if first_red is not None:
@@ -195,7 +195,7 @@ class ServerThread:
 
 
 def metric_value(metrics_text: str, name: str, labels: str = "") -> float:
-    """The value of one sample in a Prometheus exposition (``labels`` as written, e.g. 'mode="grid"')."""
+    """One sample's value in a Prometheus exposition (``labels`` as written, e.g. 'mode="grid"')."""
     wanted = f"{name}{{{labels}}}" if labels else name
     for line in metrics_text.splitlines():
         if line.startswith("#"):

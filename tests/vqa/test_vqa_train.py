@@ -1,4 +1,4 @@
-"""Training the VQA heads on synthetic features: learning, CLI round trip, exact resume after a kill.
+"""Training the VQA heads on synthetic features: learning, CLI round trip, exact resume after kill.
 
 Features come from ``vqa.examples.synthetic_features`` (stores written through the project's
 FeatureWriter that encode each synthetic object's shape/colour/size where it is), so the heads

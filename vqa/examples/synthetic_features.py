@@ -1,4 +1,4 @@
-"""Feature stores that encode what is in the synthetic images, for training heads without a detector.
+"""Feature stores encoding what the synthetic images hold, for training heads without a detector.
 
 Why: the heads' learning can only be shown on features that carry the scene's content, and a
 randomly initialised detector's C5 map does not. These stores are written from the synthetic set's
