@@ -15,11 +15,13 @@ from typing import ContextManager
 
 import torch
 
+from gridfeats.errors import GridfeatsError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class PrecisionError(ValueError):
+class PrecisionError(GridfeatsError, ValueError):
     """The requested precision is not supported (fast) on this device."""
 
 

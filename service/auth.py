@@ -14,10 +14,12 @@ import hmac
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
+from gridfeats.errors import GridfeatsError
+
 API_KEY_HEADER = "X-API-Key"
 
 
-class ApiKeyFileError(ValueError):
+class ApiKeyFileError(GridfeatsError, ValueError):
     """The key file is missing, unreadable or has no keys; raised at start-up."""
 
 

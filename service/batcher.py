@@ -31,6 +31,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Deque, Generic, List, Optional, Sequence, Tuple, TypeVar
 
+from gridfeats.errors import GridfeatsError
+
 In = TypeVar("In")
 Out = TypeVar("Out")
 
@@ -40,7 +42,7 @@ BatchFn = Callable[[List[Any]], Sequence[Any]]
 BatchObserver = Callable[[int, float], None]
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(GridfeatsError, RuntimeError):
     """The bounded queue cannot take the submitted items now."""
 
     def __init__(self, depth: int, capacity: int, wanted: int) -> None:
@@ -50,7 +52,7 @@ class QueueFullError(RuntimeError):
         self.wanted = wanted
 
 
-class BatcherClosedError(RuntimeError):
+class BatcherClosedError(GridfeatsError, RuntimeError):
     """The batcher is shutting down and takes no new items."""
 
 

@@ -20,6 +20,7 @@ import anyio
 import numpy as np
 
 from gridfeats.data.image_io import ImageReadError
+from gridfeats.errors import GridfeatsError
 from service.backend import FeatureBackend, FeatureSpec, ModelRequest, Record
 from service.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from service.errors import (
@@ -44,7 +45,7 @@ BackendFactory = Callable[[], FeatureBackend]
 WARMUP_SPECS = (feature_spec(FeatureQuery(mode="grid")), feature_spec(FeatureQuery(mode="region")))
 
 
-class ClientGone(Exception):
+class ClientGone(GridfeatsError):
     """The client disconnected while its request was being handled."""
 
 

@@ -13,6 +13,8 @@ from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from gridfeats.errors import GridfeatsError
+
 ENV_PREFIX = "GRIDFEATS_"
 
 # Settings whose environment value is a list: comma-separated, except config overrides which are
@@ -21,7 +23,7 @@ _COMMA_LISTS = ("api_keys", "cors_origins")
 _SHELL_LISTS = ("opts",)
 
 
-class SettingsError(ValueError):
+class SettingsError(GridfeatsError, ValueError):
     """A setting has an invalid value; the message names the setting and the reason."""
 
 

@@ -19,6 +19,8 @@ from typing import BinaryIO, Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gridfeats.errors import GridfeatsError
+
 #: Default pixel limit (width * height) against decompression bombs; PIL's own default.
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -29,7 +31,7 @@ ImageSource = Union[
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-class ImageReadError(ValueError):
+class ImageReadError(GridfeatsError, ValueError):
     """An input that cannot be turned into an image. ``reason`` is short and specific."""
 
     def __init__(self, reason: str, source: Optional[str] = None):

@@ -57,6 +57,7 @@ from gridfeats.data.synthetic_captions import CAPTIONS_PER_IMAGE, make_captions
 from gridfeats.data.synthetic_questions import QuestionAnswer, make_questions
 from gridfeats.data.synthetic_scene import COLORS, SHAPES, SIZES, SceneObject, render_scene
 from gridfeats.data.vocab import write_vocab
+from gridfeats.errors import GridfeatsError
 
 PathLike = Union[str, os.PathLike]
 
@@ -76,7 +77,7 @@ CATEGORY_NAMES: Tuple[str, ...] = tuple(word.name for word in SHAPES)
 ATTRIBUTE_NAMES: Tuple[str, ...] = tuple(word.name for word in (*COLORS, *SIZES))
 
 
-class SyntheticDataError(ValueError):
+class SyntheticDataError(GridfeatsError, ValueError):
     """A request that cannot be carried out (bad argument or an output folder in the way)."""
 
 

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS
+from gridfeats.errors import GridfeatsError
 from gridfeats.extract import distributed
 from gridfeats.extract.distributed import RankInfo
 from gridfeats.extract.features import GridFeatureMaker, RegionFeatureMaker, storage_problem
@@ -49,7 +50,7 @@ from gridfeats.store.writer import parts_dir_for
 MODES = ("grid", "region")
 
 
-class ExtractError(ValueError):
+class ExtractError(GridfeatsError, ValueError):
     """A run that cannot start or go on, for a reason the user can fix (the message says which)."""
 
 

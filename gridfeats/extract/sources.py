@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from gridfeats.errors import GridfeatsError
+
 #: File extensions treated as images when walking a folder (content is checked when decoding).
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -46,7 +48,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-class SourceError(ValueError):
+class SourceError(GridfeatsError, ValueError):
     """The ``--input`` cannot be turned into a list of images (the message says why)."""
 
 

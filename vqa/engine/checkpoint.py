@@ -19,14 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from gridfeats.checkpoint.loader import CheckpointError  # the project's one CheckpointError
+
 LAST = "last.pt"
 FINAL = "final.pt"
 BEST = "best.pt"
 CHECKPOINT_FORMAT = "gridfeats.vqa.checkpoint"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, corrupt or from another kind of run."""
 
 
 def capture_rng_state() -> Dict[str, Any]:

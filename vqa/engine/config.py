@@ -17,6 +17,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from gridfeats.config.yaml_loader import ConfigError  # the project's one ConfigError
+
 FREE_FORM_SECTIONS = ("model",)
 
 COMMON_DEFAULTS: Dict[str, Any] = {
@@ -53,10 +55,6 @@ COMMON_DEFAULTS: Dict[str, Any] = {
         "progress": True,
     },
 }
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
 
 
 def _merge(
