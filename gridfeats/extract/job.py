@@ -44,10 +44,8 @@ from gridfeats.extract.regions import REGION_RULES, BottomUpSettings
 from gridfeats.extract.sources import ImageItem, list_images, shard_items
 from gridfeats.store import AsyncFeatureWriter, FeatureStore, FeatureWriter, StoreMetadata
 from gridfeats.store.errors import StoreMismatchError
-from gridfeats.store.layout import COMPRESSIONS, STORAGE_DTYPES, open_store_file
+from gridfeats.store.layout import COMPRESSIONS, MODES, STORAGE_DTYPES, open_store_file
 from gridfeats.store.writer import parts_dir_for
-
-MODES = ("grid", "region")
 
 
 class ExtractError(GridfeatsError, ValueError):

@@ -23,6 +23,7 @@ from PIL import Image
 
 from gridfeats.api import DetectionResult
 from gridfeats.config import get_cfg
+from gridfeats.data.image_io import DEFAULT_MAX_PIXELS
 from gridfeats.data.preprocess import PreparedImage, prepare_image
 from service.app import create_app
 from service.backend import DetectorBackend, FeatureSpec, ModelRequest
@@ -40,7 +41,7 @@ class FakeDetector:
 
     def __init__(
         self,
-        max_pixels: int = 40_000_000,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         delay_s: float = 0.0,
         gate: Optional[threading.Event] = None,
         fail_on: Optional[int] = None,

@@ -288,10 +288,15 @@ def test_names_that_collide_are_refused(tmp_path):
 
 
 def test_cli_lists_every_format_and_reports_errors(region_store, tmp_path, capsys):
-    from gridfeats.cli import main
-    from gridfeats.store.cli_export import FORMAT_NAMES
+    import argparse
 
-    assert set(FORMAT_NAMES) == set(FORMATS)
+    from gridfeats.cli import main
+    from gridfeats.store.cli_export import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    (fmt,) = [a for a in parser._actions if a.dest == "fmt"]
+    assert fmt.choices == tuple(FORMATS)
     assert (
         main(
             [

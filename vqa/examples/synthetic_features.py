@@ -29,9 +29,9 @@ import numpy as np
 
 from gridfeats.data.image_io import read_image
 from gridfeats.store import FeatureWriter, StoreMetadata, grid_record, region_record
+from gridfeats.store.layout import MODES
 
 PathLike = Union[str, Path]
-MODES = ("grid", "region")
 
 
 def _vocabulary(instances: Dict[str, Any]) -> Dict[str, int]:
