@@ -1,4 +1,4 @@
-"""The HDF5 feature store (layout: /work/shared/docs/feature-store.md).
+"""The HDF5 feature store (layout: docs/feature-store.md).
 
 Writing (crash-safe, resumable; see :mod:`gridfeats.store.writer` for the commit protocol)::
 

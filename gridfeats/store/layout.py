@@ -1,4 +1,4 @@
-"""The HDF5 layout of `/work/shared/docs/feature-store.md` (version 1), in one place.
+"""The HDF5 layout of `docs/feature-store.md` (version 1), in one place.
 
 Everything that names a dataset, an attribute or a dtype of the store lives here, so that the
 writer, the reader, the merge step and the exporters cannot drift apart. It also holds

@@ -1,5 +1,6 @@
-"""Checkpoint reading and loading (detectron2-compat.md 4.5): containers, prefixes, reports, Caffe2
-renaming with suffix matching, FrozenBN metadata, and refusal of pickles that would run code."""
+"""Checkpoint reading and loading (docs/detectron2-facts.md 4.5): containers, prefixes, reports,
+Caffe2 renaming with suffix matching, FrozenBN metadata, and refusal of pickles that would run
+code."""
 
 from __future__ import annotations
 

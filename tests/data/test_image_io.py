@@ -1,5 +1,5 @@
-"""The image reader (detectron2-compat.md 2.1): colour modes, formats, EXIF orientation, sizes, and
-a specific ImageReadError reason for every kind of bad input."""
+"""The image reader (docs/detectron2-facts.md 2.1): colour modes, formats, EXIF orientation,
+sizes, and a specific ImageReadError reason for every kind of bad input."""
 
 from __future__ import annotations
 

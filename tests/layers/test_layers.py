@@ -1,6 +1,6 @@
 """gridfeats.layers: FrozenBatchNorm2d, Conv2d (norm child, per-call stride, folding), NMS dispatch.
 
-Expectations come from detectron2-compat.md sections 3.5, 4.5 and 5.6, written out here by hand:
+Expectations come from docs/detectron2-facts.md sections 3.5, 4.5 and 5.6, written out here by hand:
 FrozenBN's formula and load-time version rules, NMS's strict ``IoU > thr`` rule and NaN handling,
 and Detectron2@ffff8ac's batched-NMS dispatch (per-class loop from 40000 boxes on).
 """
