@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS
 from gridfeats.extract.job import ExtractOptions
-from gridfeats.extract.regions import BOX_SOURCES, REGION_RULES, BottomUpSettings
+from gridfeats.features import BOX_SOURCES, REGION_RULES, BottomUpSettings
 from gridfeats.precision import PRECISIONS
 from gridfeats.store.layout import COMPRESSIONS, MODES, STORAGE_DTYPES
 
