@@ -30,7 +30,8 @@ def _project_exceptions():
                 continue
             module = importlib.import_module(info.name)
             for _, obj in inspect.getmembers(module, inspect.isclass):
-                if issubclass(obj, BaseException) and obj.__module__ == info.name:
+                is_error = issubclass(obj, BaseException) and not issubclass(obj, Warning)
+                if is_error and obj.__module__ == info.name:  # warning categories are not errors
                     found[f"{obj.__module__}.{obj.__qualname__}"] = obj
     return found
 
