@@ -6,8 +6,8 @@ Modules, one job each:
 * :mod:`~gridfeats.extract.loader`: DataLoader workers decode and resize, failures become records;
 * :mod:`~gridfeats.extract.regions`: Detectron2's and bottom-up-attention's box selection;
 * :mod:`~gridfeats.extract.features`: prepared images -> store records (grid or region);
-* :mod:`~gridfeats.extract.distributed` and :mod:`~gridfeats.extract.outputs`: torchrun ranks,
-  shard/rank file names and the final merge;
+* :mod:`~gridfeats.extract.outputs`: shard/rank file names and the final merge (torchrun ranks
+  come from :mod:`gridfeats.engine.distributed`);
 * :mod:`~gridfeats.extract.job`: the run loop (:func:`run_extraction`), resume, summary;
 * :mod:`~gridfeats.extract.cli`: the command line (``docs/extract.md``).
 

@@ -32,11 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from gridfeats.engine import move_to_device, unwrap
 from vqa.data import CaptionDataset, DataFormatError, WordVocab, tokenize
 from vqa.data.image_rows import open_row_reader
-from vqa.engine.checkpoint import unwrap
 from vqa.engine.cider_reward import CiderD
-from vqa.engine.trainer import move_to_device
 from vqa.models import build_captioner
 
 CAPTION_DEFAULTS: Dict[str, Any] = {

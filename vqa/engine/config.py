@@ -28,7 +28,10 @@ COMMON_DEFAULTS: Dict[str, Any] = {
         "eps": 1e-8,
         "weight_decay": 0.0,
         "momentum": 0.9,  # sgd only
-        "grad_clip": 0.0,  # max global L2 norm; 0 disables
+        "grad_clip": 0.0,  # the clipping threshold; 0 disables
+        "grad_clip_type": "full_model",  # full_model (global norm) | norm (per parameter) | value
+        "weight_decay_norm": None,  # null: weight_decay (norm-layer parameters)
+        "weight_decay_bias": None,  # null: weight_decay (biases)
     },
     "schedule": {
         "unit": "epoch",  # unit of warmup and milestones: epoch | step
@@ -45,6 +48,8 @@ COMMON_DEFAULTS: Dict[str, Any] = {
         "seed": 0,
         "num_workers": 0,
         "device": "auto",  # auto | cpu | cuda
+        "precision": "fp32",  # fp32 | bf16 (GPU, or CPU with native bf16) | fp16 (GPU)
+        "grad_accumulation": 1,  # batches per optimizer step (global batch: x batch_size x ranks)
         "deterministic": False,
         "checkpoint_every_steps": 0,  # mid-epoch checkpoints; 0: only at epoch ends
         "log_every_steps": 20,
