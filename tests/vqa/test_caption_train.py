@@ -77,7 +77,7 @@ def synthetic(tmp_path_factory):
 
 def write_config(tmp_path: Path, synthetic, captions: str = "simple", **sections) -> Path:
     config = {
-        "_base_": str(REPO / "configs" / "vqa" / "updown.yaml"),
+        "_BASE_": str(REPO / "configs" / "vqa" / "updown.yaml"),
         **TINY,
         "data": {
             "features": str(synthetic["region_features"]),

@@ -65,7 +65,7 @@ def synthetic(tmp_path_factory):
 def write_config(tmp_path: Path, synthetic, model: str, mode: str, **train) -> Path:
     """A YAML inheriting a shipped config, with a tiny model and the synthetic data."""
     config = {
-        "_base_": str(CONFIGS / f"{model}.yaml"),
+        "_BASE_": str(CONFIGS / f"{model}.yaml"),
         "model": TINY_MODELS[model],
         "data": {
             "features": str(synthetic[f"{mode}_features"]),
@@ -429,8 +429,9 @@ def test_batch_order_is_a_function_of_seed_and_epoch_and_shards_cover_the_data()
 
 
 def test_config_inheritance_overrides_and_unknown_keys(tmp_path):
+    from gridfeats.config import ConfigError
     from vqa.engine.commands import task_defaults
-    from vqa.engine.config import ConfigError, load_config
+    from vqa.engine.config import load_config
 
     large = load_config(
         CONFIGS / "mcan-large.yaml",
@@ -459,6 +460,19 @@ def test_config_inheritance_overrides_and_unknown_keys(tmp_path):
         load_config(None, task_defaults("vqa"), ["train.epochs"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml", task_defaults("vqa"))
+    # Detectron2's KEY VALUE pairs and key=value words, mixed
+    mixed = load_config(
+        CONFIGS / "mcan-small.yaml",
+        task_defaults("vqa"),
+        ["train.epochs", "4", "optim.lr=0.5", "optim.betas", "[0.1, 0.2]"],
+    )
+    assert mixed["train"]["epochs"] == 4 and mixed["optim"]["lr"] == 0.5
+    assert mixed["optim"]["betas"] == [0.1, 0.2]
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        load_config(None, task_defaults("vqa"), ["train.epoch", "2"])
+    bad.write_text(f"_base_: {CONFIGS / 'mcan-small.yaml'}\n")
+    with pytest.raises(ConfigError, match="the inheritance key is '_BASE_'"):
+        load_config(bad, task_defaults("vqa"))
 
 
 def test_every_shipped_config_loads_and_builds_its_model():

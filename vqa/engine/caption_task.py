@@ -15,8 +15,9 @@ reference caption. From that epoch on, SCST (Rennie et al. 2017): for each image
 ``samples_per_image`` captions are sampled and rewarded with CIDEr-D (against the training
 references, document frequencies of the whole training set) minus a baseline: the greedy
 caption's CIDEr-D (``baseline: greedy``, the paper) or the mean reward of the image's other
-samples (``baseline: mean``, Luo 2020; steadier on small data). The training batches stay those of the reference-caption view, so an image
-with five references is visited five times per epoch in both phases.
+samples (``baseline: mean``, Luo 2020; steadier on small data). The training batches stay
+those of the reference-caption view, so an image with five references is visited five times per
+epoch in both phases.
 
 Validation during training decodes with beam search and scores CIDEr-D on the tokeniser's words
 (``vqa.engine.cider_reward``, no Java); official numbers come from ``gridfeats caption eval``

@@ -87,8 +87,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "opts",
         nargs="*",
-        metavar="KEY=VALUE",
-        help="config overrides, e.g. train.epochs=3 model.layers=2",
+        metavar="OVERRIDE",
+        help="config overrides: KEY VALUE pairs or KEY=VALUE words, "
+        "e.g. train.epochs 3 model.layers=2",
     )
 
 
