@@ -7,7 +7,7 @@ periodic (checkpoints, evaluation, metrics, EMA) is a hook (``gridfeats.engine.h
 
 Example (a model whose forward returns a loss dict, as Detectron2's meta-architectures do)::
 
-    from gridfeats.engine import Trainer, hooks, build_param_groups
+    from gridfeats.engine import GradClip, Trainer, build_param_groups, hooks
     optimizer = torch.optim.SGD(build_param_groups(model, weight_decay=1e-4), lr=0.02)
     trainer = Trainer(model, data_loader, optimizer, scheduler, max_iter=1000,
                       clip_gradients=GradClip("norm", 1.0), precision="fp32")
@@ -224,6 +224,11 @@ class Trainer:
         precision_mod.check_precision(precision, self.device)
         self.precision = precision
         self.rank = comm.rank_info()
+        if self.rank.distributed and not torch.distributed.is_initialized():
+            raise RuntimeError(
+                f"WORLD_SIZE is {self.rank.world_size} but this process has not joined a "
+                "process group: call gridfeats.engine.distributed.init_process_group first"
+            )
         self.data_loader = data_loader
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -261,6 +266,8 @@ class Trainer:
                     f"{self.grad_accumulation}",
                     stacklevel=2,
                 )
+        if max_epochs is not None and max_iter is not None:
+            raise ValueError("give max_iter or max_epochs, not both")
         if max_epochs is not None:
             if self.iters_per_epoch is None:
                 raise ValueError("max_epochs needs a data loader with a length; give max_iter")
@@ -316,8 +323,15 @@ class Trainer:
         for sink in self._record_sinks:
             sink(record)
 
-    def _hook_key(self, index: int, hook: HookBase) -> str:
-        return f"{index}:{type(hook).__name__}"
+    def _hook_keys(self) -> List[str]:
+        """A name per hook for its checkpointed state: the class name, ``#2``... for repeats
+        (so that adding a hook of another kind does not shuffle the others' states)."""
+        keys, counts = [], {}
+        for hook in self.hooks:
+            name = type(hook).__name__
+            counts[name] = counts.get(name, 0) + 1
+            keys.append(name if counts[name] == 1 else f"{name}#{counts[name]}")
+        return keys
 
     # ----------------------------------------------------------------- checkpoints
     def data_position(self) -> Dict[str, int]:
@@ -348,7 +362,7 @@ class Trainer:
             "position": position,
             "loader_generator": self._generator_state_for(position),
             "rng": rng_states,  # one per rank: each rank has its own dropout/sampling streams
-            "hooks": {self._hook_key(i, h): h.state_dict() for i, h in enumerate(self.hooks)},
+            "hooks": {key: h.state_dict() for key, h in zip(self._hook_keys(), self.hooks)},
         }
 
     def save(
@@ -388,8 +402,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         hook_states = state.get("hooks", {})
-        for i, hook in enumerate(self.hooks):
-            key = self._hook_key(i, hook)
+        for key, hook in zip(self._hook_keys(), self.hooks):
             if key in hook_states:
                 hook.load_state_dict(hook_states[key])
         position = state["position"]

@@ -271,3 +271,45 @@ def test_rank_info_reads_torchrun_variables_and_single_process_collectives_are_i
     assert distributed.all_gather_objects(["x"]) == ["x"]
     with pytest.raises(ValueError, match="auto, cpu or cuda"):
         distributed.resolve_device("tpu")
+
+
+def test_ema_hook_averages_the_weights_after_each_step_and_swaps_them_in():
+    x, y = _data()
+    model = _model()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    trainer = Trainer(
+        model, loader, torch.optim.SGD(model.parameters(), lr=0.1), max_iter=3, loss_fn=_mse
+    )
+
+    class Record(hooks.HookBase):
+        def __init__(self):
+            self.weights = []
+
+        def before_train(self):
+            self.weights.append({k: v.clone() for k, v in model.state_dict().items()})
+
+        def after_step(self):
+            self.weights.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    record, ema = Record(), hooks.EMA(decay=0.5)
+    trainer.register_hooks([record, ema])
+    trainer.train()
+    expected = dict(record.weights[0])
+    for weights in record.weights[1:]:
+        expected = {k: 0.5 * expected[k] + 0.5 * weights[k] for k in weights}
+    for name, value in expected.items():
+        assert torch.allclose(ema.shadow[name], value, atol=1e-7), name
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    with ema.applied():
+        assert torch.equal(model.state_dict()["0.weight"], ema.shadow["0.weight"])
+    assert all(torch.equal(v, live[k]) for k, v in model.state_dict().items())
+
+
+def test_a_torchrun_world_without_a_process_group_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    x, y = _data()
+    model = _model()
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    with pytest.raises(RuntimeError, match="call gridfeats.engine.distributed.init_process_group"):
+        Trainer(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), max_iter=1)
