@@ -458,7 +458,11 @@ class Trainer:
             restore_rng_state(self._pending_rng)
             self._pending_rng = None
 
-    def _next_batch(self) -> Any:
+    def next_batch(self) -> Any:
+        """The next micro-batch (on the trainer's device), keeping the data position current.
+
+        A ``run_step`` override (a method that owns its whole update) takes its batches here.
+        """
         if self._iterator is None:
             self._start_epoch_iterator()
         try:
@@ -476,13 +480,17 @@ class Trainer:
         return precision_mod.autocast(self.precision, self.device)
 
     def run_step(self) -> None:
-        """``grad_accumulation`` forward/backward passes; then clip, optimizer and LR step."""
+        """``grad_accumulation`` forward/backward passes; then clip, optimizer and LR step.
+
+        A subclass may replace it (Detectron2's pattern for custom updates); it must take its
+        data through ``next_batch`` and set ``last_losses`` (floats) and ``last_lr``.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         accum = self.grad_accumulation
         sums: Dict[str, float] = {}
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         for micro in range(accum):
-            batch = self._next_batch()
+            batch = self.next_batch()
             sync = contextlib.nullcontext()
             if ddp and micro < accum - 1:
                 sync = self.model.no_sync()  # all-reduce gradients once, on the last micro-batch

@@ -313,3 +313,41 @@ def test_a_torchrun_world_without_a_process_group_is_refused(monkeypatch):
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     with pytest.raises(RuntimeError, match="call gridfeats.engine.distributed.init_process_group"):
         Trainer(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), max_iter=1)
+
+
+def test_a_method_that_owns_its_update_overrides_run_step(tmp_path):
+    """The pretraining pattern: ``train_step`` does its own backward and optimizer step; the
+    engine keeps the data position, hooks and checkpoints."""
+    x, y = _data()
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_step(batch) -> float:
+        optimizer.zero_grad()
+        loss = _mse(model, batch)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    class MethodTrainer(Trainer):
+        def run_step(self):
+            self.last_lr = optimizer.param_groups[0]["lr"]
+            self.last_losses = {"loss": train_step(self.next_batch())}
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    trainer = MethodTrainer(model, loader, optimizer, max_epochs=2)
+    trainer.register_hooks(
+        [
+            hooks.MetricsWriter(tmp_path / "metrics.jsonl", period=1, progress=False),
+            hooks.PeriodicCheckpointer(tmp_path, final_name=None),
+        ]
+    )
+    trainer.train()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert records[-1]["loss"] < records[0]["loss"]
+    from gridfeats.engine import load_training_state
+
+    saved = load_training_state(tmp_path / "last.pt")
+    assert saved["position"] == {"iteration": 8, "epoch": 2, "batch": 0}
+    assert not (tmp_path / "final.pt").exists()
