@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS
-from gridfeats.errors import GridfeatsError
 from gridfeats.engine import distributed
 from gridfeats.engine.distributed import RankInfo
+from gridfeats.errors import GridfeatsError
 from gridfeats.extract.loader import FailedImage, InputSpec, make_loader
 from gridfeats.extract.outputs import merge_rank_files, rank_output_path, shard_output_path
 from gridfeats.extract.sources import ImageItem, list_images, shard_items
