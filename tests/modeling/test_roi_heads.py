@@ -1,5 +1,6 @@
-"""ROI heads: ROIAlignV2 pooling (detectron2-compat.md 6.1), test-time box selection (6.5), the box
-head / predictor layout (6.2-6.4) and the attribute loss (7.3), against hand-written expectations.
+"""ROI heads: ROIAlignV2 pooling (docs/detectron2-facts.md 6.1), test-time box selection (6.5), the
+box head / predictor layout (6.2-6.4) and the attribute loss (7.3), against hand-written
+expectations.
 
 The pooling reference below is a direct, slow transcription of the spec's formula in plain Python;
 the library uses torchvision's kernel, so agreement checks that kernel's semantics *and* the
@@ -25,7 +26,8 @@ from gridfeats.structures import Instances
 
 
 # --------------------------------------------------------------------------------------------------
-# ROIAlign reference (spec 6.1), one box, one channel map given as a list of rows
+# ROIAlign reference (docs/detectron2-facts.md 6.1), one box, one channel map given as a list of
+# rows
 # --------------------------------------------------------------------------------------------------
 def _bilinear(fmap, y, x):
     h, w = len(fmap), len(fmap[0])
@@ -180,7 +182,7 @@ def test_pooler_with_no_boxes_and_unknown_type():
 
 
 # --------------------------------------------------------------------------------------------------
-# fast_rcnn_inference_single_image (spec 6.5)
+# fast_rcnn_inference_single_image (docs/detectron2-facts.md 6.5)
 # --------------------------------------------------------------------------------------------------
 def _class_boxes(r: int, k: int):
     """A distinct, non-overlapping box for proposal r and class k."""

@@ -1,4 +1,4 @@
-"""RPN test-time proposal selection (detectron2-compat.md 5.1, 5.4, 5.5) on hand-made examples.
+"""RPN test-time proposal selection (docs/detectron2-facts.md 5.1, 5.4, 5.5) on hand-made examples.
 
 Selection per image: sort logits, keep the top PRE_NMS_TOPK, drop non-finite, clip to the (unpadded)
 image, drop empty boxes, NMS 0.7, keep the top POST_NMS_TOPK; never across the batch.

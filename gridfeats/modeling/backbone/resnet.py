@@ -249,7 +249,8 @@ class ResNet(Backbone):
         self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int) -> None:
-        """Stop gradients for the stem (1) and the first ``freeze_at - 1`` stages (as Detectron2)."""
+        """Stop gradients for the stem (1) and the first ``freeze_at - 1`` stages (as
+        Detectron2)."""
         if freeze_at >= 1:
             for p in self.stem.parameters():
                 p.requires_grad_(False)
