@@ -39,6 +39,8 @@ class PeriodicCheckpointer(HookBase):
     ``extra_state()`` adds the caller's entries (its config, vocabularies...) to every file; the
     final file also gets ``metrics`` (the latest evaluation). ``period`` 0: only at epoch ends
     (and at the end); ``epoch_end`` False: only every ``period`` steps (iteration-based runs).
+    ``after_save()`` runs on every rank after each ``last`` file is written: files that must stay
+    in step with the checkpoint (an export in another layout) are written there.
     """
 
     def __init__(
@@ -49,8 +51,10 @@ class PeriodicCheckpointer(HookBase):
         extra_state: Optional[ExtraState] = None,
         last_name: str = LAST,
         final_name: Optional[str] = FINAL,
+        after_save: Optional[Callable[[], None]] = None,
     ) -> None:
         self.out_dir = Path(out_dir)
+        self.after_save = after_save
         self.period = int(period)
         self.epoch_end = epoch_end
         self.extra_state = extra_state or dict
@@ -61,6 +65,8 @@ class PeriodicCheckpointer(HookBase):
     def save_last(self) -> None:
         self.trainer.save(self.out_dir / self.last_name, dict(self.extra_state()))
         self._saved_at = self.trainer.iter
+        if self.after_save is not None:
+            self.after_save()
 
     def after_step(self) -> None:
         t = self.trainer
@@ -191,7 +197,8 @@ class MetricsWriter(HookBase):
     Every ``period`` steps a ``train`` record holds the step's losses (averaged over ranks), the
     learning rate the step used (``lr``, parameter group 0) and ``extra_metrics()`` (this rank's).
     Records from other hooks (``eval``) come through ``trainer.log``. On resume the records newer
-    than the resumed step are dropped first, so the log reads like an uninterrupted run's.
+    than the resumed step are dropped first, so the log reads like an uninterrupted run's. A step
+    that set no losses (a ``run_step`` override that skipped its batch) writes no record.
     """
 
     def __init__(
@@ -235,7 +242,7 @@ class MetricsWriter(HookBase):
         t = self.trainer
         if self._bar is not None:
             self._bar.update(1)
-        if t.iter % self.period and t.iter != t.max_iter:
+        if (t.iter % self.period and t.iter != t.max_iter) or not t.last_losses:
             return
         losses = comm.all_reduce_scalars(t.last_losses)
         if self._bar is not None:

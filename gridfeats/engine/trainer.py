@@ -195,7 +195,9 @@ class Trainer:
     ``loss_fn(model, batch)`` computes the losses (default: ``model(batch)``); the model passed
     to it is the DDP-wrapped one when training with several ranks. ``precision``: ``fp32``,
     ``bf16`` (CUDA, or a CPU with native bf16; refused otherwise) or ``fp16`` (CUDA, with a
-    ``GradScaler``). ``clip_gradients``: a ``GradClip`` or None.
+    ``GradScaler``). ``clip_gradients``: a ``GradClip`` or None. ``wrap_ddp`` False leaves the
+    model unwrapped under torchrun: for a ``run_step`` override whose model averages its own
+    gradients (a pretraining method's ``train_step``), where DDP's reducer would do it twice.
     """
 
     def __init__(
@@ -214,6 +216,7 @@ class Trainer:
         device: Optional[torch.device] = None,
         move_batch: bool = True,
         ddp_kwargs: Optional[Dict[str, Any]] = None,
+        wrap_ddp: bool = True,
     ) -> None:
         if grad_accumulation < 1:
             raise ValueError(f"grad_accumulation must be >= 1, got {grad_accumulation}")
@@ -239,7 +242,11 @@ class Trainer:
         self.scaler = (
             torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         )  # bf16 has fp32's exponent range: no loss scaling needed
-        if self.rank.distributed and not isinstance(model, nn.parallel.DistributedDataParallel):
+        if (
+            wrap_ddp
+            and self.rank.distributed
+            and not isinstance(model, nn.parallel.DistributedDataParallel)
+        ):
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=device_ids, **(ddp_kwargs or {})

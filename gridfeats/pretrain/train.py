@@ -1,16 +1,19 @@
-"""``gridfeats pretrain METHOD --data SRC --out RUN_DIR``: the training loop around a method.
+"""``gridfeats pretrain METHOD --data SRC --out RUN_DIR``: a method trained by the project's engine.
 
-The loop is a thin adapter kept apart from the methods so it can move onto the project's training
-engine (``gridfeats/engine/``, not on main yet when this was written): it only builds the data,
-calls ``set_progress`` + ``train_step`` per batch, and writes checkpoints, ``metrics.jsonl`` and
-``curves.png``.
+The loop is ``gridfeats.engine.Trainer`` (``PretrainTrainer`` overrides ``run_step`` to call the
+method's ``set_progress`` + ``train_step`` on ``next_batch()``: the method owns its backward,
+optimizer step and momentum / queue / center updates). Everything periodic is a hook: the
+engine's ``MetricsWriter`` (``metrics.jsonl`` + tqdm), ``MonitorHook`` (kNN, output_std, the
+collapse warning), the engine's ``PeriodicCheckpointer`` (``RUN_DIR/last.pt``, the engine's
+training state: the whole method, optimizer, scaler, every RNG, the data position) with the
+``gridfeats-pretrain`` export ``RUN_DIR/backbone.pth`` written after each save, and
+``RunFilesHook`` (``curves.png``, ``--export-layout upstream``).
 
 Determinism (kill -9 + ``--resume`` = an uninterrupted run, on CPU): the epoch's image order comes
-from a generator seeded by (seed, epoch); each image's augmentation from a generator seeded by
-(seed, epoch, index) inside ``fork_rng``, so workers and restarts draw the same views; the
-checkpoint (written atomically every ``--ckpt-every`` steps and at each epoch end) holds the whole
-method state (online and momentum/teacher nets, queue, center), optimizer, scaler, the global torch
-RNG and the position inside the epoch, and a resumed run skips the batches already done.
+from ``ResumableBatchSampler`` (a function of seed and epoch; a resume skips the done batches
+without reading them); each image's views from a generator seeded by (seed, epoch, index) inside
+``fork_rng``, so workers and restarts draw the same views; the engine restores the global RNGs
+(MoCo's shuffle, DINO's stochastic depth) after positioning the data.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ import json
 import math
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gridfeats.data.image_io import ImageReadError, read_image
+from gridfeats.engine import HookBase, ResumableBatchSampler, Trainer, distributed, hooks
+from gridfeats.engine.checkpoint import save_atomic, seed_all_rngs
 from gridfeats.extract.sources import SourceError, list_images
 from gridfeats.pretrain import METHODS, build_method
 from gridfeats.pretrain.augment import eval_transform, views_transform
@@ -37,7 +41,10 @@ from gridfeats.pretrain.monitors import collapse_score, knn_top1, output_std
 
 #: gridfeats/cli.py parses this command's options and KEY=VALUE pairs intermixed
 INTERMIXED_ARGS = True
-CHECKPOINT = "checkpoint.pth"
+#: the engine's training state (resume); the converter-facing export is BACKBONE
+CHECKPOINT = hooks.LAST
+BACKBONE = "backbone.pth"
+UPSTREAM = "upstream_checkpoint.pth"
 FORMAT = "gridfeats-pretrain"
 #: a collapse warning is printed when output_std * sqrt(d) falls under this
 COLLAPSE_THRESHOLD = 0.85
@@ -80,10 +87,17 @@ def _collate(samples):
     return views, bad
 
 
-def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> List[List[int]]:
-    g = torch.Generator().manual_seed(seed * 7919 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    return [order[i : i + batch] for i in range(0, n - batch + 1, batch)]  # drop_last
+class ViewBatchSampler(ResumableBatchSampler):
+    """The engine's resumable batch order, telling the dataset the epoch its views are drawn for
+    (the trainer calls ``set_epoch`` before each epoch's iterator is built, workers included)."""
+
+    def __init__(self, dataset: "ImageViews", *args: Any, **kwargs: Any):
+        super().__init__(len(dataset), *args, **kwargs)
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        super().set_epoch(epoch, skip_batches)
+        self.dataset.epoch = epoch
 
 
 def labelled_images(folder: str) -> Tuple[list, torch.Tensor, List[str]]:
@@ -178,22 +192,22 @@ def recorded_config(m: PretrainMethod) -> Dict[str, Any]:
     return cfg
 
 
-def save_checkpoint(path: Path, m: PretrainMethod, meta: Dict[str, Any]) -> None:
-    obj = {
-        "format": FORMAT,
-        "method": m.name,
-        "arch": m.arch,
-        "model": backbone_tensors(m),
-        "config": recorded_config(m),
-        "method_state": m.state_dict(),
-        "optimizer": m.optimizer.state_dict(),
-        "scaler": m.scaler.state_dict() if m.scaler is not None else None,
-        "rng": torch.get_rng_state(),
-        **meta,
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def export_backbone(path: Path, m: PretrainMethod, epoch: int, step: int) -> None:
+    """``RUN_DIR/backbone.pth``: what ``convert-backbone --format gridfeats-pretrain`` reads:
+    ``{"format", "method", "arch", "model"`` (backbone tensors only), ``"config", "epoch",
+    "step"}``. Resuming reads the engine's ``last.pt`` instead, which holds the whole method."""
+    save_atomic(
+        path,
+        {
+            "format": FORMAT,
+            "method": m.name,
+            "arch": m.arch,
+            "model": backbone_tensors(m),
+            "config": recorded_config(m),
+            "epoch": epoch,
+            "step": step,
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -217,33 +231,74 @@ def _parse_overrides(pairs: List[str]) -> Dict[str, Any]:
     return out
 
 
-class Run:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.out / "metrics.jsonl"
-        self.lines = 0  # rows in metrics.jsonl; a checkpoint records it, a resume truncates to it
-        self.rank, self.world = 0, 1
+class PretrainTrainer(Trainer):
+    """The engine's loop for a method that owns its whole update.
 
-    def log(self, row: Dict[str, Any]) -> None:
-        if self.rank == 0:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        self.lines += 1
+    ``run_step`` takes one batch from ``next_batch()`` (the engine keeps the data position for
+    resume), puts the method's schedules at ``epoch + batch / iters`` and calls ``train_step``.
+    The optimizer and grad scaler the engine checkpoints are the method's own; the method averages
+    its gradients over ranks itself, so the trainer does not wrap it in DDP.
+    """
 
-    def _truncate_metrics(self, lines: int) -> None:
-        text = self.metrics_path.read_text() if self.metrics_path.exists() else ""
-        kept = text.splitlines(keepends=True)[:lines]
-        if self.rank == 0:
-            self.metrics_path.write_text("".join(kept))
-        self.lines = len(kept)
+    def __init__(
+        self,
+        method: PretrainMethod,
+        data_loader: DataLoader,
+        *,
+        max_epochs: int,
+        bad_log: Path,
+        whole_batches: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            method,
+            data_loader,
+            method.optimizer,
+            max_epochs=max_epochs,
+            precision=method.precision,
+            device=method._device,
+            move_batch=False,  # train_step moves its views
+            wrap_ddp=False,
+        )
+        self.scaler = method.scaler  # the one train_step steps with (fp16), checkpointed
+        self.method = method
+        self.bad_log = bad_log
+        self.whole_batches = whole_batches
 
-    def monitors(self, m: PretrainMethod, epoch: int, step: int, knn) -> Dict[str, Any]:
-        """output_std on the fixed monitor images in training mode (BN on batch statistics, as
-        the paper measures it on training outputs) with the BN statistics and the RNG restored
-        afterwards, so monitoring never changes the run; kNN on eval-mode backbone features."""
-        row: Dict[str, Any] = {"epoch": epoch, "step": step}
+    def run_step(self) -> None:
+        views, bad = self.next_batch()
+        if bad and self.rank.is_main:
+            with open(self.bad_log, "a") as f:
+                for image_id, reason in bad:
+                    f.write(json.dumps({"image_id": image_id, "reason": reason}) + "\n")
+        self.last_losses = {}
+        if not views or (self.whole_batches is not None and len(views[0]) != self.whole_batches):
+            return  # MoCo v2's queue takes whole batches: a batch left short is skipped
+        m, iters = self.method, self.iters_per_epoch
+        m.set_progress(self.epoch + (self.batch_in_epoch - 1) / iters, self.max_epochs, iters)
+        loss = m.train_step(views)
+        if not math.isfinite(loss):
+            raise PretrainError(f"loss is {loss} at epoch {self.epoch} step {self.iter + 1}")
+        self.last_losses = {"loss": loss}
+        self.last_lr = float(m.optimizer.param_groups[0]["lr"])
+
+
+class MonitorHook(HookBase):
+    """``output_std``/``output_dim``/``collapse_score`` and ``knn_top1`` before the first step and
+    at every epoch end, as ``monitor`` records of ``metrics.jsonl``; a warning when the collapse
+    score falls under ``threshold``.
+
+    output_std is measured on fixed monitor images in training mode (BN on batch statistics, as
+    the paper measures it on training outputs) with the BN statistics and the RNG restored after,
+    so monitoring never changes the run; kNN reads eval-mode backbone features. Every rank
+    computes (a SyncBN forward is a collective); rank 0 writes.
+    """
+
+    def __init__(self, method: PretrainMethod, monitor_batches, knn, threshold: float):
+        self.method, self.monitor_batches, self.knn = method, monitor_batches, knn
+        self.threshold = threshold
+
+    def measure(self) -> Dict[str, Any]:
+        m = self.method
         buffers = {k: v.clone() for k, v in m.named_buffers()}
         m.train()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -251,175 +306,176 @@ class Run:
         with torch.no_grad():
             for k, v in m.named_buffers():
                 v.copy_(buffers[k])
-        row["output_std"], row["output_dim"] = output_std(outs.cpu()), int(outs.shape[1])
-        m.eval()
-        with torch.no_grad():
-            if knn is not None:
-                (tr, trl), (va, val) = knn
+        row: Dict[str, Any] = {"output_std": output_std(outs.cpu()), "output_dim": outs.shape[1]}
+        row["knn_top1"] = None
+        if self.knn is not None:
+            m.eval()
+            with torch.no_grad():
+                (tr, trl), (va, val) = self.knn
                 ftr = torch.cat([m.features(b.to(m._device)).cpu() for b in tr])
                 fva = torch.cat([m.features(b.to(m._device)).cpu() for b in va])
                 row["knn_top1"] = knn_top1(ftr, trl[: len(ftr)], fva, val[: len(fva)])
-            else:
-                row["knn_top1"] = None
         m.train()
-        score = collapse_score(row["output_std"], row["output_dim"])
-        row["collapse_score"] = score
-        if score < self.args.collapse_threshold and step > 0:  # init values are not warned about
-            warnings.warn(
-                f"collapse monitor: output_std*sqrt(d) = {score:.3f} < "
-                f"{self.args.collapse_threshold} at "
-                f"epoch {epoch} (outputs are concentrating; healthy runs stay near 1)",
-                stacklevel=1,
-            )
-        m.train()
+        row["collapse_score"] = collapse_score(row["output_std"], row["output_dim"])
         return row
 
-    def _setup_distributed(self) -> str:
-        """torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; returns the device."""
-        device = self.args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch.distributed as dist
+    def before_train(self) -> None:
+        if not self.trainer.resumed:  # the random-init row is written once, by the first start
+            self.trainer.log("monitor", self.measure())
 
-            if device == "cuda":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-                device = f"cuda:{torch.cuda.current_device()}"
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            if self.args.batch_size % self.world:
-                raise PretrainError(
-                    f"--batch-size {self.args.batch_size} (global) is not divisible by "
-                    f"{self.world} ranks"
-                )
-        return device
-
-    def _barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def _mean_loss(self, loss: float) -> float:
-        if self.world == 1:
-            return loss
-        import torch.distributed as dist
-
-        t = torch.tensor([loss], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item() / self.world)
-
-    def _save(self, path: Path, m: PretrainMethod, meta: Dict[str, Any]) -> None:
-        if self.rank == 0:
-            save_checkpoint(path, m, meta)
-        self._barrier()
-
-    def main(self) -> int:
-        a = self.args
-        device = self._setup_distributed()
-        torch.manual_seed(a.seed)
-        items = list_images(a.data, a.image_root)
-        if len(items) < a.batch_size:
-            raise PretrainError(f"{len(items)} images is fewer than one batch of {a.batch_size}")
-        hp = _parse_overrides(a.overrides)
-        if a.lr is not None:
-            hp["lr"] = a.lr * a.batch_size / 256
-        elif "lr" not in hp:
-            vit = (a.arch or ("vit" if a.method in ("mae", "dino") else "resnet")).startswith("vit")
-            base = BASE_LR[a.method][1 if vit else 0]
-            if base is not None:
-                hp["lr"] = base * a.batch_size / 256
-        if a.no_stop_grad:
-            hp["stop_grad"] = False
-        if a.no_predictor:
-            hp["predictor"] = False
-        default_arch = "vit" if a.method in ("mae", "dino") else "resnet"
-        if (a.arch or default_arch).startswith("vit") and a.method != "simsiam":
-            hp.setdefault("img_size", a.crop_size)
-        ckpt_path = self.out / CHECKPOINT
-        resume = a.resume and ckpt_path.exists()
-        m = build_method(a.method, arch=a.arch, precision=a.precision, device=device, **hp)
-        if self.world > 1 and device.startswith("cuda") and a.method != "mocov2":
-            # SyncBN as the repos (MoCo v2 keeps per-GPU BN: that is what its shuffle is for).
-            # Parameters are reused by the conversion, so the optimizer stays valid. On CPU
-            # torch has no SyncBN: BN statistics stay per rank.
-            torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
-        start_epoch, start_batch, step = 0, 0, 0
-        if resume:
-            obj = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            m.load_state_dict(obj["method_state"])
-            m.optimizer.load_state_dict(obj["optimizer"])
-            if m.scaler is not None and obj.get("scaler"):
-                m.scaler.load_state_dict(obj["scaler"])
-            torch.set_rng_state(obj["rng"])
-            start_epoch, start_batch, step = obj["epoch"], obj["epoch_batch"], obj["step"]
-            self._truncate_metrics(obj["metrics_lines"])
-        elif self.metrics_path.exists() and self.rank == 0:
-            self.metrics_path.unlink()
-        n_local = a.overrides_local_crops
-        transform = views_transform(a.method, a.crop_size, n_local)
-        data = ImageViews(items, transform, a.seed)
-        self.monitor_batches = _eval_batches(items[: a.monitor_images], a.crop_size)
-        knn = None
-        if a.knn_train and a.knn_val:
-            tr, trl, _ = labelled_images(a.knn_train)
-            va, val, _ = labelled_images(a.knn_val)
-            knn = ((_eval_batches(tr, a.crop_size), trl), (_eval_batches(va, a.crop_size), val))
-        if not resume:
-            self.log(self.monitors(m, 0, 0, knn))
-        local = a.batch_size // self.world  # each rank takes its contiguous share of a batch
-        iters = len(items) // a.batch_size
-        bad_log = self.out / "bad_images.jsonl"
-        from tqdm import tqdm
-
-        for epoch in range(start_epoch, a.epochs):
-            data.epoch = epoch
-            batches = epoch_batches(len(items), a.batch_size, a.seed, epoch)
-            first = start_batch if epoch == start_epoch else 0
-            # Own generator: a DataLoader otherwise draws its worker base seed from the global RNG
-            # when iterated, which a resumed run would do at another point of the stream.
-            loader = DataLoader(
-                data,
-                batch_sampler=[
-                    b[self.rank * local : (self.rank + 1) * local] for b in batches[first:]
-                ],
-                num_workers=a.workers,
-                collate_fn=_collate,
-                generator=torch.Generator().manual_seed(a.seed * 7919 + epoch),
+    def after_epoch(self) -> None:
+        t = self.trainer
+        row = self.measure()
+        t.log("monitor", row)
+        if row["collapse_score"] < self.threshold and t.rank.is_main:
+            warnings.warn(
+                f"collapse monitor: output_std*sqrt(d) = {row['collapse_score']:.3f} < "
+                f"{self.threshold} at epoch {t.epoch} (outputs are concentrating; healthy runs "
+                "stay near 1)",
+                stacklevel=1,
             )
-            bar = tqdm(
-                loader,
-                total=iters - first,
-                desc=f"{a.method} epoch {epoch}",
-                disable=not sys.stderr.isatty() and not a.progress,
-            )
-            for b, (views, bad) in enumerate(bar, start=first):
-                for image_id, reason in bad:
-                    with open(bad_log, "a") as f:
-                        f.write(json.dumps({"image_id": image_id, "reason": reason}) + "\n")
-                if not views or (a.method == "mocov2" and len(views[0]) != local):
-                    continue  # the queue needs whole batches
-                m.set_progress(epoch + b / iters, a.epochs, iters)
-                loss = self._mean_loss(m.train_step(views))
-                if not math.isfinite(loss):
-                    raise PretrainError(f"loss is {loss} at epoch {epoch} step {step}; stopping")
-                step += 1
-                lr = m.optimizer.param_groups[0]["lr"]
-                self.log({"epoch": epoch, "step": step, "loss": loss, "lr": lr})
-                bar.set_postfix(loss=f"{loss:.4f}")
-                if a.ckpt_every and step % a.ckpt_every == 0 and b + 1 < iters:
-                    meta = {"epoch": epoch, "epoch_batch": b + 1, "step": step}
-                    self._save(ckpt_path, m, dict(meta, metrics_lines=self.lines))
-            row = self.monitors(m, epoch + 1, step, knn)
-            self.log(row)
-            meta = {"epoch": epoch + 1, "epoch_batch": 0, "step": step}
-            self._save(ckpt_path, m, dict(meta, metrics_lines=self.lines))
-        if self.rank != 0:
-            return 0
-        if a.export_layout == "upstream":
-            torch.save(m.upstream_state_dict(), self.out / "upstream_checkpoint.pth")
+
+
+class RunFilesHook(HookBase):
+    """The run folder's other files: ``backbone.pth`` (after every checkpoint, through the
+    checkpointer's ``after_save``), and at the end ``curves.png`` and, with ``--export-layout
+    upstream``, the reference repo's own layout (``upstream_state_dict()``)."""
+
+    def __init__(self, method: PretrainMethod, out: Path, upstream: bool):
+        self.method, self.out, self.upstream = method, out, upstream
+
+    def export(self) -> None:
+        t = self.trainer
+        if t.rank.is_main:
+            export_backbone(self.out / BACKBONE, self.method, t.data_position()["epoch"], t.iter)
+
+    def after_train(self) -> None:
+        if not self.trainer.rank.is_main:
+            return
+        if self.upstream:
+            save_atomic(self.out / UPSTREAM, self.method.upstream_state_dict())
         from gridfeats.pretrain.curves import plot_curves
 
-        plot_curves(self.metrics_path, self.out / "curves.png")
-        return 0
+        plot_curves(self.out / "metrics.jsonl", self.out / "curves.png")
+
+
+def _method_hparams(a: argparse.Namespace) -> Dict[str, Any]:
+    hp = _parse_overrides(a.overrides)
+    default_arch = "vit" if a.method in ("mae", "dino") else "resnet"
+    vit = (a.arch or default_arch).startswith("vit")
+    if a.lr is not None:
+        hp["lr"] = a.lr * a.batch_size / 256
+    elif "lr" not in hp:
+        base = BASE_LR[a.method][1 if vit else 0]
+        if base is not None:
+            hp["lr"] = base * a.batch_size / 256
+    if a.no_stop_grad:
+        hp["stop_grad"] = False
+    if a.no_predictor:
+        hp["predictor"] = False
+    if vit and a.method != "simsiam":
+        hp.setdefault("img_size", a.crop_size)
+    return hp
+
+
+def _knn_sets(a: argparse.Namespace):
+    if not (a.knn_train and a.knn_val):
+        return None
+    tr, trl, _ = labelled_images(a.knn_train)
+    va, val, _ = labelled_images(a.knn_val)
+    return (_eval_batches(tr, a.crop_size), trl), (_eval_batches(va, a.crop_size), val)
+
+
+def train_run(a: argparse.Namespace) -> int:
+    """Build the method, the data and the trainer with its hooks; train (or resume); 0 when done."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank = distributed.RankInfo.from_env()
+    device = distributed.resolve_device(a.device or "auto")
+    if a.batch_size % rank.world_size:
+        raise PretrainError(
+            f"--batch-size {a.batch_size} (global) is not divisible by {rank.world_size} ranks"
+        )
+    distributed.init_process_group(rank, device)
+    try:
+        return _train(a, out, rank, device)
+    finally:
+        distributed.destroy_process_group()
+
+
+def _train(a, out: Path, rank, device: torch.device) -> int:
+    seed_all_rngs(a.seed)
+    items = list_images(a.data, a.image_root)
+    if len(items) < a.batch_size:
+        raise PretrainError(f"{len(items)} images is fewer than one batch of {a.batch_size}")
+    ckpt_path = out / CHECKPOINT
+    resume = a.resume and ckpt_path.exists()
+    m = build_method(
+        a.method, arch=a.arch, precision=a.precision, device=str(device), **_method_hparams(a)
+    )
+    if rank.distributed and device.type == "cuda" and a.method != "mocov2":
+        # SyncBN as the repos (MoCo v2 keeps per-GPU BN: that is what its shuffle is for).
+        # Parameters are reused by the conversion, so the optimizer stays valid. On CPU torch
+        # has no SyncBN: BN statistics stay per rank.
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
+    local = a.batch_size // rank.world_size  # each rank's share of the global batch
+    transform = views_transform(a.method, a.crop_size, a.overrides_local_crops)
+    data = ImageViews(items, transform, a.seed)
+    sampler = ViewBatchSampler(
+        data, local, a.seed, rank=rank.rank, world_size=rank.world_size, drop_last=True
+    )
+    loader = DataLoader(
+        data,
+        batch_sampler=sampler,
+        num_workers=a.workers,
+        collate_fn=_collate,
+        # Own generator (checkpointed by the engine): workers' base seeds otherwise come from
+        # the global RNG, which a resumed run would draw at another point of the stream.
+        generator=torch.Generator().manual_seed(a.seed),
+    )
+    bad_log = out / "bad_images.jsonl"
+    if not resume and rank.is_main and bad_log.exists():
+        bad_log.unlink()
+    trainer = PretrainTrainer(
+        m,
+        loader,
+        max_epochs=a.epochs,
+        bad_log=bad_log,
+        whole_batches=local if a.method == "mocov2" else None,
+    )
+    files = RunFilesHook(m, out, a.export_layout == "upstream")
+    monitors = MonitorHook(
+        m, _eval_batches(items[: a.monitor_images], a.crop_size), _knn_sets(a), a.collapse_threshold
+    )
+    extra = {"method": m.name, "arch": m.arch}
+    trainer.register_hooks(
+        [
+            hooks.MetricsWriter(
+                out / "metrics.jsonl",
+                period=1,
+                progress=sys.stderr.isatty() or a.progress,
+                description=a.method,
+            ),
+            monitors,
+            hooks.PeriodicCheckpointer(
+                out,
+                period=a.ckpt_every,
+                extra_state=lambda: extra,
+                final_name=None,
+                after_save=files.export,
+            ),
+            files,
+        ]
+    )
+    if resume:
+        state = trainer.resume(ckpt_path)
+        if (state.get("method"), state.get("arch")) != (m.name, m.arch):
+            raise PretrainError(
+                f"{ckpt_path} is a {state.get('method')} {state.get('arch')} run, "
+                f"not {m.name} {m.arch}"
+            )
+    trainer.train()
+    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -441,7 +497,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--resume", action="store_true", help="continue RUN_DIR/checkpoint.pth")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every N steps")
@@ -475,10 +531,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     try:
-        return Run(args).main()
+        return train_run(args)
     except (PretrainError, SourceError) as e:
         print(f"gridfeats pretrain: error: {e}", file=sys.stderr)
         return 2
 
 
-__all__ = ["add_arguments", "run", "backbone_tensors", "time"]
+__all__ = [
+    "MonitorHook",
+    "PretrainTrainer",
+    "RunFilesHook",
+    "add_arguments",
+    "backbone_tensors",
+    "export_backbone",
+    "run",
+    "train_run",
+]
