@@ -17,6 +17,7 @@ from gridfeats.engine import (
     build_param_groups,
     distributed,
     hooks,
+    load_training_state,
     read_metrics,
 )
 
@@ -351,3 +352,41 @@ def test_a_method_that_owns_its_update_overrides_run_step(tmp_path):
     saved = load_training_state(tmp_path / "last.pt")
     assert saved["position"] == {"iteration": 8, "epoch": 2, "batch": 0}
     assert not (tmp_path / "final.pt").exists()
+
+
+def test_skipped_steps_write_no_record_and_after_save_follows_every_checkpoint(tmp_path):
+    """A ``run_step`` that skips its batch (MoCo v2 skips a short one) still advances the data
+    position but logs nothing; ``after_save`` runs once per ``last.pt`` written, in step."""
+    x, y = _data()
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class SkippingTrainer(Trainer):
+        def run_step(self):
+            batch = self.next_batch()
+            self.last_losses = {}
+            if self.iter % 3 == 1:  # steps 2, 5, 8 skip their batch
+                return
+            optimizer.zero_grad()
+            loss = _mse(model, batch)
+            loss.backward()
+            optimizer.step()
+            self.last_lr = optimizer.param_groups[0]["lr"]
+            self.last_losses = {"loss": float(loss.detach())}
+
+    saved_at = []
+
+    def after_save():
+        saved_at.append(load_training_state(tmp_path / "last.pt")["iteration"])
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    trainer = SkippingTrainer(model, loader, optimizer, max_epochs=2)
+    trainer.register_hooks(
+        [
+            hooks.MetricsWriter(tmp_path / "metrics.jsonl", period=1, progress=False),
+            hooks.PeriodicCheckpointer(tmp_path, period=3, final_name=None, after_save=after_save),
+        ]
+    )
+    trainer.train()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 3, 4, 6, 7]
+    assert saved_at == [3, 4, 6, 8]  # period 3, epoch ends at 4 and 8 (8 = the last step)
