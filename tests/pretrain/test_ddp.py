@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from gridfeats.data.synthetic_classes import make_classification
+from gridfeats.engine import load_training_state
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,14 +84,14 @@ def test_two_cpu_ranks_equal_one_process_for_dino_vit(tmp_path):
         timeout=600,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    a = torch.load(tmp_path / "one" / "checkpoint.pth", weights_only=True)["method_state"]
-    b = torch.load(tmp_path / "two" / "checkpoint.pth", weights_only=True)["method_state"]
+    a = load_training_state(tmp_path / "one" / "last.pt")["model"]
+    b = load_training_state(tmp_path / "two" / "last.pt")["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
 
     def losses(run):
         rows = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(x)["loss"] for x in rows if '"loss"' in x]
+        return [json.loads(x)["loss"] for x in rows if '"kind": "train"' in x]
 
     assert len(losses("one")) == 2  # 9 images, global batch 4: two steps
     assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
