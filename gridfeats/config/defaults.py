@@ -241,6 +241,35 @@ _C.MODEL.RESNETS.DEFORM_MODULATED = False
 _C.MODEL.RESNETS.DEFORM_NUM_GROUPS = 1
 
 # ---------------------------------------------------------------------------------------------
+# ViT and Hugging Face backbones (gridfeats; not in Detectron2). Written by
+# `gridfeats convert-backbone` for MoCo v3 / MAE / DINO / HF sources, see docs/backbones.md.
+# ---------------------------------------------------------------------------------------------
+_C.MODEL.VIT = CN()
+_C.MODEL.VIT.PATCH_SIZE = 16
+_C.MODEL.VIT.EMBED_DIM = 768
+_C.MODEL.VIT.DEPTH = 12
+# Not readable from the weights (qkv is [3D, D] for any count): MoCo v3 ViT-S 12, DINO ViT-S 6.
+_C.MODEL.VIT.NUM_HEADS = 12
+_C.MODEL.VIT.MLP_RATIO = 4.0
+_C.MODEL.VIT.QKV_BIAS = True
+_C.MODEL.VIT.LN_EPS = 1e-6
+# Side of the square patch grid the stored position table was made for (224 / 16 = 14).
+_C.MODEL.VIT.PRETRAIN_GRID = 14
+# Stored table: "learned" (DINO), "sincos-rows-first" (MoCo v3), "sincos-cols-first" (MAE).
+_C.MODEL.VIT.POS_EMBED = "learned"
+# Resize rule for other grids: "dino" (scale_factor + 0.1), "bicubic" (size-based,
+# align_corners False: MAE fine-tuning, ViTDet), "sincos" (recompute the fixed table).
+_C.MODEL.VIT.POS_INTERP = "bicubic"
+_C.MODEL.VIT.DROP_PATH_RATE = 0.0
+
+_C.MODEL.HF = CN()
+# A transformers class: ViTModel, ViTMAEModel, Dinov2Model, Dinov2WithRegistersModel,
+# CLIPVisionModel or SiglipVisionModel.
+_C.MODEL.HF.MODEL_CLASS = "ViTModel"
+# The model's config.json as a JSON string (weights come from MODEL.WEIGHTS).
+_C.MODEL.HF.CONFIG_JSON = ""
+
+# ---------------------------------------------------------------------------------------------
 # Solver
 # ---------------------------------------------------------------------------------------------
 _C.SOLVER = CN()
