@@ -19,7 +19,7 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 def to_tensor_normalize(rgb: np.ndarray) -> torch.Tensor:
     """torchvision's ``ToTensor`` then ``Normalize(ImageNet)``: the SSL repos' preprocessing."""
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float().div(255).unsqueeze(0)
     return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
