@@ -266,8 +266,8 @@ _C.MODEL.HF = CN()
 # A transformers class: ViTModel, ViTMAEModel, Dinov2Model, Dinov2WithRegistersModel,
 # CLIPVisionModel or SiglipVisionModel.
 _C.MODEL.HF.MODEL_CLASS = "ViTModel"
-# The model's config.json as a JSON string (weights come from MODEL.WEIGHTS).
-_C.MODEL.HF.CONFIG_JSON = ""
+# The vision model's config.json as a mapping (any keys; the weights come from MODEL.WEIGHTS).
+_C.MODEL.HF.CONFIG = CN(new_allowed=True)
 
 # ---------------------------------------------------------------------------------------------
 # Solver

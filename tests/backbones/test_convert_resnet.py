@@ -131,8 +131,8 @@ def test_refusals_name_the_reason(resnet, tmp_path, capsys):
     torch.save(bad, tmp_path / "bad.pth")
     err = refusal(tmp_path / "bad.pth", tmp_path / "c.pth", capsys=capsys)
     assert "shape mismatch" in err and "res3.0.conv2.weight" in err
-    err = refusal(tmp_path / "bad.pth", tmp_path / "d.pth", "--format", "simsiam", capsys=capsys)
-    assert "encoder." in err
+    err = refusal(tmp_path / "bad.pth", tmp_path / "d.pth", "--format", "mae", capsys=capsys)
+    assert "torchvision-style ResNet" in err
     err = refusal(tmp_path / "bad.pth", tmp_path / "e.pth", "--num-heads", "6", capsys=capsys)
     assert "ViTs only" in err
 

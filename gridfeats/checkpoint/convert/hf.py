@@ -32,6 +32,16 @@ MODEL_CLASS_OF_TYPE = {
 }
 
 
+#: config.json entries that do not describe the vision model (labels, provenance).
+_NOT_ARCHITECTURE = (
+    "architectures",
+    "_name_or_path",
+    "transformers_version",
+    "id2label",
+    "label2id",
+)
+
+
 @dataclass
 class HFSource:
     model_class: str
@@ -66,7 +76,7 @@ def _pixel_stats(folder: Path) -> tuple:
         mean = [mean] * 3
     if isinstance(std, (int, float)):
         std = [std] * 3
-    return [float(m) / rescale for m in mean], [float(s) / rescale for s in std]
+    return [round(float(m) / rescale, 6) for m in mean], [round(float(s) / rescale, 6) for s in std]
 
 
 def read_hf_folder(folder: Path) -> HFSource:
@@ -102,6 +112,8 @@ def read_hf_folder(folder: Path) -> HFSource:
         )
     vision = dict(raw["vision_config"]) if "vision_config" in raw else dict(raw)
     vision.setdefault("model_type", hf_config.model_type)
+    for key in _NOT_ARCHITECTURE:
+        vision.pop(key, None)
     state = OrderedDict(("model." + k, v.detach().clone()) for k, v in model.state_dict().items())
     mean, std = _pixel_stats(folder)
     arch = (raw.get("architectures") or [name])[0]

@@ -224,7 +224,8 @@ def recognise(obj: Any, fmt: str = "auto") -> Recognised:
     branches = _present_branches(state)
     if fmt == "auto" and hint == "dino":
         branches = ["dino"]
-    if fmt in BRANCHES or (fmt == "auto" and branches):
+    # A forced format whose branch prefix is absent reads the file as a backbone-only file.
+    if (fmt in BRANCHES and fmt in branches) or (fmt == "auto" and branches):
         if fmt == "auto":
             if len(branches) > 1:
                 raise ConversionError(

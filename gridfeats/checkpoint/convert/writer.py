@@ -147,6 +147,9 @@ def _set(cfg, key: str, value: Any) -> None:
     if parts[-1] not in node:
         raise ConversionError(f"config key {key} does not exist")
     old = node[parts[-1]]
+    if isinstance(value, dict):
+        node[parts[-1]] = type(cfg)(value, new_allowed=True)
+        return
     if isinstance(old, tuple) and isinstance(value, list):
         value = tuple(value)
     elif isinstance(old, list) and isinstance(value, tuple):
@@ -164,8 +167,12 @@ def _meta_model(cfg) -> torch.nn.Module:
         from gridfeats.modeling.build import build_model
     except ImportError:  # before the backbone registry
         from gridfeats.modeling import GeneralizedRCNN as build_model
-    with torch.device("meta"):
-        return build_model(cfg)
+    try:
+        with torch.device("meta"):
+            return build_model(cfg)
+    except (NotImplementedError, RuntimeError):  # a builder that reads tensor values at init
+        with torch.random.fork_rng(devices=[]):
+            return build_model(cfg)
 
 
 def _place(state: Mapping[str, torch.Tensor], model_state: Mapping[str, torch.Tensor]):
@@ -247,7 +254,7 @@ def convert_backbone(
         config = {
             "MODEL.BACKBONE.NAME": "build_hf_backbone",
             "MODEL.HF.MODEL_CLASS": h.model_class,
-            "MODEL.HF.CONFIG_JSON": json.dumps(h.config, sort_keys=True),
+            "MODEL.HF.CONFIG": h.config,
             **_SINGLE_MAP_HEADS,
             "INPUT.FORMAT": "RGB",
             "MODEL.PIXEL_MEAN": h.pixel_mean,
@@ -303,18 +310,26 @@ def convert_backbone(
         tmp_pth,
     )
     tmp_yaml.write_text(_header(result) + cfg.dump())
-    _verify(tmp_yaml, tmp_pth)
+    _verify(tmp_yaml, tmp_pth, config)
     os.replace(tmp_pth, out)
     os.replace(tmp_yaml, result.config_file)
     return result
 
 
-def _verify(config_file: Path, weights: Path) -> None:
-    """The written config's model must take every backbone tensor of the written checkpoint, by
-    the loader every command uses (names and shapes; checked on the meta device)."""
+def _verify(config_file: Path, weights: Path, config: Mapping[str, Any]) -> None:
+    """The written config must read back as written, and its model must take every backbone
+    tensor of the written checkpoint, by the loader every command uses (names and shapes; on the
+    meta device)."""
     from gridfeats.config import get_cfg
 
-    model = _meta_model(get_cfg(config_file))
+    cfg = get_cfg(config_file)
+    for key, value in config.items():
+        node: Any = cfg
+        for part in key.split("."):
+            node = node[part]
+        if json.loads(json.dumps(node)) != json.loads(json.dumps(value)):
+            raise ConversionError(f"config {key} does not survive the YAML round trip: {value!r}")
+    model = _meta_model(cfg)
     state, _, _ = read_checkpoint(weights)
     with warnings.catch_warnings():  # "copying into a meta parameter is a no-op": intended
         warnings.simplefilter("ignore", UserWarning)

@@ -10,7 +10,7 @@ register tokens, and lays the patch tokens out as ``[N, D, ceil(H/p), ceil(W/p)]
 
 ViTMAE masks a random 75 % of the patches and shuffles the rest in its own forward; the wrapper
 builds it with ``mask_ratio=0`` and passes ``noise = arange(L)`` so the kept order is the image
-order. The architecture comes from ``cfg.MODEL.HF.CONFIG_JSON`` (the folder's ``config.json``,
+order. The architecture comes from ``cfg.MODEL.HF.CONFIG`` (the folder's ``config.json``,
 copied into the config by ``gridfeats convert-backbone``); the weights come from the checkpoint.
 """
 
@@ -127,13 +127,18 @@ class HFVisionBackbone(Backbone):
         return self.forward(x)
 
 
+def plain_config(node: Mapping[str, Any]) -> Dict[str, Any]:
+    """A config node (``cfg.MODEL.HF.CONFIG``) as plain nested dicts and lists."""
+    return json.loads(json.dumps(node))
+
+
 @BACKBONE_REGISTRY.register()
 def build_hf_backbone(cfg, input_shape: Optional[ShapeSpec] = None) -> HFVisionBackbone:
-    """Build from ``cfg.MODEL.HF.MODEL_CLASS`` and ``cfg.MODEL.HF.CONFIG_JSON`` (random init)."""
+    """Build from ``cfg.MODEL.HF.MODEL_CLASS`` and ``cfg.MODEL.HF.CONFIG`` (random init)."""
     h = cfg.MODEL.HF
-    if not h.CONFIG_JSON:
+    if not h.CONFIG:
         raise ValueError(
-            "MODEL.HF.CONFIG_JSON is empty: write the config with `gridfeats convert-backbone "
+            "MODEL.HF.CONFIG is empty: write the config with `gridfeats convert-backbone "
             "HF_FOLDER --out DST.pth`, which copies the folder's config.json into it"
         )
-    return HFVisionBackbone(h.MODEL_CLASS, json.loads(h.CONFIG_JSON))
+    return HFVisionBackbone(h.MODEL_CLASS, plain_config(h.CONFIG))

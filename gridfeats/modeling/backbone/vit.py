@@ -236,7 +236,8 @@ class VisionTransformer(Backbone):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pretrain_grid**2, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+        # Stochastic depth rising linearly from 0 to drop_path_rate over the blocks (timm's rule).
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, ln_eps, rate) for rate in rates
         )
