@@ -162,7 +162,11 @@ def _detectron2(
             elif key.startswith("roi_heads.res5."):
                 kept[key[len("roi_heads.") :]] = value
         dropped = [k for k in state if not k.startswith(inside)]
-        branch = "backbone (and a C4 box head's res5 stage)"
+        branch = "backbone" + (
+            " and the C4 box head's res5 stage"
+            if any(k.startswith(inside[1]) for k in state)
+            else ""
+        )
     elif resnet.is_project_resnet(state):
         kept, dropped, branch = state, [], "all of it (bare backbone names)"
     else:

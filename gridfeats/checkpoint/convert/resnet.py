@@ -82,6 +82,12 @@ def project_resnet_drop(
             dropped.append(key)
             continue
         out[key] = value
+    for key in [k for k in out if k.endswith(".norm.weight")]:
+        # Caffe2 (MSRA) norms are affine only: identity statistics, as Detectron2 fills them.
+        stem = key[: -len("weight")]
+        if stem + "running_mean" not in out:
+            out[stem + "running_mean"] = torch.zeros_like(out[key])
+            out[stem + "running_var"] = torch.ones_like(out[key])
     return out, dropped
 
 
