@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from gridfeats.checkpoint import LoadReport, load_checkpoint, sha256_file
+from gridfeats.checkpoint import LoadReport, check_complete, load_checkpoint, sha256_file
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
 from gridfeats.data.preprocess import PreparedImage, prepare_image
 from gridfeats.layers import Conv2d
@@ -80,7 +80,8 @@ class Detector:
         self.load_report: Optional[LoadReport] = None
         self.weights_sha256 = ""
         if weights is not None:
-            self.load_report, _ = load_checkpoint(model, weights, allow_partial=allow_partial)
+            # Grids need only the backbone; detect() checks the heads (a converted SSL backbone).
+            self.load_report, _ = load_checkpoint(model, weights, allow_partial, "backbone")
             self.weights_sha256 = sha256_file(weights)
         else:
             logger.warning(
@@ -89,6 +90,7 @@ class Detector:
         self.model = model.eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.allow_partial = allow_partial
         self.fast = fast
         self.batch_forward = batch_forward
         if fast:
@@ -186,6 +188,11 @@ class Detector:
         return grids[0] if single else grids
 
     # -- detections -----------------------------------------------------------------------------------
+    def _require_heads(self) -> None:
+        """Region features need trained heads: refuse a backbone-only checkpoint unless allowed."""
+        if self.load_report is not None:
+            check_complete(self.load_report, allow_partial=self.allow_partial)
+
     def detect_batch(self, prepared: Sequence[PreparedImage]) -> List[Instances]:
         """Detectron2 inference as configured, with region features and attribute probabilities.
 
@@ -197,6 +204,7 @@ class Detector:
         on the feature map it was detected on (network-input pixels), and its attribute
         probabilities are read from that feature with its predicted class.
         """
+        self._require_heads()
         out: List[Optional[Instances]] = [None] * len(prepared)
         heads = self.model.roi_heads
         with torch.inference_mode(), self._context():
@@ -232,6 +240,7 @@ class Detector:
         ``box_features``, ``class_probs``, ``pred_boxes_per_class``, in network-input pixels), for
         selection rules other than Detectron2's (e.g. bottom-up-attention's), computed on the
         detection model (dilated res5)."""
+        self._require_heads()
         out: List[Optional[Instances]] = [None] * len(prepared)
         with torch.inference_mode(), self._context():
             for group in self._groups(prepared):

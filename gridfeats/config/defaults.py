@@ -18,6 +18,11 @@ from gridfeats.config.node import CfgNode as CN
 
 _C = CN()
 
+#: Config nodes gridfeats adds for backbones Detectron2@ffff8ac does not have. They hold only
+#: their own backbones' settings, so every Detectron2 key keeps its reference default; dumps
+#: carry them, and comparisons with the reference dump leave exactly these nodes out.
+GRIDFEATS_NODES = ("MODEL.VIT", "MODEL.HF")
+
 # Config schema version; v2 files merge without any upgrade step.
 _C.VERSION = 2
 
@@ -243,6 +248,7 @@ _C.MODEL.RESNETS.DEFORM_NUM_GROUPS = 1
 # ---------------------------------------------------------------------------------------------
 # ViT and Hugging Face backbones (gridfeats; not in Detectron2). Written by
 # `gridfeats convert-backbone` for MoCo v3 / MAE / DINO / HF sources, see docs/backbones.md.
+# Listed in GRIDFEATS_NODES: every other key is Detectron2@ffff8ac's.
 # ---------------------------------------------------------------------------------------------
 _C.MODEL.VIT = CN()
 _C.MODEL.VIT.PATCH_SIZE = 16

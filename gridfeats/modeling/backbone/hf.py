@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from gridfeats.layers.shape_spec import ShapeSpec
+from gridfeats.layers import ShapeSpec
 from gridfeats.modeling.backbone.backbone import Backbone
 from gridfeats.modeling.backbone.build import BACKBONE_REGISTRY
 from gridfeats.modeling.backbone.vit import VIT_OUT_FEATURE

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gridfeats.layers.shape_spec import ShapeSpec
+from gridfeats.layers import ShapeSpec
 from gridfeats.modeling.backbone.backbone import Backbone
 from gridfeats.modeling.backbone.build import BACKBONE_REGISTRY
 
