@@ -188,8 +188,9 @@ class Detector:
         return grids[0] if single else grids
 
     # -- detections -----------------------------------------------------------------------------------
-    def _require_heads(self) -> None:
-        """Region features need trained heads: refuse a backbone-only checkpoint unless allowed."""
+    def require_heads(self) -> None:
+        """Raise CheckpointError when the weights hold no detector heads (a backbone-only file from
+        `gridfeats convert-backbone`) and allow_partial was not given; call before region work."""
         if self.load_report is not None:
             check_complete(self.load_report, allow_partial=self.allow_partial)
 
@@ -204,7 +205,7 @@ class Detector:
         on the feature map it was detected on (network-input pixels), and its attribute
         probabilities are read from that feature with its predicted class.
         """
-        self._require_heads()
+        self.require_heads()
         out: List[Optional[Instances]] = [None] * len(prepared)
         heads = self.model.roi_heads
         with torch.inference_mode(), self._context():
@@ -240,7 +241,7 @@ class Detector:
         ``box_features``, ``class_probs``, ``pred_boxes_per_class``, in network-input pixels), for
         selection rules other than Detectron2's (e.g. bottom-up-attention's), computed on the
         detection model (dilated res5)."""
-        self._require_heads()
+        self.require_heads()
         out: List[Optional[Instances]] = [None] * len(prepared)
         with torch.inference_mode(), self._context():
             for group in self._groups(prepared):

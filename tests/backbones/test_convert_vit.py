@@ -124,3 +124,26 @@ def test_sincos_option_and_ambiguous_learned_table(tmp_path, capsys):
     assert "--format" in err
     convert(tmp_path / "deit_like.pth", tmp_path / "b.pth", "--format", "dino", "--num-heads", "6")
     assert get_cfg(tmp_path / "b.yaml").MODEL.VIT.POS_INTERP == "dino"
+
+
+# name: (table, width, heads, writer, format, rule); real ViT-S / ViT-B shapes, depth 12.
+REAL_VITS = {
+    "mocov3_vit_small": ("mocov3", 384, 12, layouts.write_mocov3_vit, "bicubic"),
+    "dino_vit_small": ("learned", 384, 6, layouts.write_dino_vit, "dino"),
+    "mae_vit_base": ("mae", 768, 12, layouts.write_mae_pretrain, "bicubic"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(REAL_VITS))
+def test_real_size_vits_at_real_sizes(name, pngs, tmp_path, one_thread):
+    """The acceptance check's shapes: ViT-S (MoCo v3: 12 heads, DINO: 6) and ViT-B (MAE) with
+    recorded architecture names, per-size configs, square and non-square inputs."""
+    table, dim, heads, writer, rule = REAL_VITS[name]
+    ref = RefViT(seed=9, dim=dim, depth=12, heads=heads, table=table)
+    src = writer(ref.state_dict(), tmp_path / "source.pth")
+    convert(src, tmp_path / "dst.pth")
+    assert get_cfg(tmp_path / "dst.yaml").MODEL.VIT.NUM_HEADS == heads
+    for png in pngs:
+        want = ref.patch_tokens(to_input(read_rgb(png)), rule)
+        assert relative_error(grid(tmp_path / "dst.pth", png), want) < 1e-4, png.name
