@@ -44,6 +44,8 @@ class Detector:
         weights: a ``.pth``/``.pkl`` checkpoint; ``None`` keeps the seeded random initialisation.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         allow_partial: accept a checkpoint that leaves some tensors at init (refused by default).
+            A checkpoint that fills the whole backbone and nothing else (``gridfeats
+            convert-backbone``) serves grids without it; detections then need it.
         precision: ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` (fast modes, where the hardware has them).
         seed: seed of the random initialisation (used for every tensor the checkpoint does not set).
         max_pixels: decompression-bomb guard of the image reader.

@@ -101,15 +101,15 @@ def _from_checkpoint(rec: Recognised, num_heads: Optional[int]) -> tuple:
         dropped += more
         config = {**resnet.resnet_config(state), **resnet.TORCHVISION_INPUT_CONFIG}
         arch = resnet.describe_resnet(config) + ", torchvision layout (stride in the 3x3)"
-        if rec.format in ("mocov3",) and not rec.arch:
-            notes.append("no recorded architecture name; read from the tensors")
     elif resnet.is_project_resnet(state):
         state, more = resnet.project_resnet_drop(state)
         dropped += more
         config = resnet.resnet_config(state)
         arch = resnet.describe_resnet(config) + ", project (Detectron2) names"
         if rec.format == "gridfeats-pretrain":
-            config["MODEL.RESNETS.NORM"] = "FrozenBN"
+            config["MODEL.RESNETS.NORM"] = "FrozenBN"  # BN in training; frozen statistics now
+            if recorded.pop("MODEL.RESNETS.NORM", "FrozenBN") != "FrozenBN":
+                notes.append("the recorded RESNETS.NORM becomes FrozenBN (same eval-mode output)")
             if not any(
                 k.startswith(("INPUT.", "MODEL.PIXEL_", "MODEL.RESNETS.STRIDE")) for k in recorded
             ):
@@ -265,7 +265,9 @@ def convert_backbone(
     elif src.is_dir():
         raise ConversionError(f"{src} is a folder without config.json: not a Hugging Face model")
     else:
-        if src.suffix == ".pkl" or fmt == "detectron2" and src.suffix == ".pkl":
+        if src.suffix == ".pkl":
+            if fmt not in ("auto", "detectron2"):
+                raise ConversionError(f"--format {fmt}: a .pkl file is a Detectron2/Caffe2 file")
             state0, _, extra = read_checkpoint(src)
             obj: Any = {"model": state0, **{k: v for k, v in extra.items() if k != "model"}}
             rec = recognise(state0, "detectron2")
