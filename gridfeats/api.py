@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,51 +25,11 @@ from gridfeats.checkpoint import LoadReport, load_checkpoint, sha256_file
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
 from gridfeats.data.preprocess import PreparedImage, prepare_image
 from gridfeats.layers import Conv2d
-from gridfeats.modeling import GeneralizedRCNN, postprocess
-from gridfeats.modeling.roi_heads import BoxPredictions
+from gridfeats.modeling import build_model, detector_postprocess
 from gridfeats.precision import autocast, check_precision
-from gridfeats.structures import ImageList
+from gridfeats.structures import ImageList, Instances
 
 logger = logging.getLogger(__name__)
-
-#: grid-feats-vqa's extraction script forces this res5 dilation (stride-32 C5 map).
-GRID_RES5_DILATION = 1
-
-
-@dataclass
-class DetectionResult:
-    """Detections of one image with everything needed to check or store them."""
-
-    boxes: torch.Tensor  # [K, 4] original-image pixels
-    boxes_input: torch.Tensor  # [K, 4] network-input pixels
-    scores: torch.Tensor  # [K]
-    classes: torch.Tensor  # [K] int64, 0-based
-    features: (
-        torch.Tensor
-    )  # [K, D] box-head features pooled again (see Detector.pool_on_input_boxes)
-    attr_scores: Optional[torch.Tensor]  # [K, A] softmax, or None without an attribute head
-    orig_hw: Tuple[int, int]
-    input_hw: Tuple[int, int]
-
-    def as_dict(self) -> Dict[str, torch.Tensor]:
-        out = {
-            "boxes": self.boxes,
-            "scores": self.scores,
-            "classes": self.classes,
-            "features": self.features,
-        }
-        if self.attr_scores is not None:
-            out["attr_scores"] = self.attr_scores
-        return out
-
-
-@dataclass
-class RegionCandidates:
-    """Per-proposal outputs of the box branch for one image (input to custom region selection)."""
-
-    predictions: BoxPredictions
-    orig_hw: Tuple[int, int]
-    input_hw: Tuple[int, int]
 
 
 def _is_batch(images: Any) -> bool:
@@ -88,12 +47,6 @@ class Detector:
         precision: ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` (fast modes, where the hardware has them).
         seed: seed of the random initialisation (used for every tensor the checkpoint does not set).
         max_pixels: decompression-bomb guard of the image reader.
-        pool_on_input_boxes: where :meth:`detect` pools region features. ``False`` (default)
-            reproduces Detectron2 + grid-feats-vqa exactly: their ``detector_postprocess`` rescales
-            the detections' box tensor in place, so features are pooled again on the *returned*
-            boxes (original-image pixels) read on the network-input feature map. ``True`` pools on the
-            boxes in network-input pixels instead (geometrically aligned; differs from the reference
-            whenever the image was resized).
         batch_forward: run a list as one forward per group of same-size images (see module doc).
         fast: fold every FrozenBN into its convolution and run in channels-last memory format
             (about 1.5x faster on CPUs). Results differ from the exact mode by float32 rounding only
@@ -109,7 +62,6 @@ class Detector:
         precision: str = "fp32",
         seed: int = 0,
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-        pool_on_input_boxes: bool = False,
         fast: bool = False,
         batch_forward: bool = False,
     ):
@@ -122,10 +74,9 @@ class Detector:
         check_precision(precision, self.device)
         self.precision = precision
         self.max_pixels = max_pixels
-        self.pool_on_input_boxes = pool_on_input_boxes
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = GeneralizedRCNN(cfg)
+            model = build_model(cfg)
         self.load_report: Optional[LoadReport] = None
         self.weights_sha256 = ""
         if weights is not None:
@@ -157,7 +108,7 @@ class Detector:
 
     @property
     def grid_dim(self) -> int:
-        return self.model.backbone._out_channels.get("res5", self.model.roi_heads.feature_dim)
+        return self.model.roi_heads.grid_dim
 
     @property
     def region_dim(self) -> int:
@@ -204,20 +155,19 @@ class Detector:
         return autocast(self.precision, self.device)
 
     def _batch(self, prepared: Sequence[PreparedImage], group: Sequence[int]) -> ImageList:
-        images = self.model.preprocess([prepared[i].image for i in group])
+        images = self.model.normalize([prepared[i].image for i in group])
         if self.fast:
             images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         return images
 
     # -- grid features -------------------------------------------------------------------------------
     def grid_batch(self, prepared: Sequence[PreparedImage]) -> List[torch.Tensor]:
-        """C5 grids ``[C, ceil(h/32), ceil(w/32)]`` (float32, on the model device) for prepared images."""
+        """Grid features ``[C, H', W']`` (float32, on the model device) for prepared images: the
+        backbone's grid rule (ResNets: stride-32 C5 map, ``ceil(h/32) x ceil(w/32)``)."""
         out: List[Optional[torch.Tensor]] = [None] * len(prepared)
         with torch.inference_mode(), self._context():
             for group in self._groups(prepared):
-                images = self._batch(prepared, group)
-                features = self.model.backbone(images.tensor, res5_dilation=GRID_RES5_DILATION)
-                grids = self.model.roi_heads.conv5_features(features).float()
+                grids = self.model.grid_features(self._batch(prepared, group)).float()
                 for j, i in enumerate(group):
                     out[i] = grids[j].contiguous()
         return out  # type: ignore[return-value]
@@ -236,36 +186,35 @@ class Detector:
         return grids[0] if single else grids
 
     # -- detections -----------------------------------------------------------------------------------
-    def detect_batch(self, prepared: Sequence[PreparedImage]) -> List[DetectionResult]:
-        """Detectron2 inference as configured, plus region features and attribute probabilities."""
-        out: List[Optional[DetectionResult]] = [None] * len(prepared)
+    def detect_batch(self, prepared: Sequence[PreparedImage]) -> List[Instances]:
+        """Detectron2 inference as configured, with region features and attribute probabilities.
+
+        Each result is an :class:`Instances` of the original image size with ``pred_boxes``
+        (original pixels), ``pred_boxes_input`` (the same boxes in network-input pixels),
+        ``scores``, ``pred_classes`` (0-based), ``box_features`` and, with an attribute head,
+        ``attr_probs``: one row per returned detection (boxes left empty by the rescale are
+        dropped, as Detectron2 does). A detection's feature is the box head applied at its own box
+        on the feature map it was detected on (network-input pixels), and its attribute
+        probabilities are read from that feature with its predicted class.
+        """
+        out: List[Optional[Instances]] = [None] * len(prepared)
         heads = self.model.roi_heads
         with torch.inference_mode(), self._context():
             for group in self._groups(prepared):
-                images = self._batch(prepared, group)
-                features, detections = self.model.inference(images)
+                features, detections = self.model.inference(self._batch(prepared, group))
                 for j, i in enumerate(group):
-                    p = prepared[i]
-                    final, kept = postprocess(detections[j], p.input_hw, p.orig_hw)
-                    boxes_input = detections[j].boxes[kept]
+                    final, kept = detector_postprocess(detections[j], prepared[i].orig_hw)
+                    boxes_input = detections[j].pred_boxes[kept]
                     single = {k: v[j : j + 1] for k, v in features.items()}
-                    pool_boxes = boxes_input if self.pool_on_input_boxes else final.boxes
-                    feats = heads.box_features(single, [pool_boxes]).float()
-                    attrs = (
-                        heads.attribute_probs(feats, final.classes).float()
-                        if heads.attribute_on
-                        else None
-                    )
-                    out[i] = DetectionResult(
-                        final.boxes.float(),
-                        boxes_input.float(),
-                        final.scores.float(),
-                        final.classes,
-                        feats,
-                        attrs,
-                        p.orig_hw,
-                        p.input_hw,
-                    )
+                    feats = heads.box_features(single, [boxes_input]).float()
+                    final.pred_boxes = final.pred_boxes.float()
+                    final.pred_boxes_input = boxes_input.float()
+                    final.scores = final.scores.float()
+                    final.box_features = feats
+                    if heads.attribute_on:
+                        final.attr_probs = heads.attribute_probs(feats, final.pred_classes).float()
+                    final.remove("proposal_index")
+                    out[i] = final
         return out  # type: ignore[return-value]
 
     def detect(
@@ -275,21 +224,40 @@ class Detector:
         ``classes`` (0-based), ``features [K,D]`` and ``attr_scores [K,A]``, in Detectron2's order."""
         single = not _is_batch(images)
         results = self.detect_batch(self._prepare_all([images] if single else images))
-        dicts = [{k: v.cpu() for k, v in r.as_dict().items()} for r in results]
+        dicts = [detection_dict(r) for r in results]
         return dicts[0] if single else dicts
 
-    def region_candidates(self, prepared: Sequence[PreparedImage]) -> List[RegionCandidates]:
-        """Every proposal's box-branch output, for selection rules other than Detectron2's
-        (e.g. bottom-up-attention's), computed on the detection model (dilated res5)."""
-        out: List[Optional[RegionCandidates]] = [None] * len(prepared)
+    def region_candidates(self, prepared: Sequence[PreparedImage]) -> List[Instances]:
+        """Every proposal's box-branch output (:meth:`ROIHeads.predict`: ``proposal_boxes``,
+        ``box_features``, ``class_probs``, ``pred_boxes_per_class``, in network-input pixels), for
+        selection rules other than Detectron2's (e.g. bottom-up-attention's), computed on the
+        detection model (dilated res5)."""
+        out: List[Optional[Instances]] = [None] * len(prepared)
         with torch.inference_mode(), self._context():
             for group in self._groups(prepared):
                 images = self._batch(prepared, group)
                 features = self.model.backbone(images.tensor)
-                proposals = self.model.proposal_generator(images, features)
+                proposals, _ = self.model.proposal_generator(images, features)
                 predictions = self.model.roi_heads.predict(features, proposals)
                 for j, i in enumerate(group):
-                    out[i] = RegionCandidates(
-                        predictions[j], prepared[i].orig_hw, prepared[i].input_hw
-                    )
+                    out[i] = predictions[j]
         return out  # type: ignore[return-value]
+
+
+#: ``Detector.detect``'s keys for the fields of a detection :class:`Instances`.
+DETECTION_KEYS = {
+    "pred_boxes": "boxes",
+    "scores": "scores",
+    "pred_classes": "classes",
+    "box_features": "features",
+    "attr_probs": "attr_scores",
+}
+
+
+def detection_dict(detections: Instances) -> Dict[str, torch.Tensor]:
+    """The public dict form of one image's detections (CPU tensors)."""
+    return {
+        key: detections.get(field).cpu()
+        for field, key in DETECTION_KEYS.items()
+        if detections.has(field)
+    }

@@ -118,7 +118,7 @@ def run_demo(
     from gridfeats.data.image_io import read_image
     from gridfeats.data.synthetic import image_file_name, make_synthetic
     from gridfeats.extract.job import ExtractOptions, run_extraction
-    from gridfeats.extract.regions import BottomUpSettings
+    from gridfeats.features import BottomUpSettings
     from gridfeats.store import FeatureStore
 
     def say(text: str) -> None:

@@ -1,10 +1,10 @@
-"""The model behind the service: a small interface, and its implementation on ``gridfeats extract``'s path.
+"""The model behind the service: a small interface, and its implementation on the feature makers.
 
 The app talks to a :class:`FeatureBackend` only, so it can be tested with a tiny fake model and
 the dynamic batcher stays generic. :class:`DetectorBackend` is the real one and adds no image or
 feature processing of its own: decoding and resizing are ``Detector.prepare`` (the project's one
-image reader and one resize), and features come from the extraction job's own
-:class:`~gridfeats.extract.features.GridFeatureMaker` / ``RegionFeatureMaker`` on a detector built
+image reader and one resize), and features come from :mod:`gridfeats.features`, the makers
+``gridfeats extract`` uses too (:func:`~gridfeats.features.make_feature_maker`), on a detector built
 the way the job builds it (same config, fast kernels unless ``exact_kernels``, one forward per
 image unless ``batched_forward``). So an answer holds the numbers ``gridfeats extract`` stores for
 the same image and options, as the feature store's records.
@@ -15,16 +15,13 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Protocol, Sequence
 
-import numpy as np
-
+from gridfeats.features import FeatureSpec, make_feature_maker
+from gridfeats.store.records import Record
 from service.settings import ServiceSettings
 
 logger = logging.getLogger("gridfeats.service.backend")
-
-#: A feature-store record: dict of numpy arrays (see gridfeats.store.records).
-Record = Dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -42,25 +39,6 @@ class BackendInfo:
     num_attributes: int
     input_min_size: int
     input_max_size: int
-
-
-@dataclass(frozen=True)
-class BottomUpRule:
-    """bottom-up-attention's selection parameters a request may set (hashable, for grouping)."""
-
-    score_thresh: float
-    min_boxes: int
-    max_boxes: int
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """What to compute for an image; requests with equal specs can share a feature maker."""
-
-    mode: str  # "grid" or "region"
-    grid_pool: Optional[Tuple[int, int]] = None
-    regions: Union[str, BottomUpRule] = "detectron2"
-    attr_topk: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,25 +116,7 @@ class DetectorBackend:
     def _maker(self, spec: FeatureSpec) -> Any:
         maker = self._makers.get(spec)
         if maker is None:
-            from gridfeats.extract.features import GridFeatureMaker, RegionFeatureMaker
-            from gridfeats.extract.regions import BottomUpSettings
-
-            if spec.mode == "grid":
-                maker = GridFeatureMaker(self.detector, spec.grid_pool)
-            elif spec.mode == "region":
-                rule = spec.regions
-                selection = (
-                    rule
-                    if rule == "detectron2"
-                    else BottomUpSettings(
-                        score_thresh=rule.score_thresh,
-                        min_boxes=rule.min_boxes,
-                        max_boxes=rule.max_boxes,
-                    )
-                )
-                maker = RegionFeatureMaker(self.detector, selection, spec.attr_topk)
-            else:
-                raise ValueError(f"unknown feature mode {spec.mode!r}")
+            maker = make_feature_maker(self.detector, spec)
             if len(self._makers) > 256:  # specs come from clients: keep the cache bounded
                 self._makers.clear()
             self._makers[spec] = maker

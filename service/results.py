@@ -2,7 +2,7 @@
 
 The numbers come unchanged from the extraction's feature makers (see :mod:`service.backend`); this
 module only casts the features to the requested dtype (refusing casts that would corrupt them, with
-the extraction's own :func:`~gridfeats.extract.features.storage_problem` check) and adds display
+the store's own :func:`~gridfeats.features.storage_problem` check) and adds display
 names from the optional vocabulary.
 """
 
@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from gridfeats.extract.features import storage_problem
-from service.backend import BottomUpRule, FeatureSpec, Record
+from gridfeats.features import BottomUpSettings, FeatureSpec, storage_problem
+from gridfeats.store.records import Record
 from service.errors import InvalidParameter, ModelFailure
 from service.schemas import FeatureQuery
 
@@ -79,7 +79,7 @@ def feature_spec(query: FeatureQuery) -> FeatureSpec:
     regions = (
         "detectron2"
         if query.regions == "detectron2"
-        else BottomUpRule(
+        else BottomUpSettings(
             score_thresh=query.bottom_up_thresh,
             min_boxes=query.min_boxes,
             max_boxes=query.max_boxes,

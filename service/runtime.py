@@ -20,7 +20,9 @@ import anyio
 import numpy as np
 
 from gridfeats.data.image_io import ImageReadError
-from service.backend import FeatureBackend, FeatureSpec, ModelRequest, Record
+from gridfeats.features import FeatureSpec
+from gridfeats.store.records import Record
+from service.backend import FeatureBackend, ModelRequest
 from service.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from service.errors import (
     ApiError,

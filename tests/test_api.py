@@ -189,3 +189,50 @@ def test_precision_errors(cfg, monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(PrecisionError, match="bf16"):
         Detector(cfg, precision="bf16")
+
+
+def test_region_features_are_pooled_at_each_detection_s_own_input_box(cfg):
+    """On a resized image, a detection's feature is the box head at its network-input box, and
+    its attribute probabilities are read from that feature with its predicted class."""
+    detector = Detector(get_cfg("R-50-grid", opts=SMALL), seed=0)
+    image = _image(30, 45, 3)  # resized 30x45 -> 64x96: boxes differ by a factor 2.13 per axis
+    (det,) = detector.detect_batch([detector.prepare(image)])
+    assert len(det) > 0
+    p = detector.prepare(image)
+    heads = detector.model.roi_heads
+    with torch.inference_mode():
+        features = detector.model.backbone(detector.model.normalize([p.image]).tensor)
+        expected = heads.box_features(features, [det.pred_boxes_input])
+        attrs = heads.attribute_probs(expected, det.pred_classes)
+    torch.testing.assert_close(det.box_features, expected, rtol=0, atol=0)
+    torch.testing.assert_close(det.attr_probs, attrs, rtol=0, atol=0)
+    scale = torch.tensor([45 / 96, 30 / 64, 45 / 96, 30 / 64])
+    torch.testing.assert_close(det.pred_boxes, det.pred_boxes_input * scale, rtol=1e-6, atol=1e-4)
+    with torch.inference_mode():  # the original-pixel boxes would give other features
+        misplaced = heads.box_features(features, [det.pred_boxes])
+    assert not torch.allclose(misplaced, expected)
+
+
+def test_a_detection_left_empty_by_the_rescale_leaves_no_row(monkeypatch):
+    """Detectron2 drops boxes that are empty after rescaling and clipping; their features go too."""
+    detector = Detector(get_cfg("R-50-grid", opts=SMALL), seed=0)
+    heads = detector.model.roi_heads
+    select = heads.select
+
+    def select_with_a_degenerate_box(predictions):
+        results = select(predictions)
+        out = []
+        for det in results:
+            h, w = det.image_size
+            extra = det[:1]  # a copy of the first detection squeezed onto the right border
+            extra.pred_boxes = torch.tensor([[w, 0.0, w, h / 2]], dtype=det.pred_boxes.dtype)
+            out.append(type(det).cat([det[:2], extra, det[2:]]))
+        return out
+
+    monkeypatch.setattr(heads, "select", select_with_a_degenerate_box)
+    (det,) = detector.detect_batch([detector.prepare(_image(12, 18, 4))])  # upscaled 5.3x
+    monkeypatch.setattr(heads, "select", select)
+    (plain,) = detector.detect_batch([detector.prepare(_image(12, 18, 4))])
+    assert len(det) == len(plain) and len(det.box_features) == len(det)
+    torch.testing.assert_close(det.box_features, plain.box_features, rtol=0, atol=0)
+    torch.testing.assert_close(det.pred_boxes, plain.pred_boxes, rtol=0, atol=0)

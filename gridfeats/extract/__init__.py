@@ -4,8 +4,7 @@ Modules, one job each:
 
 * :mod:`~gridfeats.extract.sources`: folder / COCO json / path list -> ``ImageItem`` (stable ids);
 * :mod:`~gridfeats.extract.loader`: DataLoader workers decode and resize, failures become records;
-* :mod:`~gridfeats.extract.regions`: Detectron2's and bottom-up-attention's box selection;
-* :mod:`~gridfeats.extract.features`: prepared images -> store records (grid or region);
+* :mod:`gridfeats.features` (shared with the service): prepared images -> store records;
 * :mod:`~gridfeats.extract.distributed` and :mod:`~gridfeats.extract.outputs`: torchrun ranks,
   shard/rank file names and the final merge;
 * :mod:`~gridfeats.extract.job`: the run loop (:func:`run_extraction`), resume, summary;

@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Optional, Tuple
 
-from gridfeats.extract.regions import BOX_SOURCES, REGION_RULES, BottomUpSettings
+from gridfeats.features import BOX_SOURCES, REGION_RULES, BottomUpSettings
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 _POOL = re.compile(r"^(\d+)[xX](\d+)$")

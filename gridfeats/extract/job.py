@@ -36,11 +36,16 @@ from tqdm import tqdm
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS
 from gridfeats.extract import distributed
 from gridfeats.extract.distributed import RankInfo
-from gridfeats.extract.features import GridFeatureMaker, RegionFeatureMaker, storage_problem
 from gridfeats.extract.loader import FailedImage, InputSpec, make_loader
 from gridfeats.extract.outputs import merge_rank_files, rank_output_path, shard_output_path
-from gridfeats.extract.regions import REGION_RULES, BottomUpSettings
 from gridfeats.extract.sources import ImageItem, list_images, shard_items
+from gridfeats.features import (
+    REGION_RULES,
+    BottomUpSettings,
+    FeatureSpec,
+    make_feature_maker,
+    storage_problem,
+)
 from gridfeats.store import AsyncFeatureWriter, FeatureStore, FeatureWriter, StoreMetadata
 from gridfeats.store.errors import StoreMismatchError
 from gridfeats.store.layout import COMPRESSIONS, STORAGE_DTYPES, open_store_file
@@ -226,10 +231,9 @@ def build_detector(options: ExtractOptions, info: RankInfo):
 
 
 def build_feature_maker(options: ExtractOptions, detector):
-    if options.mode == "grid":
-        return GridFeatureMaker(detector, options.grid_pool)
     selection = "detectron2" if options.regions == "detectron2" else options.bottom_up
-    return RegionFeatureMaker(detector, selection, options.attr_topk)
+    spec = FeatureSpec(options.mode, options.grid_pool, selection, options.attr_topk)
+    return make_feature_maker(detector, spec)
 
 
 def store_metadata(options: ExtractOptions, detector, maker) -> StoreMetadata:

@@ -1,26 +1,21 @@
-"""Region Proposal Network: Detectron2's ``StandardRPNHead`` + test-time proposal selection."""
+"""Region Proposal Network: Detectron2's ``StandardRPNHead`` and its proposal selection.
+
+Proposals are :class:`~gridfeats.structures.Instances` with ``proposal_boxes`` (network-input
+pixels) and ``objectness_logits``, the fields and order Detectron2's ROI heads consume.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gridfeats.layers import batched_nms
+from gridfeats.layers import ShapeSpec, batched_nms
 from gridfeats.modeling.anchors import DefaultAnchorGenerator, build_anchor_generator
 from gridfeats.modeling.box_coder import Box2BoxTransform
-from gridfeats.structures import ImageList, clip_boxes_, nonempty
-
-
-@dataclass
-class Proposals:
-    """Per-image proposals: ``boxes [R, 4]`` in input pixels and their objectness ``logits [R]``."""
-
-    boxes: torch.Tensor
-    logits: torch.Tensor
+from gridfeats.structures import ImageList, Instances, clip_boxes_, nonempty
 
 
 class StandardRPNHead(nn.Module):
@@ -41,10 +36,11 @@ class StandardRPNHead(nn.Module):
 
 
 class RPN(nn.Module):
-    """Proposals from one feature level (``in_feature``), selected as Detectron2 does at test time:
-    sort logits, keep the top ``pre_nms_topk``, clip, drop empty boxes, NMS, keep ``post_nms_topk``."""
+    """Proposals from one feature level (``in_feature``), selected as Detectron2 does: sort
+    logits, keep the top ``pre_nms_topk``, clip, drop empty boxes, NMS, keep ``post_nms_topk``
+    (the train or test numbers by ``self.training``). In training it also returns its losses."""
 
-    def __init__(self, cfg, input_shape: Dict[str, Dict[str, int]]):
+    def __init__(self, cfg, input_shape: Dict[str, ShapeSpec]):
         super().__init__()
         rpn = cfg.MODEL.RPN
         if len(rpn.IN_FEATURES) != 1:
@@ -53,15 +49,21 @@ class RPN(nn.Module):
             raise ValueError(f"MODEL.RPN.HEAD_NAME {rpn.HEAD_NAME!r} is not supported")
         self.in_feature = rpn.IN_FEATURES[0]
         shape = input_shape[self.in_feature]
-        self.anchor_generator: DefaultAnchorGenerator = build_anchor_generator(cfg, shape["stride"])
-        self.rpn_head = StandardRPNHead(shape["channels"], self.anchor_generator.num_anchors)
+        self.anchor_generator: DefaultAnchorGenerator = build_anchor_generator(cfg, shape.stride)
+        self.rpn_head = StandardRPNHead(shape.channels, self.anchor_generator.num_anchors)
         self.box2box_transform = Box2BoxTransform(rpn.BBOX_REG_WEIGHTS)
         self.pre_nms_topk = {True: rpn.PRE_NMS_TOPK_TRAIN, False: rpn.PRE_NMS_TOPK_TEST}
         self.post_nms_topk = {True: rpn.POST_NMS_TOPK_TRAIN, False: rpn.POST_NMS_TOPK_TEST}
         self.nms_thresh = rpn.NMS_THRESH
         self.min_box_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
 
-    def forward(self, images: ImageList, features: Dict[str, torch.Tensor]) -> List[Proposals]:
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        gt_instances: Optional[List[Instances]] = None,
+    ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
+        """Proposals per image and, in training mode, ``loss_rpn_cls`` / ``loss_rpn_loc``."""
         x = features[self.in_feature]
         logits, deltas = self.rpn_head(x)
         anchors = self.anchor_generator.grid_anchors(x.shape[-2:])
@@ -71,12 +73,18 @@ class RPN(nn.Module):
         logits = logits.permute(0, 2, 3, 1).reshape(n, -1)
         deltas = deltas.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(-1, 4)
         boxes = self.box2box_transform.apply_deltas(deltas, anchors.repeat(n, 1)).view(n, -1, 4)
-        return self.select_proposals(boxes, logits, images.image_sizes)
+        proposals = self.select_proposals(boxes, logits, images.image_sizes)
+        losses: Dict[str, torch.Tensor] = {}
+        if self.training:
+            if gt_instances is None:
+                raise ValueError("the RPN needs gt_instances in training mode")
+            raise NotImplementedError("RPN training losses are not implemented yet")
+        return proposals, losses
 
     @torch.no_grad()
     def select_proposals(
         self, boxes: torch.Tensor, logits: torch.Tensor, image_sizes: List[Tuple[int, int]]
-    ) -> List[Proposals]:
+    ) -> List[Instances]:
         """Per image, never across the batch (so batching does not change any image's proposals)."""
         pre_topk = min(self.pre_nms_topk[self.training], logits.shape[1])
         post_topk = self.post_nms_topk[self.training]
@@ -94,5 +102,7 @@ class RPN(nn.Module):
                 boxes_i, scores_i = boxes_i[keep], scores_i[keep]
             level = torch.zeros(len(boxes_i), dtype=torch.int64, device=boxes_i.device)
             keep = batched_nms(boxes_i, scores_i, level, self.nms_thresh)[:post_topk]
-            results.append(Proposals(boxes_i[keep], scores_i[keep]))
+            results.append(
+                Instances(image_hw, proposal_boxes=boxes_i[keep], objectness_logits=scores_i[keep])
+            )
         return results

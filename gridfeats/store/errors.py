@@ -30,3 +30,7 @@ class StoreIncompleteError(StoreError):
 
 class MergeConflictError(StoreError):
     """Two shards hold different values for the same image id."""
+
+
+class StaleFeatureLayoutWarning(UserWarning):
+    """A store written by an earlier gridfeats whose region features meant something else."""

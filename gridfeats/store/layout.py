@@ -21,6 +21,12 @@ from gridfeats.store.errors import StoreFormatError
 
 FORMAT_NAME = "gridfeats.features"
 FORMAT_VERSION = 1
+#: What the numbers in ``rows/`` mean, beyond the file layout. 2: region features of the detectron2
+#: rule are pooled at each returned detection's own box in network-input pixels, one row per
+#: returned detection. 1 (files without the attribute, gridfeats <= 0.1.0): they were pooled at the
+#: original-pixel boxes read on the network-input map (a misalignment copied from a faulty
+#: reference), and could hold rows for boxes the empty-box filter drops.
+FEATURE_LAYOUT = 2
 MODES = ("grid", "region")
 STORAGE_DTYPES = ("float16", "float32")
 COMPRESSIONS = ("gzip", "lzf", "none")
@@ -47,6 +53,7 @@ COMPATIBILITY_FIELDS: Tuple[str, ...] = (
     "dtype",
     "weights_sha256",
     "config",
+    "feature_layout",
 )
 
 STRING_DTYPE = h5py.string_dtype("utf-8")
@@ -73,6 +80,7 @@ class StoreMetadata:
     dtype: str = "float32"
     attr_topk: int = 0
     created_with: str = dataclasses.field(default_factory=_default_created_with)
+    feature_layout: int = FEATURE_LAYOUT
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -85,6 +93,11 @@ class StoreMetadata:
             raise ValueError(f"feature_dim must be a positive integer, got {self.feature_dim!r}")
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        if int(self.feature_layout) != self.feature_layout or self.feature_layout < 1:
+            raise ValueError(
+                f"feature_layout must be a positive integer, got {self.feature_layout!r}"
+            )
+        object.__setattr__(self, "feature_layout", int(self.feature_layout))
         if int(self.attr_topk) != self.attr_topk or self.attr_topk < 0:
             raise ValueError(f"attr_topk must be a non-negative integer, got {self.attr_topk!r}")
         if self.mode == "grid" and self.attr_topk != 0:
@@ -105,6 +118,14 @@ class StoreMetadata:
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine == theirs:
                 continue
+            if name == "feature_layout":
+                if self.mode == "region":
+                    problems.append(
+                        f"feature_layout: the existing store was written by an earlier gridfeats "
+                        f"(layout {theirs}, now {mine}) whose detectron2-rule region features "
+                        "were pooled at misaligned boxes; start over with --overwrite"
+                    )
+                continue  # grid rows did not change between layouts
             if name == "config":
                 problems.append("config: the effective config YAML differs")
             else:
@@ -123,6 +144,7 @@ class StoreMetadata:
             "weights_sha256": self.weights_sha256,
             "created_with": self.created_with,
             "attr_topk": np.int64(self.attr_topk),
+            "feature_layout": np.int64(self.feature_layout),
         }
 
     @classmethod
@@ -152,6 +174,7 @@ class StoreMetadata:
                 dtype=str(f["rows/features"].dtype),
                 attr_topk=int(attrs.get("attr_topk", 0)),
                 created_with=_as_str(attrs.get("created_with", "")),
+                feature_layout=int(attrs.get("feature_layout", 1)),
             )
         except (KeyError, ValueError) as exc:
             raise StoreFormatError(f"{f.filename}: bad store metadata: {exc}") from None

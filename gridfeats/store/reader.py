@@ -15,8 +15,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import h5py
 import numpy as np
 
-from gridfeats.store.errors import StoreError, StoreIncompleteError
+from gridfeats.store.errors import StaleFeatureLayoutWarning, StoreError, StoreIncompleteError
 from gridfeats.store.layout import (
+    FEATURE_LAYOUT,
     StoreIndex,
     StoreMetadata,
     open_store_file,
@@ -55,6 +56,15 @@ class FeatureStore:
         with open_store_file(self.path) as f:
             self._identity = _file_identity(self.path)
             self.meta: StoreMetadata = StoreMetadata.from_file(f)
+            if self.meta.mode == "region" and self.meta.feature_layout < FEATURE_LAYOUT:
+                warnings.warn(
+                    f"{path} was written by an earlier gridfeats (feature layout "
+                    f"{self.meta.feature_layout}): if its regions came from the detectron2 rule, "
+                    "their features and attributes were pooled at misaligned boxes; re-extract "
+                    "it (gridfeats extract ... --overwrite)",
+                    StaleFeatureLayoutWarning,
+                    stacklevel=2,
+                )
             self.attrs: Dict[str, Any] = {k: _plain(v) for k, v in f.attrs.items()}
             self._index: StoreIndex = read_index(f, self.meta.mode)
             self.errors: List[Tuple[str, str]] = read_errors(f)

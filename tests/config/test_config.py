@@ -26,7 +26,9 @@ from gridfeats.config import (
 )
 from gridfeats.config.yaml_loader import merge_raw_dicts
 
-REFERENCE_DUMP = Path(__file__).resolve().parents[1] / "assets" / "config" / "R-50-grid.ffff8ac-dump.yaml"
+REFERENCE_DUMP = (
+    Path(__file__).resolve().parents[1] / "assets" / "config" / "R-50-grid.ffff8ac-dump.yaml"
+)
 MODEL_CONFIGS = ["R-50-grid", "X-101-grid", "X-152-grid", "X-152-challenge", "R-50-updn"]
 
 # Keys whose Detectron2@ffff8ac default is a tuple (yacs keeps the default's type on merge).

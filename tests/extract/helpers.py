@@ -35,8 +35,6 @@ SMALL = [
 D2_RANDOM = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "8"]
 
 
-
-
 def make_images(out_dir: str, num: int) -> str:
     """A folder of ``num`` synthetic images (varied sizes, JPEG and PNG); returns the images folder."""
     from gridfeats.data.synthetic import make_synthetic

@@ -13,9 +13,8 @@ from gridfeats.api import Detector
 from gridfeats.cli import main as gridfeats_main
 from gridfeats.config import get_cfg
 from gridfeats.extract.distributed import RankInfo
-from gridfeats.extract.features import storage_problem
 from gridfeats.extract.job import ExtractOptions, StrictStop, build_detector, run_extraction
-from gridfeats.extract.regions import BottomUpSettings
+from gridfeats.features import BottomUpSettings, storage_problem
 from gridfeats.store import FeatureStore, merge_stores
 from gridfeats.store.errors import StoreMismatchError
 from tests.extract.helpers import (

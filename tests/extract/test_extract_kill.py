@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gridfeats.extract.job import ExtractOptions, run_extraction
-from gridfeats.extract.regions import BottomUpSettings
+from gridfeats.features import BottomUpSettings
 from gridfeats.store import FeatureStore
 from gridfeats.store._crashpoints import ENV_VAR
 from tests.extract.helpers import (

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gridfeats.config import get_cfg
+from gridfeats.layers import ShapeSpec
 from gridfeats.modeling.backbone.resnet import (
     BottleneckBlock,
     DeformBottleneckBlock,
@@ -63,7 +64,7 @@ def test_output_sizes_match_spec(hw, dilated, undilated):
             name
         )
     assert detection["res5"].shape[1] == 8 * 8  # 8 x RES2_OUT_CHANNELS
-    assert backbone.output_shape() == {"res5": {"channels": 64, "stride": 16}}
+    assert backbone.output_shape() == {"res5": ShapeSpec(channels=64, stride=16)}
 
 
 def _record_convs(block):

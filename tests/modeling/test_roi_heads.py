@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from gridfeats.config import get_cfg
+from gridfeats.layers import ShapeSpec
 from gridfeats.modeling.roi_heads import build_roi_heads
 from gridfeats.modeling.roi_heads.attribute_head import attribute_loss
 from gridfeats.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
 from gridfeats.modeling.roi_heads.pooler import ROIPooler
-from gridfeats.modeling.rpn import Proposals
+from gridfeats.structures import Instances
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,9 +284,7 @@ TINY_HEAD_OPTS = [
 
 def test_grid_box_head_is_pool_fc1_relu_fc2_relu_and_predictor_layout():
     torch.manual_seed(0)
-    heads = build_roi_heads(
-        get_cfg("R-50-grid", opts=TINY_HEAD_OPTS), {"res5": {"channels": 8, "stride": 16}}
-    )
+    heads = build_roi_heads(get_cfg("R-50-grid", opts=TINY_HEAD_OPTS), {"res5": ShapeSpec(8, 16)})
     state = heads.state_dict()
     assert state["box_predictor.cls_score.weight"].shape == (6, 6)  # 5 classes + background
     assert state["box_predictor.bbox_pred.weight"].shape == (
@@ -302,11 +301,14 @@ def test_grid_box_head_is_pool_fc1_relu_fc2_relu_and_predictor_layout():
     got = heads.box_features({"res5": feature}, [boxes])
     torch.testing.assert_close(got, expected)
     with torch.no_grad():
-        preds = heads.predict({"res5": feature}, [Proposals(boxes, torch.zeros(2))])
+        preds = heads.predict(
+            {"res5": feature},
+            [Instances((64, 64), proposal_boxes=boxes, objectness_logits=torch.zeros(2))],
+        )
     (pred,) = preds
-    assert pred.probs.shape == (2, 6) and pred.boxes.shape == (2, 20)
+    assert pred.class_probs.shape == (2, 6) and pred.pred_boxes_per_class.shape == (2, 20)
     torch.testing.assert_close(
-        pred.probs, torch.softmax(heads.box_predictor.cls_score(expected), dim=-1)
+        pred.class_probs, torch.softmax(heads.box_predictor.cls_score(expected), dim=-1)
     )
     attrs = heads.attribute_probs(expected, torch.tensor([0, 4]))
     embed = heads.attribute_predictor.obj_embed.weight[[0, 4]]
@@ -326,9 +328,7 @@ def test_updn_head_is_res5_then_mean():
         "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION",
         "4",
     ]
-    heads = build_roi_heads(
-        get_cfg("R-50-updn", opts=opts), {"res4": {"channels": 32, "stride": 16}}
-    )
+    heads = build_roi_heads(get_cfg("R-50-updn", opts=opts), {"res4": ShapeSpec(32, 16)})
     feature = torch.randn(1, 32, 6, 6)
     boxes = torch.tensor([[0.0, 0.0, 50.0, 60.0]])
     pooled = ROIPooler(4, 1 / 16, 2)(feature, [boxes])

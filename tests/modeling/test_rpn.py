@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gridfeats.config import get_cfg
+from gridfeats.layers import ShapeSpec
 from gridfeats.modeling.rpn import RPN
 from gridfeats.structures import ImageList
 
@@ -23,7 +24,7 @@ def _rpn(pre: int = 6000, post: int = 1000, channels: int = 2) -> RPN:
         "R-50-grid",
         opts=["MODEL.RPN.PRE_NMS_TOPK_TEST", str(pre), "MODEL.RPN.POST_NMS_TOPK_TEST", str(post)],
     )
-    return RPN(cfg, {"res5": {"channels": channels, "stride": 16}}).eval()
+    return RPN(cfg, {"res5": ShapeSpec(channels, 16)}).eval()
 
 
 # Image (h, w) = (50, 100). Index: box, logit, fate.
@@ -50,27 +51,32 @@ def test_selection_hand_example_clip_nonempty_nms_and_topk():
     boxes, logits = _as_tensors(CANDIDATES)
     # Pre-NMS top 7 of 8 drops candidate 6; post-NMS top 3 keeps 0, 7, 3 of the survivors 0, 7, 3, 5.
     (props,) = _rpn(pre=7, post=3).select_proposals(boxes[None].clone(), logits[None], [IMAGE_HW])
-    assert props.boxes.tolist() == [
+    assert props.proposal_boxes.tolist() == [
         [10.0, 10.0, 40.0, 40.0],
         [10.0, 10.0, 55.0, 40.0],
         [60.0, 5.0, 100.0, 45.0],
     ]
-    assert props.logits.tolist() == [5.0, 3.5, 2.0]
+    assert props.objectness_logits.tolist() == [5.0, 3.5, 2.0]
 
     (props,) = _rpn(pre=7, post=10).select_proposals(boxes[None].clone(), logits[None], [IMAGE_HW])
-    assert props.logits.tolist() == [5.0, 3.5, 2.0, 1.0]
+    assert props.objectness_logits.tolist() == [5.0, 3.5, 2.0, 1.0]
 
     (props,) = _rpn(pre=8, post=10).select_proposals(boxes[None].clone(), logits[None], [IMAGE_HW])
-    assert props.logits.tolist() == [5.0, 3.5, 2.0, 1.0, 0.5]
-    assert props.boxes[-1].tolist() == [0.0, 30.0, 20.0, 50.0]
+    assert props.objectness_logits.tolist() == [5.0, 3.5, 2.0, 1.0, 0.5]
+    assert props.proposal_boxes[-1].tolist() == [0.0, 30.0, 20.0, 50.0]
 
 
 def test_nms_threshold_comes_from_the_config():
     boxes, logits = _as_tensors(CANDIDATES)
     cfg = get_cfg("R-50-grid", opts=["MODEL.RPN.NMS_THRESH", "0.5"])
-    rpn = RPN(cfg, {"res5": {"channels": 2, "stride": 16}}).eval()
+    rpn = RPN(cfg, {"res5": ShapeSpec(2, 16)}).eval()
     (props,) = rpn.select_proposals(boxes[None].clone(), logits[None], [IMAGE_HW])
-    assert props.logits.tolist() == [5.0, 2.0, 1.0, 0.5]  # 7 (IoU 0.67) is now suppressed
+    assert props.objectness_logits.tolist() == [
+        5.0,
+        2.0,
+        1.0,
+        0.5,
+    ]  # 7 (IoU 0.67) is now suppressed
 
 
 def test_each_image_of_a_batch_is_selected_independently():
@@ -95,23 +101,23 @@ def test_each_image_of_a_batch_is_selected_independently():
     )
     alone_a = rpn.select_proposals(boxes_a[None].clone(), logits_a[None], [sizes[0]])[0]
     alone_b = rpn.select_proposals(boxes_b[None].clone(), logits_b[None], [sizes[1]])[0]
-    assert torch.equal(batch[0].boxes, alone_a.boxes) and torch.equal(
-        batch[0].logits, alone_a.logits
+    assert torch.equal(batch[0].proposal_boxes, alone_a.proposal_boxes) and torch.equal(
+        batch[0].objectness_logits, alone_a.objectness_logits
     )
-    assert torch.equal(batch[1].boxes, alone_b.boxes) and torch.equal(
-        batch[1].logits, alone_b.logits
+    assert torch.equal(batch[1].proposal_boxes, alone_b.proposal_boxes) and torch.equal(
+        batch[1].objectness_logits, alone_b.objectness_logits
     )
     # Image a keeps its best box although image b has an overlapping, higher-scoring one.
-    assert batch[0].boxes[0].tolist() == [10.0, 10.0, 40.0, 40.0]
+    assert batch[0].proposal_boxes[0].tolist() == [10.0, 10.0, 40.0, 40.0]
     # Image b is clipped to its own size (w 40, h 25), not the batch's largest: (50,0,60,10) and
     # (70,10,80,20) become empty; its 8th box is outside the pre-NMS top 7.
-    assert batch[1].boxes.tolist() == [
+    assert batch[1].proposal_boxes.tolist() == [
         [10.0, 10.0, 40.0, 25.0],
         [0.0, 0.0, 40.0, 25.0],
         [5.0, 5.0, 6.0, 6.0],
         [20.0, 20.0, 30.0, 25.0],
     ]
-    assert batch[1].logits.tolist() == [9.0, 1.0, -1.0, -2.0]
+    assert batch[1].objectness_logits.tolist() == [9.0, 1.0, -1.0, -2.0]
 
 
 def test_forward_aligns_logits_deltas_and_anchors():
@@ -135,14 +141,15 @@ def test_forward_aligns_logits_deltas_and_anchors():
     feature = torch.zeros(1, 2, 3, 4)
     feature[0, 0, 1, 2] = 5.0  # cell y = 1, x = 2
     images = ImageList(torch.zeros(1, 3, 48, 64), [(48, 64)])
-    (props,) = rpn(images, {"res5": feature})
+    (props,), losses = rpn(images, {"res5": feature})
+    assert losses == {}
     # Anchor (-32,-32,32,32) at cell (1, 2) -> (0,-16,64,48); dx shifts by 32 -> (32,-16,96,80);
     # clipped to the 48 x 64 image -> (32, 0, 64, 48).
-    assert props.logits[0].item() == 5.0
-    assert props.boxes[0].tolist() == [32.0, 0.0, 64.0, 48.0]
-    assert torch.all(props.logits[1:] <= 0.0)
-    assert torch.all(props.logits[:-1] >= props.logits[1:])
-    assert len(props.boxes) <= 3 * 4 * 15
+    assert props.objectness_logits[0].item() == 5.0
+    assert props.proposal_boxes[0].tolist() == [32.0, 0.0, 64.0, 48.0]
+    assert torch.all(props.objectness_logits[1:] <= 0.0)
+    assert torch.all(props.objectness_logits[:-1] >= props.objectness_logits[1:])
+    assert len(props.proposal_boxes) <= 3 * 4 * 15
 
 
 @pytest.mark.parametrize("pre,post", [(3, 1000), (6000, 2)])
@@ -150,6 +157,8 @@ def test_forward_respects_topk_settings(pre, post):
     torch.manual_seed(0)
     rpn = _rpn(pre=pre, post=post, channels=2)
     images = ImageList(torch.zeros(1, 3, 96, 128), [(96, 128)])
-    (props,) = rpn(images, {"res5": torch.rand(1, 2, 6, 8)})
-    assert 0 < len(props.boxes) <= min(pre, post)
-    assert props.boxes.shape[1] == 4 and props.logits.shape == (len(props.boxes),)
+    (props,), _ = rpn(images, {"res5": torch.rand(1, 2, 6, 8)})
+    assert 0 < len(props.proposal_boxes) <= min(pre, post)
+    assert props.proposal_boxes.shape[1] == 4 and props.objectness_logits.shape == (
+        len(props.proposal_boxes),
+    )

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gridfeats.config import get_cfg
-from gridfeats.modeling import GeneralizedRCNN
+from gridfeats.modeling import GeneralizedRCNN, build_model
 from tests.parity import d2parity
 
 # config -> (keys, parameters, trainable parameters) from the spec (4.2-4.4).
@@ -39,7 +39,7 @@ MANIFESTS = [(c, c) for c in d2parity.CONFIGS] + [
 
 def _meta_model(config: str) -> GeneralizedRCNN:
     with torch.device("meta"):
-        return GeneralizedRCNN(get_cfg(config))
+        return build_model(get_cfg(config))
 
 
 def _shapes(model) -> dict:

@@ -59,15 +59,11 @@ def run(
 ) -> Dict[str, np.ndarray]:
     """Outputs for each fixture image, keyed ``<stem>/<name>`` like ``expected_<config>.npz``.
 
-    Detectron2's ``detector_postprocess`` scales and clips the detections' box tensor in place, so
-    the reference's ``boxes_input``, ``box_feats`` and ``attr_probs`` describe all detections before
-    the empty-box filter, on original-pixel boxes; this rebuilds exactly that (``kept`` marks the rows
-    that survive, i.e. what :meth:`Detector.detect` returns).
+    Detections, region features and attribute probabilities come from
+    :meth:`Detector.detect_batch` itself (features pooled at each returned detection's box in
+    network-input pixels, one row per returned detection); the grid from the model's grid rule; the
+    stage means and RPN proposals from the same modules the detector runs.
     """
-    from gridfeats.api import GRID_RES5_DILATION
-    from gridfeats.modeling import postprocess
-    from gridfeats.structures import clip_boxes_, scale_boxes_
-
     model = detector.model
     out: Dict[str, np.ndarray] = {}
     for stem, name in (images or IMAGES).items():
@@ -76,40 +72,31 @@ def run(
         out[f"{stem}/input_hw"] = np.array(p.input_hw, dtype=np.int64)
         out[f"{stem}/input_bgr"] = p.image.numpy()
         with torch.inference_mode():
-            batch = model.preprocess([p.image])
+            batch = model.normalize([p.image])
             if with_grid:
-                stages = model.backbone(
-                    batch.tensor, res5_dilation=GRID_RES5_DILATION, return_all=True
-                )
-                grid = model.roi_heads.conv5_features(stages)[0]
+                grid = model.grid_features(batch)[0]
                 out[f"{stem}/grid"] = grid.numpy()
                 out[f"{stem}/grid_shape"] = np.array(grid.shape, dtype=np.int64)
                 out[f"{stem}/grid_chanmean"] = grid.mean(dim=(1, 2)).numpy()
+                stages = model.backbone(
+                    batch.tensor, res5_dilation=model.backbone.GRID_RES5_DILATION, return_all=True
+                )
                 for stage in ("stem", "res2", "res3", "res4", "res5"):
                     if stage in stages:
                         out[f"{stem}/stage_{stage}_chanmean"] = (
                             stages[stage][0].mean(dim=(1, 2)).numpy()
                         )
             features = model.backbone(batch.tensor)
-            proposals = model.proposal_generator(batch, features)
-            out[f"{stem}/rpn_boxes"] = proposals[0].boxes.numpy()
-            out[f"{stem}/rpn_logits"] = proposals[0].logits.numpy()
-            raw = model.roi_heads(features, proposals, batch.image_sizes)[0]
-            final, keep = postprocess(raw, p.input_hw, p.orig_hw)
-            scaled = clip_boxes_(
-                scale_boxes_(
-                    raw.boxes.clone(), p.orig_hw[1] / p.input_hw[1], p.orig_hw[0] / p.input_hw[0]
-                ),
-                p.orig_hw,
-            )
-            feats = model.roi_heads.box_features(features, [scaled])
-            out[f"{stem}/boxes"] = final.boxes.numpy()
-            out[f"{stem}/scores"] = final.scores.numpy()
-            out[f"{stem}/classes"] = final.classes.numpy()
-            out[f"{stem}/boxes_input"] = scaled.numpy()
-            out[f"{stem}/box_feats"] = feats.numpy()
-            out[f"{stem}/attr_probs"] = model.roi_heads.attribute_probs(feats, raw.classes).numpy()
-            out[f"{stem}/kept"] = keep.numpy()
+            (proposals,), _ = model.proposal_generator(batch, features)
+            out[f"{stem}/rpn_boxes"] = proposals.proposal_boxes.numpy()
+            out[f"{stem}/rpn_logits"] = proposals.objectness_logits.numpy()
+        (det,) = detector.detect_batch([p])
+        out[f"{stem}/boxes"] = det.pred_boxes.numpy()
+        out[f"{stem}/scores"] = det.scores.numpy()
+        out[f"{stem}/classes"] = det.pred_classes.numpy()
+        out[f"{stem}/boxes_input"] = det.pred_boxes_input.numpy()
+        out[f"{stem}/box_feats"] = det.box_features.numpy()
+        out[f"{stem}/attr_probs"] = det.attr_probs.numpy()
     return out
 
 
@@ -119,6 +106,5 @@ if __name__ == "__main__":
     config, dest = sys.argv[1], Path(sys.argv[2])
     det = Detector(config, weights=weights_path(config, dest.parent))
     np.savez(dest, **run(det))
-    print(
-        f"wrote {dest}; compare with: python {FIXTURES / 'compare.py'} {FIXTURES / f'expected_{config}.npz'} {dest}"
-    )
+    expected = FIXTURES / f"expected_{config}.npz"
+    print(f"wrote {dest}; compare with: python {FIXTURES / 'compare.py'} {expected} {dest}")

@@ -21,11 +21,12 @@ import torch
 import uvicorn
 from PIL import Image
 
-from gridfeats.api import DetectionResult
 from gridfeats.config import get_cfg
 from gridfeats.data.preprocess import PreparedImage, prepare_image
+from gridfeats.features import FeatureSpec
+from gridfeats.structures import Instances
 from service.app import create_app
-from service.backend import DetectorBackend, FeatureSpec, ModelRequest
+from service.backend import DetectorBackend, ModelRequest
 from service.server import uvicorn_config
 from service.settings import ServiceSettings
 
@@ -84,7 +85,7 @@ class FakeDetector:
     def grid_batch(self, prepared: Sequence[PreparedImage]) -> List[torch.Tensor]:
         return [torch.from_numpy(fake_grid(rgb)) for rgb in self._forward(prepared)]
 
-    def detect_batch(self, prepared: Sequence[PreparedImage]) -> List[DetectionResult]:
+    def detect_batch(self, prepared: Sequence[PreparedImage]) -> List[Instances]:
         out = []
         for p, rgb in zip(prepared, self._forward(prepared)):
             h, w = p.orig_hw
@@ -94,15 +95,14 @@ class FakeDetector:
             )
             logits = torch.arange(18, dtype=torch.float32).reshape(3, 6) % 5
             out.append(
-                DetectionResult(
-                    boxes=boxes,
-                    boxes_input=boxes,
+                Instances(
+                    p.orig_hw,
+                    pred_boxes=boxes,
+                    pred_boxes_input=boxes,
                     scores=torch.tensor([0.9, 0.5, 0.1]),
-                    classes=torch.tensor([1, 2, 3]),
-                    features=torch.stack([mean + k for k in range(3)]),
-                    attr_scores=torch.softmax(logits, dim=1),
-                    orig_hw=p.orig_hw,
-                    input_hw=p.input_hw,
+                    pred_classes=torch.tensor([1, 2, 3]),
+                    box_features=torch.stack([mean + k for k in range(3)]),
+                    attr_probs=torch.softmax(logits, dim=1),
                 )
             )
         return out

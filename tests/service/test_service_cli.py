@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.test_service_model import CONFIG, OPTS
 from tests.service.helpers import free_port, image_bytes
+from tests.service.test_service_model import CONFIG, OPTS
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -29,8 +29,8 @@ from schemathesis.specs.openapi.checks import (
 from service.backend import DetectorBackend
 from service.settings import ServiceSettings
 from service.uploads import IMAGE_MEDIA_TYPES
-from tests.service.test_service_model import CONFIG, OPTS
 from tests.service.helpers import ServerThread, metric_value
+from tests.service.test_service_model import CONFIG, OPTS
 
 _PIL_FORMATS = {
     "image/jpeg": "JPEG",

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from gridfeats.data.image_io import read_image
-from gridfeats.extract.regions import top_attributes
+from gridfeats.features import FeatureSpec, top_attributes
 from gridfeats.store.records import grid_map_to_rows
-from service.backend import DetectorBackend, FeatureSpec
+from service.backend import DetectorBackend
 from service.settings import ServiceSettings
 from tests.service.helpers import (
     FakeDetector,

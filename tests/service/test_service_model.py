@@ -19,7 +19,7 @@ import pytest
 from gridfeats.data.synthetic import make_synthetic
 from gridfeats.data.vocab import write_vocab
 from gridfeats.extract.job import ExtractOptions, run_extraction
-from gridfeats.extract.regions import BottomUpSettings
+from gridfeats.features import BottomUpSettings
 from gridfeats.store import FeatureStore
 from service.backend import DetectorBackend
 from service.settings import ServiceSettings

@@ -8,10 +8,10 @@ import argparse
 import numpy as np
 import pytest
 
+from gridfeats.features import BottomUpSettings, FeatureSpec
 from gridfeats.store.records import grid_record, region_record
 from service import cli
 from service.auth import ApiKeyChecker, ApiKeyFileError, read_key_file
-from service.backend import BottomUpRule, FeatureSpec
 from service.encoding import choose_media_type, encode_npy, npz_arrays
 from service.errors import InvalidParameter, ModelFailure, NotAcceptable, UnsupportedMediaType
 from service.results import (
@@ -206,7 +206,7 @@ def test_feature_specs_follow_the_query():
     bottom_up = feature_spec(
         FeatureQuery(mode="region", regions="bottom-up", min_boxes=36, max_boxes=36)
     )
-    assert bottom_up.regions == BottomUpRule(score_thresh=0.2, min_boxes=36, max_boxes=36)
+    assert bottom_up.regions == BottomUpSettings(score_thresh=0.2, min_boxes=36, max_boxes=36)
     # Equal options give equal (hashable) specs: the backend groups a batch by them.
     assert (
         len({feature_spec(FeatureQuery(mode="region")), feature_spec(FeatureQuery(mode="region"))})

@@ -200,7 +200,7 @@ def extract_stores(
     Returns ``{"<mode>_features": store path}`` per mode (store ids = image ids).
     """
     from gridfeats.extract.job import ExtractOptions, run_extraction
-    from gridfeats.extract.regions import BottomUpSettings
+    from gridfeats.features import BottomUpSettings
 
     stores: Dict[str, Path] = {}
     for mode in modes:

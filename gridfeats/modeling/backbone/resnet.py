@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-from gridfeats.layers import Conv2d, FrozenBatchNorm2d
+from gridfeats.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec
+from gridfeats.modeling.backbone.backbone import Backbone
+from gridfeats.modeling.backbone.build import BACKBONE_REGISTRY
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
@@ -212,8 +214,15 @@ def make_stage(
     return nn.Sequential(*blocks)
 
 
-class ResNet(nn.Module):
-    """Stem + stages up to the deepest requested output; returns ``{name: feature map}``."""
+class ResNet(Backbone):
+    """Stem + stages up to the deepest requested output; returns ``{name: feature map}``.
+
+    :meth:`grid_features` is grid-feats-vqa's extraction rule: the same weights with res5 run
+    undilated (stride 2 in its first block), giving the stride-32 C5 map.
+    """
+
+    #: grid-feats-vqa's ``extract_grid_feature.py`` forces this res5 dilation.
+    GRID_RES5_DILATION = 1
 
     def __init__(
         self,
@@ -248,11 +257,13 @@ class ResNet(nn.Module):
                 for p in getattr(self, name).parameters():
                     p.requires_grad_(False)
 
-    def output_shape(self) -> Dict[str, Dict[str, int]]:
+    def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
-            n: {"channels": self._out_channels[n], "stride": self._out_strides[n]}
-            for n in self.out_features
+            n: ShapeSpec(self._out_channels[n], self._out_strides[n]) for n in self.out_features
         }
+
+    def grid_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.forward(x, res5_dilation=self.GRID_RES5_DILATION)
 
     def forward(
         self, x: torch.Tensor, res5_dilation: Optional[int] = None, return_all: bool = False
@@ -272,7 +283,8 @@ class ResNet(nn.Module):
         return outputs
 
 
-def build_resnet_backbone(cfg) -> ResNet:
+@BACKBONE_REGISTRY.register()
+def build_resnet_backbone(cfg, input_shape: Optional[ShapeSpec] = None) -> ResNet:
     """Build from ``cfg.MODEL.RESNETS`` / ``cfg.MODEL.BACKBONE`` exactly as Detectron2 does."""
     r = cfg.MODEL.RESNETS
     depth = r.DEPTH
@@ -280,7 +292,8 @@ def build_resnet_backbone(cfg) -> ResNet:
         raise ValueError(f"MODEL.RESNETS.DEPTH {depth} not supported (50, 101, 152)")
     if r.RES5_DILATION not in (1, 2):
         raise ValueError(f"MODEL.RESNETS.RES5_DILATION must be 1 or 2, got {r.RES5_DILATION}")
-    stem = BasicStem(len(cfg.MODEL.PIXEL_MEAN), r.STEM_OUT_CHANNELS, r.NORM)
+    in_channels = input_shape.channels if input_shape is not None else len(cfg.MODEL.PIXEL_MEAN)
+    stem = BasicStem(in_channels, r.STEM_OUT_CHANNELS, r.NORM)
     out_features = list(r.OUT_FEATURES)
     max_stage = max(STAGE_NAMES.index(f) for f in out_features if f in STAGE_NAMES) + 2
     bottleneck = r.NUM_GROUPS * r.WIDTH_PER_GROUP

@@ -10,12 +10,12 @@ vector (:meth:`box_features`) and in what the whole-image conv5 map is (:meth:`c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from gridfeats.layers import ShapeSpec
 from gridfeats.modeling.backbone.resnet import make_stage
 from gridfeats.modeling.box_coder import Box2BoxTransform
 from gridfeats.modeling.roi_heads.attribute_head import AttributePredictor
@@ -26,31 +26,11 @@ from gridfeats.modeling.roi_heads.fast_rcnn import (
     predict_boxes_and_probs,
 )
 from gridfeats.modeling.roi_heads.pooler import ROIPooler
-from gridfeats.modeling.rpn import Proposals
-
-
-@dataclass
-class BoxPredictions:
-    """Everything the box branch computed for one image's proposals (before any selection)."""
-
-    proposals: torch.Tensor  # [R, 4] input pixels
-    features: torch.Tensor  # [R, D] box-head features (fc7 or pooled res5)
-    probs: torch.Tensor  # [R, K + 1] softmax, background last
-    boxes: torch.Tensor  # [R, 4K] class-specific decoded boxes, input pixels (unclipped)
-
-
-@dataclass
-class Detections:
-    """Selected detections of one image in input pixels, with the proposal each came from."""
-
-    boxes: torch.Tensor
-    scores: torch.Tensor
-    classes: torch.Tensor
-    proposal_index: torch.Tensor
+from gridfeats.structures import ImageList, Instances
 
 
 class _AttributeROIHeads(nn.Module):
-    def __init__(self, cfg, input_shape: Dict[str, Dict[str, int]]):
+    def __init__(self, cfg, input_shape: Dict[str, ShapeSpec]):
         super().__init__()
         heads = cfg.MODEL.ROI_HEADS
         if len(heads.IN_FEATURES) != 1:
@@ -63,7 +43,7 @@ class _AttributeROIHeads(nn.Module):
         box = cfg.MODEL.ROI_BOX_HEAD
         self.box2box_transform = Box2BoxTransform(box.BBOX_REG_WEIGHTS)
         self.cls_agnostic_bbox_reg = box.CLS_AGNOSTIC_BBOX_REG
-        stride = input_shape[self.in_feature]["stride"]
+        stride = input_shape[self.in_feature].stride
         self.pooler = ROIPooler(
             box.POOLER_RESOLUTION, 1.0 / stride, box.POOLER_SAMPLING_RATIO, box.POOLER_TYPE
         )
@@ -92,38 +72,60 @@ class _AttributeROIHeads(nn.Module):
 
     # -- shared inference --------------------------------------------------------------------------
     def predict(
-        self, features: Dict[str, torch.Tensor], proposals: List[Proposals]
-    ) -> List[BoxPredictions]:
-        """Box features, class probabilities and decoded boxes for every proposal of every image."""
-        proposal_boxes = [p.boxes for p in proposals]
+        self, features: Dict[str, torch.Tensor], proposals: List[Instances]
+    ) -> List[Instances]:
+        """The box branch on every proposal of every image, before any selection.
+
+        Each result holds the proposals' fields plus ``box_features [R, D]`` (fc7 or pooled res5),
+        ``class_probs [R, K + 1]`` (softmax, background last) and ``pred_boxes_per_class
+        [R, 4K]`` (decoded class-specific boxes, input pixels, unclipped).
+        """
+        proposal_boxes = [p.proposal_boxes for p in proposals]
         box_feats = self.box_features(features, proposal_boxes)
         logits, deltas = self.box_predictor(box_feats)
         out = []
         start = 0
-        for boxes in proposal_boxes:
-            end = start + len(boxes)
+        for image_proposals in proposals:
+            end = start + len(image_proposals)
             decoded, probs = predict_boxes_and_probs(
-                logits[start:end], deltas[start:end], boxes, self.box2box_transform
+                logits[start:end],
+                deltas[start:end],
+                image_proposals.proposal_boxes,
+                self.box2box_transform,
             )
-            out.append(BoxPredictions(boxes, box_feats[start:end], probs, decoded))
+            result = image_proposals[:]  # a shallow copy: same tensors, new field table
+            result.box_features = box_feats[start:end]
+            result.class_probs = probs
+            result.pred_boxes_per_class = decoded
+            out.append(result)
             start = end
         return out
 
-    def select(
-        self, predictions: List[BoxPredictions], image_sizes: List[Tuple[int, int]]
-    ) -> List[Detections]:
-        """Detectron2's test-time selection (score threshold, per-class NMS, top-k) per image."""
+    def select(self, predictions: List[Instances]) -> List[Instances]:
+        """Detectron2's test-time selection (score threshold, per-class NMS, top-k) per image.
+
+        Detections carry ``pred_boxes`` (input pixels), ``scores``, ``pred_classes`` and
+        ``proposal_index`` (the proposal each came from).
+        """
         results = []
-        for pred, hw in zip(predictions, image_sizes):
+        for pred in predictions:
             boxes, scores, classes, index = fast_rcnn_inference_single_image(
-                pred.boxes,
-                pred.probs,
-                hw,
+                pred.pred_boxes_per_class,
+                pred.class_probs,
+                pred.image_size,
                 self.score_thresh,
                 self.nms_thresh,
                 self.detections_per_image,
             )
-            results.append(Detections(boxes, scores, classes, index))
+            results.append(
+                Instances(
+                    pred.image_size,
+                    pred_boxes=boxes,
+                    scores=scores,
+                    pred_classes=classes,
+                    proposal_index=index,
+                )
+            )
         return results
 
     def attribute_probs(self, box_feats: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -134,17 +136,23 @@ class _AttributeROIHeads(nn.Module):
 
     def forward(
         self,
+        images: ImageList,
         features: Dict[str, torch.Tensor],
-        proposals: List[Proposals],
-        image_sizes: List[Tuple[int, int]],
-    ) -> List[Detections]:
-        return self.select(self.predict(features, proposals), image_sizes)
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
+        """Detections per image (eval) or the box and attribute losses (training)."""
+        if self.training:
+            if targets is None:
+                raise ValueError("the ROI heads need targets in training mode")
+            raise NotImplementedError("ROI head training losses are not implemented yet")
+        return self.select(self.predict(features, proposals)), {}
 
 
 class AttributeStandardROIHeads(_AttributeROIHeads):
     """Grid configs: pooled res5 (1x1) -> ``box_head`` (fc1, fc2) -> ``box_predictor``."""
 
-    def __init__(self, cfg, input_shape: Dict[str, Dict[str, int]]):
+    def __init__(self, cfg, input_shape: Dict[str, ShapeSpec]):
         super().__init__(cfg, input_shape)
         box = cfg.MODEL.ROI_BOX_HEAD
         if box.NAME != "FastRCNNConvFCHead":
@@ -152,7 +160,7 @@ class AttributeStandardROIHeads(_AttributeROIHeads):
                 f"MODEL.ROI_BOX_HEAD.NAME {box.NAME!r} is not supported (FastRCNNConvFCHead)"
             )
         self.box_head = FastRCNNConvFCHead(
-            input_shape[self.in_feature]["channels"],
+            input_shape[self.in_feature].channels,
             box.POOLER_RESOLUTION,
             box.NUM_CONV,
             box.CONV_DIM,
@@ -161,6 +169,8 @@ class AttributeStandardROIHeads(_AttributeROIHeads):
             box.NORM,
         )
         self._build_predictors(self.box_head.output_size)
+        #: channels of the whole-image map :meth:`conv5_features` returns (the grid features)
+        self.grid_dim = input_shape[self.in_feature].channels
 
     def box_features(self, features, boxes):
         return self.box_head(self.pooler(features[self.in_feature], boxes))
@@ -172,7 +182,7 @@ class AttributeStandardROIHeads(_AttributeROIHeads):
 class AttributeRes5ROIHeads(_AttributeROIHeads):
     """updn configs: pooled res4 (14x14) -> ``res5`` (3 blocks, stride 2, no dilation) -> mean."""
 
-    def __init__(self, cfg, input_shape: Dict[str, Dict[str, int]]):
+    def __init__(self, cfg, input_shape: Dict[str, ShapeSpec]):
         super().__init__(cfg, input_shape)
         r = cfg.MODEL.RESNETS
         if r.DEFORM_ON_PER_STAGE[-1]:
@@ -190,6 +200,7 @@ class AttributeRes5ROIHeads(_AttributeROIHeads):
             stride_in_1x1=r.STRIDE_IN_1X1,
         )
         self._build_predictors(out_channels)
+        self.grid_dim = out_channels
 
     def _res5(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.res5:
@@ -211,7 +222,7 @@ ROI_HEADS = {
 }
 
 
-def build_roi_heads(cfg, input_shape: Dict[str, Dict[str, int]]) -> _AttributeROIHeads:
+def build_roi_heads(cfg, input_shape: Dict[str, ShapeSpec]) -> _AttributeROIHeads:
     name = cfg.MODEL.ROI_HEADS.NAME
     if name not in ROI_HEADS:
         raise ValueError(

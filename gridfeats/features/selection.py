@@ -40,9 +40,10 @@ import torch
 
 from gridfeats.data.preprocess import PreparedImage
 from gridfeats.layers import batched_nms
-from gridfeats.modeling.roi_heads import BoxPredictions
+from gridfeats.modeling.postprocessing import rescale_boxes
 from gridfeats.precision import autocast
-from gridfeats.structures.boxes import clip_boxes_, scale_boxes_
+from gridfeats.structures import Instances
+from gridfeats.structures.boxes import clip_boxes_
 
 REGION_RULES = ("detectron2", "bottom-up")
 BOX_SOURCES = ("proposals", "regressed")
@@ -81,77 +82,63 @@ class BottomUpSettings:
         )
 
 
-@dataclass
-class Regions:
-    """The selected regions of one image (CPU or model-device tensors)."""
-
-    boxes: torch.Tensor  # [K, 4] x1, y1, x2, y2 in original-image pixels
-    scores: torch.Tensor  # [K]
-    classes: torch.Tensor  # [K] 0-based, background excluded
-    features: torch.Tensor  # [K, D]
-    attr_scores: Optional[torch.Tensor]  # [K, A] probabilities, None without an attribute head
-
-
-@dataclass
-class BottomUpPick:
-    """Result of :func:`select_bottom_up` for one image, in network-input pixels."""
-
-    index: torch.Tensor  # [K] proposal indices
-    scores: torch.Tensor  # [K] max_conf
-    classes: torch.Tensor  # [K]
-    boxes: torch.Tensor  # [K, 4] input pixels
-
-
 # --- Detectron2's rule ----------------------------------------------------------------------------
-def detectron2_regions(detector, prepared: Sequence[PreparedImage]) -> List[Regions]:
-    """Detectron2's standard inference (:meth:`Detector.detect_batch`) as :class:`Regions`."""
-    return [
-        Regions(r.boxes, r.scores, r.classes, r.features, r.attr_scores)
-        for r in detector.detect_batch(prepared)
-    ]
+def detectron2_regions(detector, prepared: Sequence[PreparedImage]) -> List[Instances]:
+    """Detectron2's standard inference: :meth:`Detector.detect_batch` itself."""
+    return detector.detect_batch(prepared)
 
 
 # --- bottom-up-attention's rule -------------------------------------------------------------------
 def bottom_up_regions(
     detector, prepared: Sequence[PreparedImage], settings: BottomUpSettings
-) -> List[Regions]:
-    """bottom-up-attention's selection over :meth:`Detector.region_candidates`, with attributes."""
+) -> List[Instances]:
+    """bottom-up-attention's selection over :meth:`Detector.region_candidates`, with attributes.
+
+    Results have the fields of :meth:`Detector.detect_batch` (boxes in original pixels).
+    """
     heads = detector.model.roi_heads
     out = []
-    for candidates in detector.region_candidates(prepared):
-        pick = select_bottom_up(candidates.predictions, candidates.input_hw, settings)
-        features = candidates.predictions.features[pick.index]
-        attrs = None
+    for candidates, p in zip(detector.region_candidates(prepared), prepared):
+        pick = select_bottom_up(candidates, settings)
+        features = candidates.box_features[pick.proposal_index].float()
+        regions = Instances(
+            p.orig_hw,
+            pred_boxes=rescale_boxes(pick.pred_boxes.float(), p.input_hw, p.orig_hw),
+            pred_boxes_input=pick.pred_boxes.float(),
+            scores=pick.scores.float(),
+            pred_classes=pick.pred_classes,
+            box_features=features,
+        )
         if heads.attribute_on:
             with torch.inference_mode(), autocast(detector.precision, detector.device):
-                attrs = heads.attribute_probs(features, pick.classes).float()
-        boxes = to_original_pixels(pick.boxes, candidates.input_hw, candidates.orig_hw)
-        out.append(Regions(boxes, pick.scores.float(), pick.classes, features.float(), attrs))
+                regions.attr_probs = heads.attribute_probs(features, pick.pred_classes).float()
+        out.append(regions)
     return out
 
 
-def to_original_pixels(
-    boxes: torch.Tensor, input_hw: Tuple[int, int], orig_hw: Tuple[int, int]
-) -> torch.Tensor:
-    """Scale boxes from network-input to original-image pixels per axis and clip (as Detectron2)."""
-    scaled = scale_boxes_(boxes.float().clone(), orig_hw[1] / input_hw[1], orig_hw[0] / input_hw[0])
-    return clip_boxes_(scaled, orig_hw)
+def select_bottom_up(candidates: Instances, settings: BottomUpSettings) -> Instances:
+    """Pick proposals the way ``generate_tsv.py`` does (see the module docstring).
 
-
-def select_bottom_up(
-    pred: BoxPredictions, input_hw: Tuple[int, int], settings: BottomUpSettings
-) -> BottomUpPick:
-    """Pick proposals the way ``generate_tsv.py`` does (see the module docstring)."""
-    scores = pred.probs[:, :-1].float()  # background is the last column
+    ``candidates`` is one image's :meth:`ROIHeads.predict` output; the result holds
+    ``proposal_index``, ``scores`` (``max_conf``), ``pred_classes`` and ``pred_boxes`` (network-input
+    pixels) of the kept proposals.
+    """
+    input_hw = candidates.image_size
+    scores = candidates.class_probs[:, :-1].float()  # background is the last column
     num_proposals = scores.shape[0]
     if settings.boxes == "proposals":
-        class_boxes = pred.proposals.float().reshape(num_proposals, 1, 4)
+        class_boxes = candidates.proposal_boxes.float().reshape(num_proposals, 1, 4)
     else:
-        flat = clip_boxes_(pred.boxes.float().reshape(-1, 4).clone(), input_hw)
+        flat = clip_boxes_(candidates.pred_boxes_per_class.float().reshape(-1, 4).clone(), input_hw)
         class_boxes = flat.reshape(num_proposals, -1, 4)
     if num_proposals == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=scores.device)
-        return BottomUpPick(empty, scores.new_zeros(0), empty, scores.new_zeros(0, 4))
+        return _pick(
+            input_hw,
+            torch.zeros(0, dtype=torch.int64, device=scores.device),
+            scores.new_zeros(0),
+            torch.zeros(0, dtype=torch.int64, device=scores.device),
+            scores.new_zeros(0, 4),
+        )
 
     max_conf, best_class = _confidence_above(
         class_boxes, scores, settings.nms_thresh, settings.score_thresh
@@ -175,7 +162,13 @@ def select_bottom_up(
     if unranked.any():
         classes = torch.where(unranked, scores[index].argmax(dim=1), classes)
     box_class = classes if class_boxes.shape[1] > 1 else torch.zeros_like(classes)
-    return BottomUpPick(index, max_conf[index], classes, class_boxes[index, box_class])
+    return _pick(input_hw, index, max_conf[index], classes, class_boxes[index, box_class])
+
+
+def _pick(input_hw, index, scores, classes, boxes) -> Instances:
+    return Instances(
+        input_hw, proposal_index=index, scores=scores, pred_classes=classes, pred_boxes=boxes
+    )
 
 
 def _confidence_above(

@@ -1,6 +1,7 @@
-"""Prepared images in, feature-store records out: the model side of the extraction job.
+"""Prepared images in, feature-store records out: the model side of extraction and the service.
 
-Two makers with one interface (``mode``, ``feature_dim``, ``attr_topk``, ``settings()`` and
+:class:`FeatureSpec` says what to compute for an image; :func:`make_feature_maker` turns it into
+one of two makers with one interface (``mode``, ``feature_dim``, ``attr_topk``, ``settings()`` and
 ``records(prepared)``), so the run loop does not care which features it extracts.
 
 How a batch meets the model is the :class:`~gridfeats.api.Detector`'s policy: one forward per image
@@ -11,23 +12,21 @@ batch sizes and the store promises the same rows whatever the batch size (on a C
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gridfeats.data.preprocess import PreparedImage
-from gridfeats.extract.regions import (
+from gridfeats.features.selection import (
     BottomUpSettings,
-    Regions,
     bottom_up_regions,
     detectron2_regions,
     top_attributes,
 )
 from gridfeats.store.records import Record, grid_record, region_record
-
-_FLOAT16_MAX = float(np.finfo(np.float16).max)
+from gridfeats.structures import Instances
 
 
 class GridFeatureMaker:
@@ -84,7 +83,7 @@ class RegionFeatureMaker:
         rule = "detectron2" if self.selection == "detectron2" else self.selection.describe()
         return ["mode: region", f"regions: {rule}", f"attr_topk: {self.attr_topk}"]
 
-    def _regions(self, prepared: Sequence[PreparedImage]) -> List[Regions]:
+    def _regions(self, prepared: Sequence[PreparedImage]) -> List[Instances]:
         if self.selection == "detectron2":
             return detectron2_regions(self.detector, prepared)
         return bottom_up_regions(self.detector, prepared, self.selection)
@@ -92,15 +91,14 @@ class RegionFeatureMaker:
     def records(self, prepared: Sequence[PreparedImage]) -> List[Record]:
         out = []
         for regions, p in zip(self._regions(prepared), prepared):
-            attr_ids, attr_scores = top_attributes(
-                regions.attr_scores, self.attr_topk, len(regions.boxes)
-            )
+            attr_probs = regions.attr_probs if regions.has("attr_probs") else None
+            attr_ids, attr_scores = top_attributes(attr_probs, self.attr_topk, len(regions))
             out.append(
                 region_record(
-                    regions.features.cpu(),
-                    regions.boxes.cpu(),
+                    regions.box_features.cpu(),
+                    regions.pred_boxes.cpu(),
                     regions.scores.cpu(),
-                    regions.classes.cpu().to(torch.int32),
+                    regions.pred_classes.cpu().to(torch.int32),
                     attr_ids.cpu(),
                     attr_scores.cpu(),
                     p.orig_hw,
@@ -110,19 +108,24 @@ class RegionFeatureMaker:
         return out
 
 
-def storage_problem(record: Record, dtype: str) -> Optional[str]:
-    """Why ``record`` cannot be stored faithfully in ``dtype`` (non-finite or float16 overflow), else None.
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What to compute for an image (hashable: equal specs can share a maker and a batch).
 
-    Checked before the record reaches the writer thread, so one bad image becomes an entry in
-    ``errors/`` instead of stopping the run.
+    ``regions`` is ``"detectron2"`` or a :class:`BottomUpSettings`; ``grid_pool`` and ``regions`` /
+    ``attr_topk`` apply to grid and region mode respectively.
     """
-    features = record["features"]
-    if features.size == 0:
-        return None
-    if not np.isfinite(features).all():
-        return "non-finite features (NaN or inf) from the model"
-    if dtype == "float16":
-        peak = float(np.abs(features).max())
-        if peak > _FLOAT16_MAX:
-            return f"features overflow float16 storage (max |value| {peak:.4g} > {_FLOAT16_MAX:.0f}); use --dtype float32"
-    return None
+
+    mode: str  # "grid" or "region"
+    grid_pool: Optional[Tuple[int, int]] = None
+    regions: Union[str, BottomUpSettings] = "detectron2"
+    attr_topk: int = 0
+
+
+def make_feature_maker(detector, spec: FeatureSpec) -> Union[GridFeatureMaker, RegionFeatureMaker]:
+    """The maker that computes ``spec`` with ``detector``."""
+    if spec.mode == "grid":
+        return GridFeatureMaker(detector, spec.grid_pool)
+    if spec.mode == "region":
+        return RegionFeatureMaker(detector, spec.regions, spec.attr_topk)
+    raise ValueError(f"unknown feature mode {spec.mode!r} (grid or region)")

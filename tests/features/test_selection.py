@@ -14,18 +14,14 @@ import pytest
 import torch
 from torchvision.ops import nms
 
-from gridfeats.extract.regions import (
-    BottomUpSettings,
-    select_bottom_up,
-    to_original_pixels,
-    top_attributes,
-)
-from gridfeats.modeling.roi_heads import BoxPredictions
+from gridfeats.features.selection import BottomUpSettings, select_bottom_up, top_attributes
+from gridfeats.modeling.postprocessing import rescale_boxes
+from gridfeats.structures import Instances
 
 
 def random_predictions(
     seed: int, num_proposals: int, num_classes: int, sharpness: float, image_hw=(200, 300)
-) -> BoxPredictions:
+) -> Instances:
     g = torch.Generator().manual_seed(seed)
     h, w = image_hw
     xy = torch.rand(num_proposals, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
@@ -36,20 +32,26 @@ def random_predictions(
     jitter = torch.randn(num_proposals, num_classes, 4, generator=g) * 6
     boxes = (proposals[:, None, :] + jitter).reshape(num_proposals, num_classes * 4)
     features = torch.randn(num_proposals, 8, generator=g)
-    return BoxPredictions(proposals, features, probs, boxes)
+    return Instances(
+        image_hw,
+        proposal_boxes=proposals,
+        box_features=features,
+        class_probs=probs,
+        pred_boxes_per_class=boxes,
+    )
 
 
-def reference_generate_tsv(pred: BoxPredictions, settings: BottomUpSettings, image_hw):
+def reference_generate_tsv(pred: Instances, settings: BottomUpSettings, image_hw):
     """generate_tsv.py's loop, written out plainly (background is the last column here)."""
-    scores = pred.probs[:, :-1]
+    scores = pred.class_probs[:, :-1]
     num_proposals, num_classes = scores.shape
     max_conf = np.zeros(num_proposals)
     best = np.full(num_proposals, -1)
     for c in range(num_classes):
         if settings.boxes == "proposals":
-            boxes = pred.proposals
+            boxes = pred.proposal_boxes
         else:
-            boxes = pred.boxes.reshape(num_proposals, num_classes, 4)[:, c].clone()
+            boxes = pred.pred_boxes_per_class.reshape(num_proposals, num_classes, 4)[:, c].clone()
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image_hw[1])
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image_hw[0])
         keep = nms(boxes, scores[:, c], settings.nms_thresh).numpy()
@@ -87,11 +89,11 @@ def test_bottom_up_selection_matches_generate_tsv(box_source):
             BottomUpSettings(score_thresh=0.2, min_boxes=36, max_boxes=36, boxes=box_source),
         ):
             pred = random_predictions(seed, num_proposals, num_classes, sharpness, image_hw)
-            pick = select_bottom_up(pred, image_hw, settings)
+            pick = select_bottom_up(pred, settings)
             index, conf, best = reference_generate_tsv(pred, settings, image_hw)
-            assert pick.index.tolist() == index.tolist(), (seed, settings)
+            assert pick.proposal_index.tolist() == index.tolist(), (seed, settings)
             np.testing.assert_allclose(pick.scores.numpy(), conf, rtol=0, atol=0)
-            assert pick.classes.tolist() == best.tolist()
+            assert pick.pred_classes.tolist() == best.tolist()
             passing = int((conf >= settings.score_thresh).sum())
             n_pass_all = len(index)
             branches.add(
@@ -104,13 +106,13 @@ def test_bottom_up_selection_matches_generate_tsv(box_source):
                 else "threshold"
             )
             if box_source == "proposals":
-                assert torch.equal(pick.boxes, pred.proposals[pick.index])
+                assert torch.equal(pick.pred_boxes, pred.proposal_boxes[pick.proposal_index])
             else:
-                per_class = pred.boxes.reshape(num_proposals, num_classes, 4)
-                expected = per_class[pick.index, pick.classes]
+                per_class = pred.pred_boxes_per_class.reshape(num_proposals, num_classes, 4)
+                expected = per_class[pick.proposal_index, pick.pred_classes]
                 expected[:, 0::2] = expected[:, 0::2].clamp(0, image_hw[1])
                 expected[:, 1::2] = expected[:, 1::2].clamp(0, image_hw[0])
-                assert torch.equal(pick.boxes, expected)
+                assert torch.equal(pick.pred_boxes, expected)
     assert branches == {"min", "threshold", "max"}
 
 
@@ -118,17 +120,17 @@ def test_bottom_up_counts_follow_the_bounds():
     sharp = random_predictions(0, 300, 20, 6.0)
     flat = random_predictions(1, 300, 20, 0.1)
     settings = BottomUpSettings(score_thresh=0.2, min_boxes=10, max_boxes=50)
-    assert len(select_bottom_up(sharp, (200, 300), settings).index) == 50  # many pass: capped
-    assert len(select_bottom_up(flat, (200, 300), settings).index) == 10  # none pass: the 10 best
+    assert len(select_bottom_up(sharp, settings)) == 50  # many pass: capped
+    assert len(select_bottom_up(flat, settings)) == 10  # none pass: the 10 best
     fixed = BottomUpSettings(min_boxes=36, max_boxes=36)
-    assert len(select_bottom_up(sharp, (200, 300), fixed).index) == 36
-    assert len(select_bottom_up(flat, (200, 300), fixed).index) == 36
+    assert len(select_bottom_up(sharp, fixed)) == 36
+    assert len(select_bottom_up(flat, fixed)) == 36
     empty = random_predictions(2, 0, 5, 1.0)
-    assert len(select_bottom_up(empty, (200, 300), settings).index) == 0
+    assert len(select_bottom_up(empty, settings)) == 0
 
 
 def test_when_a_bound_decides_boxes_come_most_confident_first():
-    pick = select_bottom_up(random_predictions(1, 300, 20, 0.1), (200, 300), BottomUpSettings())
+    pick = select_bottom_up(random_predictions(1, 300, 20, 0.1), BottomUpSettings())
     assert torch.all(pick.scores[:-1] >= pick.scores[1:])
 
 
@@ -158,7 +160,7 @@ def test_top_attributes_are_sorted_ids_and_probabilities():
 
 def test_boxes_are_scaled_back_per_axis_and_clipped():
     boxes = torch.tensor([[10.0, 20.0, 60.0, 100.0], [-5.0, 0.0, 200.0, 50.0]])
-    out = to_original_pixels(boxes, input_hw=(100, 200), orig_hw=(50, 400))
+    out = rescale_boxes(boxes, input_hw=(100, 200), output_hw=(50, 400))
     assert torch.allclose(out[0], torch.tensor([20.0, 10.0, 120.0, 50.0]))
     assert torch.allclose(out[1], torch.tensor([0.0, 0.0, 400.0, 25.0]))
     assert torch.equal(boxes[0], torch.tensor([10.0, 20.0, 60.0, 100.0]))  # input untouched
