@@ -1,20 +1,26 @@
 """``gridfeats vqa train|predict|eval``: the VQA heads (Pythia, MCAN) on stored features.
 
-    gridfeats vqa train --config configs/vqa/mcan-small.yaml --out runs/mcan [--resume] [KEY=VALUE ...]
+    gridfeats vqa train --config configs/vqa/mcan-small.yaml --out runs/mcan [--resume]
+                        [KEY=VALUE ...]
     gridfeats vqa predict --checkpoint runs/mcan --questions val_questions.json --out results.json
     gridfeats vqa eval --annotations ANN --questions QS --results RES [--out METRICS.json]
+                       [--revision master-a013f00|v2.0-a4f1afd|beta-07aecec|beta-07aecec-py2]
 
 ``eval`` needs no model: it scores any results file with the official VQA accuracy and prints
-the official script's report (overall, per answer type, per question type).
+the official script's report (overall, per answer type, per question type). By default it
+reproduces GT-Vision-Lab/VQA's ``vqaEval.py`` as it stands today (master a013f00, 2021);
+``--revision`` picks an older one (``vqa.metrics.vqa_eval`` says what each changes).
 Under torchrun (``torchrun --nproc_per_node N -m gridfeats vqa train ...``) training is DDP.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Optional
 
-from vqa.data.answer_normalization import DEFAULT_OFFICIAL, OFFICIAL_VERSIONS
+from vqa.data.answer_normalization import DEFAULT_REVISION, DEPRECATED_REVISIONS, REVISIONS
 from vqa.engine import commands
 
 PROG = "gridfeats vqa"
@@ -38,10 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     evaluate.add_argument("--out", type=Path, help="write the metrics json here")
     evaluate.add_argument(
+        "--revision",
+        choices=REVISIONS,
+        help=f"which revision of the official vqaEval.py to reproduce (default: "
+        f"{DEFAULT_REVISION}, GT-Vision-Lab/VQA master today, 2021). v2.0-a4f1afd: the 2017 "
+        "VQA v2.0 script (same rules as c4e6a0e on the unmerged feature/update_style branch); "
+        "beta-07aecec: the 2015 beta under Python 3; beta-07aecec-py2: the same under Python 2. "
+        "VizWiz annotations always use VizWiz's own script",
+    )
+    evaluate.add_argument(
         "--official",
-        choices=OFFICIAL_VERSIONS,
-        default=DEFAULT_OFFICIAL,
-        help="which revision of the official script to reproduce (default: %(default)s)",
+        choices=tuple(DEPRECATED_REVISIONS),
+        help="deprecated spelling of --revision: vqa-py3 means v2.0-a4f1afd (it was never the "
+        "current script), vqa-py2-07aecec means beta-07aecec-py2",
     )
     evaluate.add_argument(
         "--allow-missing",
@@ -69,10 +84,27 @@ def run(args: argparse.Namespace) -> int:
         args.annotations,
         args.questions,
         args.results,
-        official=args.official,
+        revision=_chosen_revision(args),
         allow_missing=args.allow_missing,
     )
     commands.print_vqa_metrics(metrics)
     if args.out:
         commands.write_json(args.out, metrics)
     return 0
+
+
+def _chosen_revision(args: argparse.Namespace) -> Optional[str]:
+    """``--revision``, or the deprecated ``--official`` mapped with a note (None: the default)."""
+    if args.official is None:
+        return args.revision
+    revision = DEPRECATED_REVISIONS[args.official]
+    print(
+        f"{PROG}: note: --official {args.official} is deprecated; it names --revision "
+        f"{revision} (the official script today is the default, {DEFAULT_REVISION})",
+        file=sys.stderr,
+    )
+    if args.revision is not None and args.revision != revision:
+        raise ValueError(
+            f"--official {args.official} ({revision}) contradicts --revision {args.revision}"
+        )
+    return revision

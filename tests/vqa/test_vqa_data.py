@@ -148,14 +148,16 @@ def test_soft_scores_are_the_official_accuracy(matches, expected):
 
 
 def test_soft_scores_follow_the_metric_quirks():
-    # All ten wrote "two": the metric keeps them raw and no prediction can match.
+    # All ten wrote "two": the metric (master a013f00) compares the prediction raw then, so only
+    # "two" itself would score; the one candidate, normalised to "2", gets nothing.
     assert answer_scores(["two"] * 10) == {}
-    # Disagreeing answers only get punctuation processing: "yes." -> "yes" matches the
-    # candidate "yes", the capitalised "Yes" does not. g='Yes' (8x): 2/3, g='yes.' (2x): 1/3.
+    # Disagreeing answers get the full normalisation in master: "Yes" and "yes." both become
+    # "yes", so the candidate "yes" matches all ten (the 2017 rules, punctuation only: 0.6).
     answers = [{"answer": "Yes", "answer_id": i} for i in range(8)] + [
         {"answer": "yes.", "answer_id": 8 + i} for i in range(2)
     ]
-    assert answer_scores(answers) == {"yes": pytest.approx(0.6)}
+    assert answer_scores(answers) == {"yes": pytest.approx(1.0)}
+    assert question_accuracy("yes", answers, revision="v2.0-a4f1afd") == pytest.approx(0.6)
 
 
 def test_answer_target_vector():

@@ -5,20 +5,35 @@ accuracy for no reason (``"2"`` vs ``"two"``, ``"dont"`` vs ``"don't"``), so the
 (``vqa.metrics.vqa_eval``) and the answer vocabulary (``vqa.data.answer_vocab``) both use these
 functions, with the same default.
 
-Which official script: ``official`` names the script whose rules apply (``OFFICIAL_VERSIONS``):
+Which script: ``revision`` names the revision of GT-Vision-Lab/VQA's
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` whose text rules apply (``REVISIONS``):
 
-* ``"vqa-py3"`` (the default): ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` of
-  GT-Vision-Lab/VQA as it is today (commit c4e6a0e), the only revision that runs on Python 3 and
-  so the one anybody running the official script now gets.
-* ``"vqa-py2-07aecec"``: the same file at commit 07aecec, the Python 2 script released with VQA
-  v1.0. Python 2 is part of its behaviour (see "Python 2" below).
-* ``"vizwiz"``: the VizWiz-VQA evaluation script (its punctuation list is the ``vqa-py3`` one,
-  its contraction table the typographic 07aecec one, run on Python 3). Used for VizWiz files.
+* ``"master-a013f00"`` (the default, ``DEFAULT_REVISION``): master as it stands today, commit
+  a013f00 (2021-03, "Fixed processing answers bug"): the official script. Its text rules (this
+  module) are those of 2017; what it changed is *which* answers go through them (see
+  ``vqa.metrics.vqa_eval``).
+* ``"v2.0-a4f1afd"``: master at a4f1afd (2017, "updated for v2.0"), the script from the VQA v2.0
+  release until 2021. The side branch ``feature/update_style`` (c4e6a0e, never merged, but the
+  one Python 3 port people found) has the same rules.
+* ``"beta-07aecec"``: the 2015 beta (07aecec, "updated for Beta v0.9 release"), run under
+  Python 3 with only its ``print`` statements converted, which is how its numbers are
+  reproduced today.
+* ``"beta-07aecec-py2"``: the same 07aecec file as Python 2 runs it (see "Python 2" below).
+* ``"vizwiz"``: the VizWiz-VQA evaluation script (its punctuation list is the 2017 one, its
+  contraction table the typographic 07aecec one, run on Python 3). Used for VizWiz files.
+
+All of them are reproduced as run on Python 3 except ``beta-07aecec-py2``: the master file itself
+still has Python 2 ``print`` statements, and the reference figures this project is checked against
+were produced by converting only those and running it under Python 3.
+
+Deprecated names, still accepted with a ``DeprecationWarning`` (``DEPRECATED_REVISIONS``):
+``"vqa-py3"`` named the c4e6a0e rules, which are the 2017 ones and not today's script: it is
+``"v2.0-a4f1afd"``; ``"vqa-py2-07aecec"`` is ``"beta-07aecec-py2"``.
 
 Rules common to all of them, reimplemented with their quirks because matching the published
 numbers matters more than tidy rules:
 
-* ``process_punctuation``: for each mark of the version's punctuation list, if the mark stands
+* ``process_punctuation``: for each mark of the revision's punctuation list, if the mark stands
   next to a space anywhere in the *original* text, or the original text has a digit-comma-digit
   (``1,000``), every copy of the mark is deleted; otherwise every copy becomes a space. Periods
   are then deleted unless a digit follows (the official regex ``(?!<=\\d)(\\.)(?!\\d)`` has a
@@ -29,21 +44,22 @@ numbers matters more than tidy rules:
   contraction table. Both tables have 120 entries with the same quirks (``somebody'd`` maps to
   ``somebodyd``; the capitalised keys ``Im``, ``Ive``, ``Id've`` never match lower-cased text).
 
-What differs between the two VQA revisions (everything else is identical, regexes included):
+What differs between the 2017 text rules (a4f1afd, unchanged in master a013f00 and in c4e6a0e)
+and the 2015 beta 07aecec (everything else is identical, regexes included):
 
-* punctuation list: c4e6a0e has ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` (21 marks);
-  07aecec has ``; : / ' [ ] " ( ) = + \\ _ > < @ ` , ?`` (19): c4e6a0e added ``{ } - !`` and
+* punctuation list: 2017 has ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` (21 marks);
+  07aecec has ``; : / ' [ ] " ( ) = + \\ _ > < @ ` , ?`` (19): 2017 added ``{ } - !`` and
   dropped ``:`` and ``'``;
-* contraction table: same 120 keys in the same order, but c4e6a0e writes every apostrophe as
+* contraction table: same 120 keys in the same order, but 2017 writes every apostrophe as
   ASCII ``'`` while 07aecec uses the typographic ``’`` in 43 keys and 111 values (``'`` only in
   ``ain't``, ``can't``, ``we've``, ``where's`` ... and two keys).
 
-So ``x-ray``, ``wow!`` and ``{a}`` are split or stripped only by ``vqa-py3``, ``10:30`` and
-``don't`` only by 07aecec, and ``dont`` becomes ``don't`` (py3) or ``don’t`` (07aecec).
+So ``x-ray``, ``wow!`` and ``{a}`` are split or stripped only by the 2017 rules, ``10:30`` and
+``don't`` only by 07aecec, and ``dont`` becomes ``don't`` (2017) or ``don’t`` (07aecec).
 
-Python 2 (``vqa-py2-07aecec`` only): that script cannot run on Python 3 (``print`` statements),
-and Python 2 changes what its text rules do. Answers come from ``json.load`` as ``unicode`` while
-the script's tables are UTF-8 *byte* strings (``# coding=utf-8``, no ``u""``):
+Python 2 (``beta-07aecec-py2`` only): Python 2 changes what the 07aecec text rules do. Answers
+come from ``json.load`` as ``unicode`` while the script's tables are UTF-8 *byte* strings
+(``# coding=utf-8``, no ``u""``):
 
 * a contraction key containing ``’`` (43 of them) never equals a ``unicode`` word, so it never
   applies; keys containing ``'`` cannot be reached either, ``'`` being punctuation there;
@@ -61,14 +77,20 @@ Not modelled: Python 2's ``lower()``/``split()`` follow Unicode 5.2 and simple c
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
-VQA_PY3 = "vqa-py3"
-VQA_PY2_07AECEC = "vqa-py2-07aecec"
+MASTER_A013F00 = "master-a013f00"
+V2_A4F1AFD = "v2.0-a4f1afd"
+BETA_07AECEC = "beta-07aecec"
+BETA_07AECEC_PY2 = "beta-07aecec-py2"
 VIZWIZ = "vizwiz"
-DEFAULT_OFFICIAL = VQA_PY3
-OFFICIAL_VERSIONS: Tuple[str, ...] = (VQA_PY3, VQA_PY2_07AECEC)  # the VQA scripts
+DEFAULT_REVISION = MASTER_A013F00
+#: The VQA script revisions, default first.
+REVISIONS: Tuple[str, ...] = (MASTER_A013F00, V2_A4F1AFD, BETA_07AECEC, BETA_07AECEC_PY2)
+#: Old names -> what they always meant (accepted with a DeprecationWarning).
+DEPRECATED_REVISIONS: Dict[str, str] = {"vqa-py3": V2_A4F1AFD, "vqa-py2-07aecec": BETA_07AECEC_PY2}
 
 NUMBER_WORDS: Dict[str, str] = {
     "none": "0",
@@ -89,7 +111,7 @@ ARTICLES: Tuple[str, ...] = ("a", "an", "the")
 
 # The marks are processed in this order; the result does not depend on it (each mark's test
 # looks at the original text), but keeping the scripts' order makes them easy to compare.
-PUNCTUATION_PY3: Tuple[str, ...] = (
+PUNCTUATION_2017: Tuple[str, ...] = (
     ";",
     "/",
     "[",
@@ -263,16 +285,17 @@ CONTRACTIONS_07AECEC: Dict[str, str] = dict(
     line.split(" ") for line in _CONTRACTION_TABLE_07AECEC.strip().splitlines()
 )
 
-# Checked entry by entry against c4e6a0e: its table is the 07aecec one with every ’ (in keys
-# and values) written as ', nothing added, removed or reordered.
-CONTRACTIONS_PY3: Dict[str, str] = {
+# Checked entry by entry against a4f1afd (and a013f00, c4e6a0e, whose tables are the same): the
+# 07aecec table with every ’ (in keys and values) written as ', nothing added, removed or
+# reordered.
+CONTRACTIONS_2017: Dict[str, str] = {
     key.replace("’", "'"): value.replace("’", "'") for key, value in CONTRACTIONS_07AECEC.items()
 }
 
 
 @dataclass(frozen=True)
 class AnswerRules:
-    """The text rules of one official script (see the module docstring for each field's facts)."""
+    """The text rules of one script revision (see the module docstring for each field's facts)."""
 
     name: str
     punctuation: Tuple[str, ...]
@@ -281,11 +304,15 @@ class AnswerRules:
 
 
 RULES: Dict[str, AnswerRules] = {
-    VQA_PY3: AnswerRules(VQA_PY3, PUNCTUATION_PY3, CONTRACTIONS_PY3, python2=False),
-    VQA_PY2_07AECEC: AnswerRules(
-        VQA_PY2_07AECEC, PUNCTUATION_07AECEC, CONTRACTIONS_07AECEC, python2=True
+    MASTER_A013F00: AnswerRules(MASTER_A013F00, PUNCTUATION_2017, CONTRACTIONS_2017, python2=False),
+    V2_A4F1AFD: AnswerRules(V2_A4F1AFD, PUNCTUATION_2017, CONTRACTIONS_2017, python2=False),
+    BETA_07AECEC: AnswerRules(
+        BETA_07AECEC, PUNCTUATION_07AECEC, CONTRACTIONS_07AECEC, python2=False
     ),
-    VIZWIZ: AnswerRules(VIZWIZ, PUNCTUATION_PY3, CONTRACTIONS_07AECEC, python2=False),
+    BETA_07AECEC_PY2: AnswerRules(
+        BETA_07AECEC_PY2, PUNCTUATION_07AECEC, CONTRACTIONS_07AECEC, python2=True
+    ),
+    VIZWIZ: AnswerRules(VIZWIZ, PUNCTUATION_2017, CONTRACTIONS_07AECEC, python2=False),
 }
 
 
@@ -293,14 +320,29 @@ class Python2TextError(ValueError):
     """The Python 2 script stops on this answer (``UnicodeDecodeError`` in ``' '.join``)."""
 
 
-def answer_rules(official: str) -> AnswerRules:
-    """The rules named ``official``; a clear ``ValueError`` for an unknown name."""
-    try:
-        return RULES[official]
-    except (KeyError, TypeError):
+def resolve_revision(revision: str, known: Tuple[str, ...] = tuple(RULES)) -> str:
+    """The canonical name of ``revision``: a deprecated alias warns and is mapped to what it
+    always meant; an unknown name is a ``ValueError`` that lists the valid ones."""
+    if isinstance(revision, str) and revision in DEPRECATED_REVISIONS:
+        canonical = DEPRECATED_REVISIONS[revision]
+        warnings.warn(
+            f"VQA script revision {revision!r} is deprecated; it names {canonical!r} "
+            f"(the official script today is {DEFAULT_REVISION!r}, the default)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        revision = canonical
+    if not isinstance(revision, str) or revision not in known:
         raise ValueError(
-            f"unknown official VQA script {official!r}; choose one of {', '.join(map(repr, RULES))}"
-        ) from None
+            f"unknown VQA script revision {revision!r}; choose one of {', '.join(map(repr, known))}"
+        )
+    return revision
+
+
+def answer_rules(revision: str) -> AnswerRules:
+    """The text rules of ``revision`` (a deprecated alias warns; an unknown name is a
+    ``ValueError``)."""
+    return RULES[resolve_revision(revision)]
 
 
 # \d is Unicode-aware on Python 3 and [0-9] on Python 2 (no re.UNICODE flag): index by python2.
@@ -315,9 +357,9 @@ _PERIOD_NOT_BEFORE_DIGIT = {
 _OFFICIAL_PERIOD_COUNT = int(re.UNICODE)  # 32: the value the official script passes as ``count``
 
 
-def process_punctuation(text: str, official: str = DEFAULT_OFFICIAL) -> str:
+def process_punctuation(text: str, revision: str = DEFAULT_REVISION) -> str:
     """Delete or space out punctuation exactly as the official ``processPunctuation``."""
-    rules = answer_rules(official)
+    rules = answer_rules(revision)
     out = text
     has_digit_comma = _DIGIT_COMMA_DIGIT[rules.python2].search(text) is not None
     for mark in rules.punctuation:
@@ -347,39 +389,41 @@ def _digit_article_words(text: str, rules: AnswerRules) -> List[Tuple[str, bool]
     return out
 
 
-def process_digit_article(text: str, official: str = DEFAULT_OFFICIAL) -> str:
+def process_digit_article(text: str, revision: str = DEFAULT_REVISION) -> str:
     """Lower-case, number words to digits, drop articles, apply the contraction table."""
-    return " ".join(word for word, _ in _digit_article_words(text, answer_rules(official)))
+    return " ".join(word for word, _ in _digit_article_words(text, answer_rules(revision)))
 
 
 def clean_whitespace(text: str) -> str:
-    """Newlines and tabs to spaces, then strip: the first step the script applies to predictions."""
+    """Newlines and tabs to spaces, then strip: the first step every revision applies to the
+    prediction (and master a013f00 to the ground-truth answers too)."""
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def normalize_answer(text: str, official: str = DEFAULT_OFFICIAL) -> str:
-    """The full normalisation the official script applies to a predicted answer, as text.
+def normalize_answer(text: str, revision: str = DEFAULT_REVISION) -> str:
+    """The full text normalisation of a revision: whitespace, punctuation, digits and articles.
 
-    Used for training targets too (with the same default as the metric), so that a model learns
-    answers in the form they are scored in.
+    The form the scripts compare a prediction in whenever they process it (master a013f00: when
+    the ten answers differ; the older revisions: always), and the form training targets use
+    (same default as the metric), so that a model learns answers as they are scored.
     """
-    return process_digit_article(process_punctuation(clean_whitespace(text), official), official)
+    return process_digit_article(process_punctuation(clean_whitespace(text), revision), revision)
 
 
-def official_prediction(text: str, official: str = DEFAULT_OFFICIAL) -> Optional[str]:
-    """The predicted answer as the official script compares it with the ground truth.
+def official_prediction(text: str, revision: str = DEFAULT_REVISION) -> Optional[str]:
+    """A processed prediction as the script compares it with the ground truth.
 
-    ``normalize_answer(text, official)``, except on Python 2 (``vqa-py2-07aecec``) when a table
+    ``normalize_answer(text, revision)``, except on Python 2 (``beta-07aecec-py2``) when a table
     inserted a non-ASCII byte string: ``None`` (it equals no ground-truth answer) if every word
     came from a table, ``Python2TextError`` (the script stops) otherwise.
     """
-    rules = answer_rules(official)
-    words = _digit_article_words(process_punctuation(clean_whitespace(text), official), rules)
+    rules = answer_rules(revision)
+    words = _digit_article_words(process_punctuation(clean_whitespace(text), revision), rules)
     if rules.python2 and any(from_table and not word.isascii() for word, from_table in words):
         if all(from_table for _, from_table in words):
             return None
         raise Python2TextError(
-            f"the {official} script stops on the answer {text!r}: under Python 2 it joins the "
+            f"the {revision} script stops on the answer {text!r}: under Python 2 it joins the "
             f"byte string of a contraction with unicode words (UnicodeDecodeError)"
         )
     return " ".join(word for word, _ in words)

@@ -3,44 +3,64 @@
 Why a reimplementation rather than the script: the official ``vqaEval.py`` (GT-Vision-Lab/VQA)
 prints progress bars, mutates its inputs and fails with bare asserts; a training loop needs a
 function. Every rule that changes a number is kept (the text rules are in
-``vqa.data.answer_normalization``, which also lists what differs between the revisions).
+``vqa.data.answer_normalization``, which also lists the revisions' punctuation and contraction
+tables); ``docs/vqa-eval.md`` puts the three revisions side by side.
 
-``official`` picks the script reproduced (``OFFICIAL_VERSIONS``):
+``revision`` picks the revision of ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` reproduced
+(``REVISIONS``; each is reproduced as run under Python 3 with only ``print`` converted, except
+``beta-07aecec-py2``):
 
-* ``"vqa-py3"`` (default): ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` at c4e6a0e, the
-  current revision and the only one that runs on Python 3;
-* ``"vqa-py2-07aecec"``: the same file at 07aecec (VQA v1.0 release), as Python 2 runs it.
+* ``"master-a013f00"`` (default): master today, a013f00 (2021-03, "Fixed processing answers
+  bug"), the official script;
+* ``"v2.0-a4f1afd"``: the VQA v2.0 script (a4f1afd, 2017), with the same rules as c4e6a0e on the
+  never-merged ``feature/update_style`` branch (this project's old default, ``"vqa-py3"``);
+* ``"beta-07aecec"``: the 2015 beta (07aecec) under Python 3;
+* ``"beta-07aecec-py2"``: the same file as Python 2 runs it (the old ``"vqa-py2-07aecec"``).
 
-Rules common to both:
+Rules common to all of them:
 
-* prediction: ``\\n``/``\\t`` to spaces, strip, ``process_punctuation``, ``process_digit_article``;
-* ground truth: only when the 10 answers are not all identical, each goes through
-  ``process_punctuation`` (never ``process_digit_article``); otherwise they stay raw;
-* per ground-truth answer ``g``: ``acc_g = min(1, #(other answers == prediction) / 3)``, "other"
-  meaning every answer record not equal to ``g``'s record; the question scores the mean of the
-  ``acc_g``; ``overall`` is ``100 * sum / n`` over questions rounded to 2 decimals.
+* prediction: ``\\n``/``\\t`` to spaces, strip;
+* per ground-truth answer record ``g``: ``acc_g = min(1, #(other records whose answer ==
+  prediction) / 3)``, "other" meaning every answer record not equal (as a dict) to ``g``; the
+  question scores the mean of the ``acc_g``; ``overall`` is ``round(100 * sum / n, 2)`` over the
+  questions with the ``round`` of the Python the script runs on.
 
-What differs (besides the text rules):
+What master a013f00 changed (``_ScriptFacts``), step by step:
 
-* ``perQuestionType``/``perAnswerType``: c4e6a0e averages each question's mean; 07aecec averages
-  the ``acc_g`` of the question's **last** ground-truth answer (the loop variable it leaves over);
-* question order (it changes the floating-point sums, so rarely the last digit): c4e6a0e walks the
-  annotation file (``vqa.getQuesIds()``), 07aecec the results file (``vqaRes.getQuesIds()``);
-* rounding: Python 3's ``round`` rounds exact ties to even, Python 2's away from zero
-  (97 of 800 questions right: 12.125 -> 12.12 with c4e6a0e, 12.13 with 07aecec);
-* Python 2 text: a prediction that 07aecec turns into a non-ASCII byte string matches nothing,
-  or stops the script (``UnicodeDecodeError``): that is a ``VQAEvalError`` here.
-* result files: c4e6a0e's ``loadRes`` requires exactly the annotated questions and checks
-  "Multiple Choice" answers against the questions file; 07aecec accepted any subset and had no
-  such check. Here both versions apply the c4e6a0e checks (a file the old loader would take is
-  scored with ``allow_missing=True``).
+1. the ground-truth answers get ``\\n``/``\\t`` to spaces and strip too (the older revisions
+   compare them unstripped), *before* the "all identical" test, so ``"yes\\n"`` and ``"yes"``
+   count as identical;
+2. when the answers are not all identical, each gets ``process_punctuation`` **and**
+   ``process_digit_article`` (older: ``process_punctuation`` only, so a disagreeing ``"two"``
+   never equalled a predicted ``"2"``), and so does the prediction;
+3. when they are all identical nothing else happens: the prediction is compared as it is after
+   the strip (older: always processed, so ``"Yes."`` scored 1 against ten ``"yes"``; master: 0).
+
+What separates the 2015 beta from both later revisions (besides its text tables):
+
+* ``perQuestionType``/``perAnswerType``: master and a4f1afd average each question's mean; 07aecec
+  averages the ``acc_g`` of the question's **last** ground-truth answer (the loop variable it
+  leaves over). ``overall`` is the mean of question means in all of them;
+* question order (it changes the floating-point sums, so rarely the last digit): master and
+  a4f1afd walk the annotation file (``vqa.getQuesIds()``), 07aecec the results file
+  (``vqaRes.getQuesIds()``).
+
+``beta-07aecec-py2`` adds Python 2's behaviour: ``round`` sends exact ties away from zero (97 of
+800 questions right: 12.125 -> 12.13 there, 12.12 under Python 3), and a prediction that the
+script turns into a non-ASCII byte string matches nothing, or stops the script
+(``UnicodeDecodeError``): that is a ``VQAEvalError`` here.
+
+Result files: c4e6a0e's ``loadRes`` (the loader the reference numbers were produced with) requires
+exactly the annotated questions and checks "Multiple Choice" answers against the questions file;
+every revision here applies those checks (07aecec's own loader accepted any subset: score such a
+file with ``allow_missing=True``).
 
 VizWiz (annotations are a JSON list of ``{"image", "answers", "answer_type", ...}``, results
-``[{"image", "answer"}]``) follows its own script whatever ``official`` says: the same prediction
-normalisation (``"vizwiz"`` rules: the c4e6a0e punctuation list, the typographic 07aecec
-contraction table, Python 3) and formula, ground-truth answers compared raw, "other" meaning the
-other positions, ``perAnswerType`` averaging question means, annotation order; it has no question
-types (``perQuestionType`` is empty).
+``[{"image", "answer"}]``) follows its own script and takes no ``revision``: the same prediction
+normalisation (``"vizwiz"`` rules: the 2017 punctuation list, the typographic 07aecec contraction
+table, Python 3), always applied, and the same formula, ground-truth answers compared raw, "other"
+meaning the other positions, ``perAnswerType`` averaging question means, annotation order; it has
+no question types (``perQuestionType`` is empty).
 
 Result files must answer exactly the annotated questions, once each: a missing or unknown id is
 an error (``VQAEvalError``) with the counts and a few example ids. ``allow_missing=True`` relaxes
@@ -54,15 +74,20 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Union
 
 from vqa.data.answer_normalization import (
-    DEFAULT_OFFICIAL,
-    OFFICIAL_VERSIONS,
+    BETA_07AECEC,
+    BETA_07AECEC_PY2,
+    DEFAULT_REVISION,
+    MASTER_A013F00,
+    REVISIONS,
+    V2_A4F1AFD,
     VIZWIZ,
-    VQA_PY2_07AECEC,
-    VQA_PY3,
     Python2TextError,
     answer_rules,
+    clean_whitespace,
     official_prediction,
+    process_digit_article,
     process_punctuation,
+    resolve_revision,
 )
 from vqa.data.json_files import DataFormatError, JsonSource, read_json, require_keys
 
@@ -71,16 +96,45 @@ _DIGITS = 2  # the script's ``n``: every reported number is rounded to 2 decimal
 
 @dataclass(frozen=True)
 class _ScriptFacts:
-    """How one official script aggregates (its text rules live in ``answer_normalization``)."""
+    """How one script revision scores and aggregates (its text tables: ``answer_normalization``)."""
 
+    strip_ground_truth: bool  # gt answers get "\n"/"\t" -> " " and strip (before the identity test)
+    ground_truth_digit_article: bool  # disagreeing gt answers get process_digit_article too
+    raw_prediction_if_identical: (
+        bool  # identical gt: the prediction is only stripped, not processed
+    )
     per_type_last_answer: bool  # per-type tables average the last annotator's acc, not the mean
     results_order: bool  # questions are walked in results-file order, not annotation order
 
 
+_MASTER = _ScriptFacts(
+    strip_ground_truth=True,
+    ground_truth_digit_article=True,
+    raw_prediction_if_identical=True,
+    per_type_last_answer=False,
+    results_order=False,
+)
+_V2 = _ScriptFacts(
+    strip_ground_truth=False,
+    ground_truth_digit_article=False,
+    raw_prediction_if_identical=False,
+    per_type_last_answer=False,
+    results_order=False,
+)
+_BETA = _ScriptFacts(
+    strip_ground_truth=False,
+    ground_truth_digit_article=False,
+    raw_prediction_if_identical=False,
+    per_type_last_answer=True,
+    results_order=True,
+)
 _SCRIPT_FACTS = {
-    VQA_PY3: _ScriptFacts(per_type_last_answer=False, results_order=False),
-    VQA_PY2_07AECEC: _ScriptFacts(per_type_last_answer=True, results_order=True),
+    MASTER_A013F00: _MASTER,
+    V2_A4F1AFD: _V2,
+    BETA_07AECEC: _BETA,
+    BETA_07AECEC_PY2: _BETA,
 }
+assert set(_SCRIPT_FACTS) == set(REVISIONS)
 
 
 class VQAEvalError(DataFormatError):
@@ -110,32 +164,41 @@ def _answer_records(answers: Sequence[AnswerRecord]) -> List[Dict[str, Any]]:
     return records
 
 
-def _check_official(official: str) -> None:
-    if official not in OFFICIAL_VERSIONS:
-        raise ValueError(
-            f"unknown official VQA script {official!r}; choose one of "
-            f"{', '.join(map(repr, OFFICIAL_VERSIONS))}"
-        )
+def _vqa_revision(revision: str) -> str:
+    """The canonical VQA revision name (aliases warn; VizWiz and unknown names are errors)."""
+    return resolve_revision(revision, REVISIONS)
 
 
 def leave_one_out_accuracies(
-    prediction: str, answers: Sequence[AnswerRecord], official: str = DEFAULT_OFFICIAL
+    prediction: str, answers: Sequence[AnswerRecord], revision: str = DEFAULT_REVISION
 ) -> List[float]:
-    """The official per-annotator accuracies ``acc_g`` of one raw predicted answer (VQA rules).
+    """The per-annotator accuracies ``acc_g`` of one raw predicted answer (VQA rules).
 
     ``answers`` are the question's ground-truth answer records (``{"answer": ..., ...}``) or
     strings. The question's accuracy is their mean; the last one is what the 07aecec script's
     per-type tables average. Raises ``Python2TextError`` (a ``ValueError``) for a prediction the
     07aecec script cannot process under Python 2.
     """
-    _check_official(official)
+    revision = _vqa_revision(revision)
+    facts = _SCRIPT_FACTS[revision]
     if not answers:
         raise DataFormatError("a question needs at least one ground-truth answer to be scored")
-    predicted = official_prediction(prediction, official)  # None: equals no answer (Python 2)
     records = _answer_records(answers)
-    if len({record["answer"] for record in records}) > 1:
+    if facts.strip_ground_truth:
         for record in records:
-            record["answer"] = process_punctuation(record["answer"], official)
+            record["answer"] = clean_whitespace(record["answer"])
+    identical = len({record["answer"] for record in records}) == 1
+    predicted: Optional[str]  # None: equals no answer (Python 2 byte string)
+    if identical and facts.raw_prediction_if_identical:
+        predicted = clean_whitespace(prediction)
+    else:
+        predicted = official_prediction(prediction, revision)
+    if not identical:
+        for record in records:
+            answer = process_punctuation(record["answer"], revision)
+            if facts.ground_truth_digit_article:
+                answer = process_digit_article(answer, revision)
+            record["answer"] = answer
     accuracies = []
     for record in records:
         matches = sum(1 for other in records if other != record and other["answer"] == predicted)
@@ -158,10 +221,10 @@ def vizwiz_leave_one_out_accuracies(prediction: str, answers: Sequence[str]) -> 
 
 
 def question_accuracy(
-    prediction: str, answers: Sequence[AnswerRecord], official: str = DEFAULT_OFFICIAL
+    prediction: str, answers: Sequence[AnswerRecord], revision: str = DEFAULT_REVISION
 ) -> float:
-    """Official VQA accuracy in ``[0, 1]`` of one prediction (for validation inside training)."""
-    accuracies = leave_one_out_accuracies(prediction, answers, official)
+    """Official VQA accuracy in ``[0, 1]`` of one prediction (validation, soft-score targets)."""
+    accuracies = leave_one_out_accuracies(prediction, answers, revision)
     return sum(accuracies) / len(accuracies)
 
 
@@ -275,7 +338,11 @@ def _question_order(
 
 
 def _evaluate_vqa_v2(
-    annotations: Mapping[str, Any], questions: Any, results: Any, official: str, allow_missing: bool
+    annotations: Mapping[str, Any],
+    questions: Any,
+    results: Any,
+    revision: str,
+    allow_missing: bool,
 ) -> Dict[str, Any]:
     entries = annotations["annotations"]
     if not isinstance(entries, list):
@@ -295,18 +362,19 @@ def _evaluate_vqa_v2(
     if questions is not None:
         _check_questions(questions, by_id, answered)
 
-    facts = _SCRIPT_FACTS[official]
-    python2 = answer_rules(official).python2
+    facts = _SCRIPT_FACTS[revision]
+    python2 = answer_rules(revision).python2
     overall: List[float] = []
     per_question_type: Dict[str, List[float]] = {}
     per_answer_type: Dict[str, List[float]] = {}
     for question_id in _question_order(by_id, answered, facts):
         entry = by_id[question_id]
         try:
-            accuracies = leave_one_out_accuracies(answered[question_id], entry["answers"], official)
+            accuracies = leave_one_out_accuracies(answered[question_id], entry["answers"], revision)
         except Python2TextError as error:
             raise VQAEvalError(
-                f"question_id {question_id!r}: {error}; score with official={VQA_PY3!r}"
+                f"question_id {question_id!r}: {error}; score with revision={BETA_07AECEC!r} "
+                f"(the same script under Python 3) or the default {DEFAULT_REVISION!r}"
             ) from None
         mean = float(sum(accuracies)) / len(accuracies)
         overall.append(mean)
@@ -352,7 +420,7 @@ def evaluate_vqa(
     annotations: JsonSource,
     questions: Optional[JsonSource],
     results: JsonSource,
-    official: str = DEFAULT_OFFICIAL,
+    revision: Optional[str] = None,
     allow_missing: bool = False,
 ) -> Dict[str, Any]:
     """Official accuracy of ``results`` -> ``{"overall", "perQuestionType", "perAnswerType"}``.
@@ -361,22 +429,25 @@ def evaluate_vqa(
     with ``"annotations"``) or a VizWiz file (a list; ``questions`` is then unused and may be
     None). ``questions``, when given for VQA, must contain every annotated question (this catches
     a file pair from different splits) and enforces the choices of a "Multiple Choice" task.
-    Numbers are percentages rounded to 2 decimals. ``official`` names the official script whose
-    numbers are reproduced: ``"vqa-py3"`` (default, the current GT-Vision-Lab/VQA script) or
-    ``"vqa-py2-07aecec"`` (the VQA v1.0 Python 2 script); see the module docstring for what
-    differs. VizWiz files always follow VizWiz's script and accept only the default.
+    Numbers are percentages rounded to 2 decimals. ``revision`` names the revision of the
+    official ``vqaEval.py`` whose numbers are reproduced (``REVISIONS``); ``None`` means the
+    official script today, master a013f00 (``"master-a013f00"``), for VQA files and VizWiz's own
+    script for VizWiz files, which accept no other. The older ``"v2.0-a4f1afd"`` (2017, = c4e6a0e),
+    ``"beta-07aecec"`` and ``"beta-07aecec-py2"`` (2015) reproduce what those revisions print, for
+    comparison with numbers computed by them; see the module docstring for what differs.
     ``allow_missing=True`` scores the answered subset (e.g. validation on the questions whose
     images were extracted; the 07aecec ``loadRes`` allowed this too); unknown ids stay an error.
     Raises ``VQAEvalError`` (a ``ValueError``) with a specific message on any mismatch.
     """
-    _check_official(official)
+    if revision is not None:
+        revision = _vqa_revision(revision)
     loaded_annotations = read_json(annotations, "VQA annotations")
     loaded_results = read_json(results, "VQA results")
     if isinstance(loaded_annotations, list):
-        if official != DEFAULT_OFFICIAL:
+        if revision is not None:
             raise VQAEvalError(
-                f"official={official!r} names a VQA script; VizWiz annotations "
-                f"are scored with VizWiz's own script (leave official unset)"
+                f"revision={revision!r} names a VQA script revision; VizWiz annotations "
+                f"are scored with VizWiz's own script (leave revision unset)"
             )
         if not loaded_annotations:
             raise VQAEvalError("the VizWiz annotations are empty: nothing to evaluate")
@@ -390,5 +461,9 @@ def evaluate_vqa(
         raise VQAEvalError("the VQA annotations are empty: nothing to evaluate")
     loaded_questions = None if questions is None else read_json(questions, "VQA questions")
     return _evaluate_vqa_v2(
-        loaded_annotations, loaded_questions, loaded_results, official, allow_missing
+        loaded_annotations,
+        loaded_questions,
+        loaded_results,
+        DEFAULT_REVISION if revision is None else revision,
+        allow_missing,
     )
