@@ -76,9 +76,10 @@ def _fixture_batch(np, torch):
 
 
 def test_seeded_sampling_draws_and_training_proposals_match_detectron2(tmp_path, monkeypatch):
-    """Regime B's 4 ``subsample_labels`` results (8 ``randperm`` draws) index for index (RPN image 0, 1, then ROI image
-    0, 1), the labels of the 512 sampled proposals per image in order, and the model's own
-    training-mode proposals (top 12000 -> NMS 0.7 -> top 2000) as sets within 0.01 px."""
+    """Regime B's 4 ``subsample_labels`` results (8 ``randperm`` draws) index for index (RPN
+    image 0, 1, then ROI image 0, 1), the labels of the 512 sampled proposals per image in order,
+    and the model's own training-mode proposals (top 12000 -> NMS 0.7 -> top 2000) as sets
+    within 0.01 px."""
     import json
 
     import numpy as np
