@@ -30,8 +30,13 @@ if not (D2TRAIN / "make_candidate.py").is_file() or not d2parity.available():
 REPO = d2parity.REPO
 
 
-def test_one_training_iteration_matches_detectron2(tmp_path):
-    weights = d2parity.weights_path("R-50-grid", tmp_path)
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """The seeded R-50-grid checkpoint of ``d2parity/make_weights.py``, written once."""
+    return d2parity.weights_path("R-50-grid", tmp_path_factory.mktemp("d2train"))
+
+
+def test_one_training_iteration_matches_detectron2(tmp_path, weights):
     candidate = tmp_path / "cand.npz"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     made = subprocess.run(
@@ -75,7 +80,9 @@ def _fixture_batch(np, torch):
     ]
 
 
-def test_seeded_sampling_draws_and_training_proposals_match_detectron2(tmp_path, monkeypatch):
+def test_seeded_sampling_draws_and_training_proposals_match_detectron2(
+    tmp_path, monkeypatch, weights
+):
     """Regime B's 4 ``subsample_labels`` results (8 ``randperm`` draws) index for index (RPN
     image 0, 1, then ROI image 0, 1), the labels of the 512 sampled proposals per image in order,
     and the model's own training-mode proposals (top 12000 -> NMS 0.7 -> top 2000) as sets
@@ -101,10 +108,9 @@ def test_seeded_sampling_draws_and_training_proposals_match_detectron2(tmp_path,
 
     monkeypatch.setattr(rpn_module, "subsample_labels", recording(rpn_module.subsample_labels))
     monkeypatch.setattr(roi_module, "subsample_labels", recording(roi_module.subsample_labels))
-    torch.set_num_threads(2)
     meta = json.loads((D2TRAIN / "expected.json").read_text())
     cfg = gridfeats.get_cfg("R-50-grid", opts=list(meta["regimes"]["B"]))
-    model = gridfeats.build_model(cfg, weights=d2parity.weights_path("R-50-grid", tmp_path))
+    model = gridfeats.build_model(cfg, weights=weights)
     seen = {}
     model.proposal_generator.register_forward_hook(lambda m, i, o: seen.update(rpn=o[0]))
     model.roi_heads.register_forward_hook(lambda m, i, o: seen.update(roi=o[0]))
