@@ -122,3 +122,21 @@ def test_detectron2_and_caffe2_files_give_the_same_grids(detector_r50, tmp_path,
     state, _, _ = read_checkpoint(tmp_path / "msra.pth")
     assert torch.equal(state["backbone.res4.5.conv3.weight"], backbone["res4.5.conv3.weight"])
     assert torch.equal(state["backbone.res2.0.conv1.norm.running_var"], torch.ones(64))
+
+
+def test_the_pretraining_runs_own_checkpoint_converts(tmp_path, capsys):
+    """The contract with gridfeats.pretrain: its RUN_DIR/checkpoint.pth converts as written."""
+    pretrain = pytest.importorskip("gridfeats.pretrain")
+    from gridfeats.pretrain.train import backbone_tensors, save_checkpoint
+
+    torch.manual_seed(0)
+    method = pretrain.build_method("dino", arch="vit_tiny")
+    save_checkpoint(tmp_path / "checkpoint.pth", method, {"epoch": 0})
+    out = convert(tmp_path / "checkpoint.pth", tmp_path / "dino.pth", capsys=capsys)
+    assert "-> format gridfeats-pretrain" in out
+    v = get_cfg(tmp_path / "dino.yaml").MODEL.VIT
+    assert (v.EMBED_DIM, v.NUM_HEADS, v.POS_INTERP) == (192, 3, "dino")
+    state, _, _ = read_checkpoint(tmp_path / "dino.pth")
+    want = backbone_tensors(method)
+    assert sorted(state) == sorted(f"backbone.{k}" for k in want)
+    assert all(torch.equal(state[f"backbone.{k}"], t) for k, t in want.items())

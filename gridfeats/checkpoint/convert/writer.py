@@ -138,6 +138,10 @@ def _from_checkpoint(rec: Recognised, num_heads: Optional[int]) -> tuple:
 
 
 def _set(cfg, key: str, value: Any) -> None:
+    """Set an existing dotted key with the default's type (a dict becomes an open mapping node).
+
+    Not ``merge_from_list``: that literal-evals strings, which would turn some values into others.
+    """
     node = cfg
     parts = key.split(".")
     for part in parts[:-1]:
@@ -163,10 +167,8 @@ def _set(cfg, key: str, value: Any) -> None:
 
 def _meta_model(cfg) -> torch.nn.Module:
     """The model ``cfg`` builds, on the meta device (names and shapes, no memory, no init time)."""
-    try:
-        from gridfeats.modeling.build import build_model
-    except ImportError:  # before the backbone registry
-        from gridfeats.modeling import GeneralizedRCNN as build_model
+    from gridfeats.modeling import build_model
+
     try:
         with torch.device("meta"):
             return build_model(cfg)
