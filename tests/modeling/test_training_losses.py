@@ -255,3 +255,8 @@ def test_res5_roi_heads_train_too(one_thread):
     sum(losses.values()).backward()
     assert model.roi_heads.res5[0].conv1.weight.grad.abs().sum() > 0
     assert model.roi_heads.attribute_predictor.attr_score.weight.grad.abs().sum() > 0
+
+
+def test_unsupported_training_option_is_a_clear_error():
+    with pytest.raises(ValueError, match="TRAIN_ON_PRED_BOXES"):
+        _model("R-50-grid", "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES", "True")

@@ -64,6 +64,8 @@ class _AttributeROIHeads(nn.Module):
         self.attribute_on = cfg.MODEL.ATTRIBUTE_ON
         self._attr_cfg = cfg.MODEL.ROI_ATTRIBUTE_HEAD
         # training
+        if box.TRAIN_ON_PRED_BOXES:
+            raise ValueError("MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported")
         self.proposal_matcher = Matcher(
             heads.IOU_THRESHOLDS, heads.IOU_LABELS, allow_low_quality_matches=False
         )
