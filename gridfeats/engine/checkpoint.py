@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Sequence, Union
 
 import numpy as np
 import torch
@@ -79,8 +79,11 @@ def save_atomic(path: PathLike, payload: Dict[str, Any]) -> Path:
     return path
 
 
-def load_training_state(path: PathLike) -> Dict[str, Any]:
-    """Read a file written by the engine's checkpointer; ``CheckpointError`` with the reason."""
+def load_training_state(path: PathLike, also_accept: Sequence[str] = ()) -> Dict[str, Any]:
+    """Read a file written by the engine's checkpointer; ``CheckpointError`` with the reason.
+
+    ``also_accept``: older format markers a caller can still read (for inference, not resume).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -90,6 +93,7 @@ def load_training_state(path: PathLike) -> Dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises several types for truncated/garbage files
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != TRAINING_STATE_FORMAT:
+    formats = (TRAINING_STATE_FORMAT, *also_accept)
+    if not isinstance(payload, dict) or payload.get("format") not in formats:
         raise CheckpointError(f"{path} is not a gridfeats training checkpoint")
     return payload

@@ -1,4 +1,4 @@
-"""Training the VQA heads on synthetic features: learning, CLI round trip, exact resume after a kill.
+"""Training the VQA heads on synthetic features: learning, CLI round trip, exact resume after kill.
 
 Features come from ``vqa.examples.synthetic_features`` (stores written through the project's
 FeatureWriter that encode each synthetic object's shape/colour/size where it is), so the heads
@@ -247,7 +247,7 @@ def test_user_errors_are_one_line_messages(tmp_path, synthetic, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
-def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path, synthetic):
+def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path, synthetic, capsys):
     config = write_config(tmp_path, synthetic, "mcan-small", "region", epochs=1)
     out = tmp_path / "run"
     assert (
@@ -261,6 +261,23 @@ def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path, synthetic):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "garbage.pt")
+
+    # a checkpoint from before the engine still predicts, but is not resumed
+    from vqa.engine.checkpoint import PRE_ENGINE_FORMAT
+
+    old = {**load_checkpoint(out / FINAL), "format": PRE_ENGINE_FORMAT}
+    old_run = tmp_path / "old_run"
+    old_run.mkdir()
+    torch.save(old, old_run / LAST)
+    assert load_checkpoint(old_run / LAST, kind="vqa")["model"].keys() == old["model"].keys()
+    assert (
+        gridfeats_main(
+            ["vqa", "train", "--config", str(config), "--out", str(old_run), "--resume"]
+            + ["model.layers=1"]
+        )
+        == 2
+    )
+    assert "holds no resumable training state" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- kill and resume

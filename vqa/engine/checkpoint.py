@@ -15,12 +15,17 @@ from gridfeats.checkpoint import CheckpointError
 from gridfeats.engine import load_training_state
 from gridfeats.engine.hooks import BEST, FINAL, LAST
 
-__all__ = ["BEST", "FINAL", "LAST", "CheckpointError", "load_checkpoint"]
+__all__ = ["BEST", "FINAL", "LAST", "PRE_ENGINE_FORMAT", "CheckpointError", "load_checkpoint"]
+
+
+#: The marker of checkpoints written before the heads moved onto the engine: still readable by
+#: ``predict`` (model, config, vocabularies), not resumable.
+PRE_ENGINE_FORMAT = "gridfeats.vqa.checkpoint"
 
 
 def load_checkpoint(path: Union[str, Path], kind: Optional[str] = None) -> Dict[str, Any]:
     """Loads a head's checkpoint; ``kind`` ("vqa"/"caption") is checked when given."""
-    payload = load_training_state(path)
+    payload = load_training_state(path, also_accept=(PRE_ENGINE_FORMAT,))
     if "kind" not in payload:
         raise CheckpointError(f"{path} is not a gridfeats VQA/captioning checkpoint")
     if kind is not None and payload.get("kind") != kind:

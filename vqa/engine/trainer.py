@@ -31,7 +31,14 @@ from gridfeats.engine import (
     seed_all_rngs,
     unwrap,
 )
-from vqa.engine.checkpoint import BEST, FINAL, LAST, load_checkpoint
+from vqa.engine.checkpoint import (
+    BEST,
+    FINAL,
+    LAST,
+    PRE_ENGINE_FORMAT,
+    CheckpointError,
+    load_checkpoint,
+)
 from vqa.engine.optimizers import build_optimizer
 from vqa.engine.schedules import build_scheduler
 
@@ -163,7 +170,12 @@ def fit_task(
     trainer = build_trainer(task, cfg, out_dir, device, rank)
     last = Path(out_dir) / LAST
     if resume and last.is_file():
-        load_checkpoint(last, kind=task.kind)  # refuses another head's run folder
+        saved = load_checkpoint(last, kind=task.kind)  # refuses another head's run folder
+        if saved["format"] == PRE_ENGINE_FORMAT:
+            raise CheckpointError(
+                f"{last} was written before the heads trained on gridfeats.engine: predict can "
+                "use it, but it holds no resumable training state"
+            )
         trainer.resume(last)
     trainer.train()
     return dict(trainer.latest_eval or {})
