@@ -425,10 +425,13 @@ def evaluate_run(
 ) -> Dict[str, float]:
     """``--eval-only``: evaluate ``weights`` (default ``out_dir/model_final.pth``, else the model in
     ``out_dir/last.pt``) on ``DATASETS.TEST`` in fp32; writes ``out_dir/eval/eval_only.json`` and
-    returns the logged metrics (as :func:`train_detector` does)."""
+    returns the logged metrics (as :func:`train_detector` does). Under torchrun only rank 0
+    evaluates (the others return an empty dict)."""
     from gridfeats.api import Detector
     from gridfeats.modeling.build import build_model
 
+    if not distributed.is_main_process():
+        return {}
     out = Path(out_dir)
     test_sets = load_datasets(cfg, "TEST")
     if not test_sets:
