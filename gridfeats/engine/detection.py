@@ -63,6 +63,7 @@ from gridfeats.engine.checkpoint import load_training_state, save_atomic, seed_a
 from gridfeats.engine.loss_curve import plot_loss_curve
 from gridfeats.engine.metrics_log import read_metrics
 from gridfeats.engine.trainer import HookBase, Trainer
+from gridfeats.errors import GridfeatsError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ LOGGED_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "mAP", "top1", "top
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
-class DetectionTrainingError(ValueError):
+class DetectionTrainingError(GridfeatsError, ValueError):
     """A training or evaluation request that cannot run; ``reason`` says why."""
 
     def __init__(self, reason: str):
