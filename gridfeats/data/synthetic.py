@@ -416,6 +416,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace a data set already in --out (only files of this layout are removed)",
     )
+    parser.add_argument(
+        "--classify",
+        type=_count_argument(0, MAX_IMAGES),
+        default=0,
+        metavar="PER_CLASS",
+        help="also write a labelled classification split, PER_CLASS images of each of 9 "
+        "shape/colour classes, under OUT/classify/{train,val}/<class>/ (for the kNN monitor)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -429,6 +437,15 @@ def run(args: argparse.Namespace) -> int:
             questions_per_image=args.questions_per_image,
             overwrite=args.overwrite,
         )
+        if getattr(args, "classify", 0):
+            from gridfeats.data.synthetic_classes import make_classification
+
+            paths.update(
+                {
+                    f"classify_{k}": v
+                    for k, v in make_classification(args.out, args.classify, seed=args.seed).items()
+                }
+            )
     except SyntheticDataError as exc:
         print(f"gridfeats make-synthetic: error: {exc}", file=sys.stderr)
         return 2
