@@ -117,6 +117,7 @@ class Detector:
         detector.max_pixels = DEFAULT_MAX_PIXELS
         detector.load_report = None
         detector.weights_sha256 = ""
+        detector.allow_partial = True  # the in-memory model has all its heads, trained or not
         detector.model = model.eval()
         detector.fast = False  # folding norms would change the wrapped model's modules
         detector.batch_forward = False
