@@ -27,6 +27,11 @@ COMMANDS: List[Tuple[str, str, str]] = [
         "convert an SSL / torchvision / Hugging Face backbone into weights + config",
     ),
     ("make-synthetic", "gridfeats.data.synthetic", "render a synthetic VG/VQA/captioning data set"),
+    (
+        "train-detector",
+        "gridfeats.engine.detection_cli",
+        "train or evaluate a detector (COCO json with attributes)",
+    ),
     ("serve", "service.cli", "run the REST feature endpoint"),
     ("vqa", "vqa.cli_vqa", "train, predict and evaluate VQA heads"),
     ("caption", "vqa.cli_caption", "train, predict and evaluate the captioning head"),
