@@ -1,4 +1,6 @@
-"""The train-time mapper: record -> ``{"image", "instances", ...}`` for ``GeneralizedRCNN.forward``.
+"""The train-time mapper: record -> ``{"image", "instances", ...}`` for ``GeneralizedRCNN.forward``
+(``instances``: :class:`~gridfeats.structures.Instances` with ``gt_boxes``, ``gt_classes`` and,
+with ``MODEL.ATTRIBUTE_ON``, ``gt_attributes [N, MAX_ATTR_PER_INS]`` padded with -1).
 
 grid-feats-vqa's ``AttributeDatasetMapper`` with Detectron2's train transforms
 (detectron2-compat.md 2.3): the project's one reader (:func:`read_image`), the one resize
@@ -23,6 +25,7 @@ import torch
 from gridfeats.data.detection_dataset import DetectionDatasetError
 from gridfeats.data.image_io import read_image
 from gridfeats.data.preprocess import prepare_rgb
+from gridfeats.structures import Instances
 
 SAMPLE_STYLES = ("choice", "range")
 
@@ -101,10 +104,11 @@ class DetectionTrainMapper:
         boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=neww)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=newh)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        instances: Dict[str, torch.Tensor] = {
-            "gt_boxes": boxes[keep],
-            "gt_classes": torch.tensor([a["category_id"] for a in objs], dtype=torch.int64)[keep],
-        }
+        instances = Instances(
+            (newh, neww),
+            gt_boxes=boxes[keep],
+            gt_classes=torch.tensor([a["category_id"] for a in objs], dtype=torch.int64)[keep],
+        )
         if self.attribute_on:
             attributes = torch.full((len(objs), self.max_attr_per_ins), -1, dtype=torch.int64)
             for i, a in enumerate(objs):
@@ -115,7 +119,7 @@ class DetectionTrainMapper:
                         str(record["file_name"]),
                     )
                 attributes[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
-            instances["gt_attributes"] = attributes[keep]
+            instances.gt_attributes = attributes[keep]
         return {
             "file_name": record["file_name"],
             "image_id": record.get("image_id"),

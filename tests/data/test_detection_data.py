@@ -24,6 +24,7 @@ from gridfeats.data.samplers import (
 )
 from gridfeats.data.synthetic import make_synthetic
 from gridfeats.data.transforms import resize_shortest_edge_size
+from gridfeats.modeling import build_model
 
 
 def _write_dataset(tmp_path, annotations, categories=None, size=(40, 60)):
@@ -116,14 +117,15 @@ def test_mapper_resizes_flips_clips_and_drops_empty_objects(tmp_path, flip):
     assert torch.equal(out["image"], expected.flip(-1) if flip else expected)
     assert (out["height"], out["width"]) == (40, 60)
     inst = out["instances"]
+    assert inst.image_size == (80, 120)
     boxes = [[20.0, 8.0, 60.0, 24.0], [110.0, 60.0, 120.0, 80.0]]
     if flip:
         boxes = [[120 - x1, y0, 120 - x0, y1] for x0, y0, x1, y1 in boxes]
-    assert inst["gt_boxes"].dtype == torch.float32 and inst["gt_boxes"].tolist() == boxes
-    assert inst["gt_classes"].tolist() == [1, 0]
-    assert inst["gt_attributes"].shape == (2, 16)
-    assert inst["gt_attributes"][:, :3].tolist() == [[4, 0, -1], [2, -1, -1]]
-    assert (inst["gt_attributes"][:, 3:] == -1).all()
+    assert inst.gt_boxes.dtype == torch.float32 and inst.gt_boxes.tolist() == boxes
+    assert inst.gt_classes.tolist() == [1, 0]
+    assert inst.gt_attributes.shape == (2, 16)
+    assert inst.gt_attributes[:, :3].tolist() == [[4, 0, -1], [2, -1, -1]]
+    assert (inst.gt_attributes[:, 3:] == -1).all()
 
 
 def test_mapper_draws_sizes_from_the_given_rng(tmp_path):
@@ -137,7 +139,7 @@ def test_mapper_draws_sizes_from_the_given_rng(tmp_path):
     a = mapper(records[0], np.random.default_rng(5))
     b = mapper(records[0], np.random.default_rng(5))
     assert torch.equal(a["image"], b["image"])
-    assert torch.equal(a["instances"]["gt_boxes"], b["instances"]["gt_boxes"])
+    assert torch.equal(a["instances"].gt_boxes, b["instances"].gt_boxes)
 
 
 def test_mapper_rejects_a_size_mismatch(tmp_path):
@@ -192,8 +194,30 @@ def test_loader_on_make_synthetic_is_a_function_of_the_seed(tmp_path):
         for d in batch:
             sizes = {resize_shortest_edge_size(d["height"], d["width"], s, 160) for s in (64, 96)}
             assert d["image"].shape[0] == 3 and tuple(d["image"].shape[1:]) in sizes
-            assert d["instances"]["gt_attributes"].shape[1] == cfg.INPUT.MAX_ATTR_PER_INS
+            assert d["instances"].gt_attributes.shape[1] == cfg.INPUT.MAX_ATTR_PER_INS
     again = first_batches(2, 1)[0]
     assert [d["image_id"] for d in again] == [d["image_id"] for d in run[2]]
     for a, b in zip(again, run[2]):
         assert torch.equal(a["image"], b["image"])
+
+
+def test_a_loader_batch_trains_the_detector(tmp_path, one_thread):
+    paths = make_synthetic(tmp_path / "syn", num_images=2, seed=1)
+    records, meta = load_coco_with_attributes_json(paths["instances"], paths["images"])
+    opts = [
+        "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+        "DATALOADER.ASPECT_RATIO_GROUPING", "False", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+        "INPUT.MAX_SIZE_TRAIN", "160", "MODEL.RESNETS.STEM_OUT_CHANNELS", "8",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS", "16", "MODEL.RESNETS.WIDTH_PER_GROUP", "4",
+        "MODEL.ROI_HEADS.NUM_CLASSES", str(len(meta.thing_classes)),
+        "MODEL.ROI_ATTRIBUTE_HEAD.NUM_CLASSES", str(len(meta.attribute_classes)),
+        "MODEL.ROI_BOX_HEAD.FC_DIM", "16",
+    ]  # fmt: skip
+    cfg = get_cfg("R-50-grid", opts=opts)
+    loader = build_detection_train_loader(cfg, records, DetectionTrainMapper.from_config(cfg), 0)
+    batch = next(iter(loader))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    losses = model(batch)
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_attr", "loss_rpn_cls", "loss_rpn_loc"}
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_attr"] > 0

