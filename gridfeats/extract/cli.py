@@ -277,7 +277,7 @@ def _raise_interrupt(_signum, _frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gridfeats.extract.distributed import RankInfo
+    from gridfeats.engine.distributed import RankInfo
     from gridfeats.extract.job import ExtractError, StrictStop, run_extraction
     from gridfeats.extract.sources import SourceError
     from gridfeats.precision import PrecisionError

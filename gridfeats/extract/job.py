@@ -34,8 +34,8 @@ import torch
 from tqdm import tqdm
 
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS
-from gridfeats.extract import distributed
-from gridfeats.extract.distributed import RankInfo
+from gridfeats.engine import distributed
+from gridfeats.engine.distributed import RankInfo
 from gridfeats.extract.loader import FailedImage, InputSpec, make_loader
 from gridfeats.extract.outputs import merge_rank_files, rank_output_path, shard_output_path
 from gridfeats.extract.sources import ImageItem, list_images, shard_items
@@ -278,7 +278,7 @@ def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> Ext
         shard_items(items, options.shard_index, options.shard_count), info.rank, info.world_size
     )
 
-    distributed.start(info, options.dist_timeout_s)
+    distributed.init_process_group(info, timeout_s=options.dist_timeout_s)
     try:
         detector = build_detector(options, info)
         maker = build_feature_maker(options, detector)
@@ -286,13 +286,13 @@ def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> Ext
         prior = _merged_ids(target, meta, options, info)
         counts = _extract_into(my_file, mine, prior, meta, maker, detector, options, info, log)
         totals = distributed.sum_over_ranks(
-            info, [counts.listed, counts.skipped, counts.processed, counts.failed, counts.rows]
+            [counts.listed, counts.skipped, counts.processed, counts.failed, counts.rows]
         )
         if info.distributed and info.is_main:
             files = [rank_output_path(target, r, info.world_size) for r in range(info.world_size)]
             merge_rank_files(target, files, options.compression)
     finally:
-        distributed.stop(info)
+        distributed.destroy_process_group()
 
     run = RunCounts(*totals, seconds=counts.seconds)
     hint = None

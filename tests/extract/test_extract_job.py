@@ -12,7 +12,7 @@ import torch
 from gridfeats.api import Detector
 from gridfeats.cli import main as gridfeats_main
 from gridfeats.config import get_cfg
-from gridfeats.extract.distributed import RankInfo
+from gridfeats.engine.distributed import RankInfo
 from gridfeats.extract.job import ExtractOptions, StrictStop, build_detector, run_extraction
 from gridfeats.features import BottomUpSettings, storage_problem
 from gridfeats.store import FeatureStore, merge_stores
