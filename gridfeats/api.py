@@ -101,6 +101,27 @@ class Detector:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, cfg: Any, precision: str = "fp32") -> "Detector":
+        """Wrap an in-memory ``GeneralizedRCNN`` (e.g. the one being trained) without copying it.
+
+        The model is put in eval mode (the caller restores train mode); its parameters and the
+        global TF32 switches are left alone. Used by training-time evaluation so that it runs
+        the same ``prepare``/``detect_batch`` code as extraction.
+        """
+        detector = cls.__new__(cls)
+        detector.cfg = cfg
+        detector.device = model.pixel_mean.device
+        check_precision(precision, detector.device)
+        detector.precision = precision
+        detector.max_pixels = DEFAULT_MAX_PIXELS
+        detector.load_report = None
+        detector.weights_sha256 = ""
+        detector.model = model.eval()
+        detector.fast = False  # folding norms would change the wrapped model's modules
+        detector.batch_forward = False
+        return detector
+
     # -- properties ----------------------------------------------------------------------------------
     @property
     def random_init(self) -> bool:

@@ -22,6 +22,11 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("merge", "gridfeats.store.cli_merge", "merge shard files into one feature store"),
     ("export", "gridfeats.store.cli_export", "export a feature store to other projects' layouts"),
     ("make-synthetic", "gridfeats.data.synthetic", "render a synthetic VG/VQA/captioning data set"),
+    (
+        "train-detector",
+        "gridfeats.engine.detection_cli",
+        "train or evaluate a detector (COCO json with attributes)",
+    ),
     ("serve", "service.cli", "run the REST feature endpoint"),
     ("vqa", "vqa.cli_vqa", "train, predict and evaluate VQA heads"),
     ("caption", "vqa.cli_caption", "train, predict and evaluate the captioning head"),

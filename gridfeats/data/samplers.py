@@ -87,6 +87,11 @@ class TrainBatchSampler:
                 yield bucket[:]
                 bucket.clear()
 
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The engine's resume call: the stream is one endless epoch (``epoch`` is not used) and
+        the next iteration starts ``skip_batches`` batches in, by index arithmetic only."""
+        self.start_batch = int(skip_batches)
+
     def __iter__(self) -> Iterator[List[Key]]:
         return itertools.islice(self._batches(), self.start_batch, None)
 
