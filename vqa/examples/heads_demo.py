@@ -322,6 +322,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--cache-dir", type=Path, help="--extract: the demo detector's cache (see gridfeats demo)"
     )
     parser.add_argument(
+        "--detector-weights",
+        type=Path,
+        help="--extract: weights of a demo-synthetic detector to use instead of the cached one",
+    )
+    parser.add_argument(
         "--num-boxes", type=int, default=10, help="--extract: bottom-up regions per image"
     )
     args = parser.parse_args(argv)
@@ -336,6 +341,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.extract:
         if args.random_init:
             config, weights, size = "R-50-grid", None, args.extract_size or (224, 320)
+        elif args.detector_weights:
+            from gridfeats.demo import DEMO_CONFIG
+
+            config, weights = DEMO_CONFIG, args.detector_weights
+            size = args.extract_size or (None, None)
         else:
             from gridfeats.demo import DEMO_CONFIG, demo_detector
 
