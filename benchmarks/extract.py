@@ -26,6 +26,7 @@ depend on the values, except region selection through how many boxes pass; botto
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -91,7 +92,7 @@ def synthetic_images(count: int) -> List[np.ndarray]:
 
 
 def grid_forward_flops(detector: Detector, tensor: torch.Tensor) -> float:
-    """Multiply-adds of one grid forward (backbone + C5) by fvcore, as FLOPs (2 per multiply-add)."""
+    """FLOPs (2 per multiply-add, counted by fvcore) of one grid forward (backbone + C5)."""
     from fvcore.nn import FlopCountAnalysis
 
     class GridForward(torch.nn.Module):
@@ -170,7 +171,9 @@ def interleaved_throughput(
     times: Dict[tuple, List[float]] = {key: [] for key in variants}
     for _ in range(repeats):
         for key, (maker, batch) in variants.items():
-            times[key].append(best_time(lambda: one_pass(maker, prepared, batch), 1, sync))
+            times[key].append(
+                best_time(functools.partial(one_pass, maker, prepared, batch), 1, sync)
+            )
     return {key: len(prepared) / min(values) for key, values in times.items()}
 
 
@@ -213,7 +216,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     print(
-        f"device      {args.device}: {torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_description()}"
+        f"device      {args.device}: "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_description()}"
     )
     print(
         f"torch       {torch.__version__}, {torch.get_num_threads()} threads, load average "
@@ -233,7 +237,8 @@ def main(argv=None) -> int:
             print(f"\n[{precision}] skipped: {exc}")
             continue
         print(
-            f"\n[{precision}] grid forward at {args.size[0]}x{args.size[1]} vs a {args.matmul_n}^2 {precision} matmul"
+            f"\n[{precision}] grid forward at {args.size[0]}x{args.size[1]} vs a {args.matmul_n}^2 "
+            f"{precision} matmul"
         )
         flops = 0.0
         for fast in (False, True):
@@ -244,8 +249,9 @@ def main(argv=None) -> int:
             flops = r["gflop"] * 1e9
             label = "fast kernels" if fast else "plain       "
             print(
-                f"  {label} {r['gflop']:.1f} GFLOP in {r['seconds']:.3f} s = {r['model_gflops']:.1f} GFLOP/s; "
-                f"matmul {r['matmul_gflops']:.1f} GFLOP/s; ratio {r['ratio']:.2f}"
+                f"  {label} {r['gflop']:.1f} GFLOP in {r['seconds']:.3f} s = "
+                f"{r['model_gflops']:.1f} GFLOP/s; matmul {r['matmul_gflops']:.1f} GFLOP/s; ratio "
+                f"{r['ratio']:.2f}"
             )
         detectors[precision] = detector  # the fast one: what the job runs
 
@@ -275,14 +281,16 @@ def main(argv=None) -> int:
         )
         if not args.skip_region:
             print(
-                f"  region/grid time per image (batch 1): {mine['grid b1'] / mine['region b1']:.2f}x"
+                "  region/grid time per image (batch 1): "
+                f"{mine['grid b1'] / mine['region b1']:.2f}x"
             )
         grids = [g.float().cpu() for g in detector.grid_batch(prepared)]
         if precision == "fp32":
             fp32_grids = grids
         elif fp32_grids is not None:
             print(
-                f"  vs fp32: grid b1 speed-up {mine['grid b1'] / speeds[('fp32', 'grid b1')]:.2f}x, "
+                "  vs fp32: grid b1 speed-up "
+                f"{mine['grid b1'] / speeds[('fp32', 'grid b1')]:.2f}x, "
                 f"min cosine similarity of grid features {cosine_to(fp32_grids, grids):.5f}"
             )
     return 0

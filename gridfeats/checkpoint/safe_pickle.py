@@ -1,8 +1,9 @@
 """Reading pickles without running arbitrary code.
 
 Checkpoints are pickles, and a pickle can execute anything on load. ``.pth`` files go through
-``torch.load(weights_only=True)``; Caffe2/Detectron ``.pkl`` files through :class:`RestrictedUnpickler`,
-which only materialises plain containers and numpy arrays and refuses every other global by name.
+``torch.load(weights_only=True)``; Caffe2/Detectron ``.pkl`` files through
+:class:`RestrictedUnpickler`, which only materialises plain containers and numpy arrays and refuses
+every other global by name.
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ from gridfeats.data.synthetic_captions import CAPTIONS_PER_IMAGE, make_captions
 from gridfeats.data.synthetic_questions import QuestionAnswer, make_questions
 from gridfeats.data.synthetic_scene import COLORS, SHAPES, SIZES, SceneObject, render_scene
 from gridfeats.data.vocab import write_vocab
+from gridfeats.errors import GridfeatsError
 
 PathLike = Union[str, os.PathLike]
 
@@ -80,7 +81,7 @@ CATEGORY_NAMES: Tuple[str, ...] = tuple(word.name for word in SHAPES)
 ATTRIBUTE_NAMES: Tuple[str, ...] = tuple(word.name for word in (*COLORS, *SIZES))
 
 
-class SyntheticDataError(ValueError):
+class SyntheticDataError(GridfeatsError, ValueError):
     """A request that cannot be carried out (bad argument or an output folder in the way)."""
 
 
@@ -114,7 +115,7 @@ def image_file_name(image_id: int) -> str:
 def split_image_ids(
     num_images: int, val_fraction: float, rng: np.random.Generator
 ) -> Tuple[List[int], List[int]]:
-    """Sorted ``(train_ids, val_ids)``; both non-empty whenever there are 2+ images and 0 < val_fraction."""
+    """Sorted ``(train_ids, val_ids)``; both non-empty when 2+ images and 0 < val_fraction."""
     num_val = int(round(num_images * val_fraction))
     if val_fraction > 0 and num_images >= 2:
         num_val = min(max(num_val, 1), num_images - 1)
@@ -148,7 +149,8 @@ def _check_arguments(
         raise SyntheticDataError(f"the validation fraction must be in [0, 1), got {val_fraction!r}")
     if not is_int(questions_per_image) or not 1 <= questions_per_image <= MAX_QUESTIONS_PER_IMAGE:
         raise SyntheticDataError(
-            f"questions per image must be an integer in 1..{MAX_QUESTIONS_PER_IMAGE}, got {questions_per_image!r}"
+            f"questions per image must be an integer in 1..{MAX_QUESTIONS_PER_IMAGE}, got "
+            f"{questions_per_image!r}"
         )
 
 
@@ -414,6 +416,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace a data set already in --out (only files of this layout are removed)",
     )
+    parser.add_argument(
+        "--classify",
+        type=_count_argument(0, MAX_IMAGES),
+        default=0,
+        metavar="PER_CLASS",
+        help="also write a labelled classification split, PER_CLASS images of each of 9 "
+        "shape/colour classes, under OUT/classify/{train,val}/<class>/ (for the kNN monitor)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -427,13 +437,23 @@ def run(args: argparse.Namespace) -> int:
             questions_per_image=args.questions_per_image,
             overwrite=args.overwrite,
         )
+        if getattr(args, "classify", 0):
+            from gridfeats.data.synthetic_classes import make_classification
+
+            paths.update(
+                {
+                    f"classify_{k}": v
+                    for k, v in make_classification(args.out, args.classify, seed=args.seed).items()
+                }
+            )
     except SyntheticDataError as exc:
         print(f"gridfeats make-synthetic: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         print(
-            f"gridfeats make-synthetic: error: cannot write the data set{where}: {exc.strerror or exc}",
+            f"gridfeats make-synthetic: error: cannot write the data set{where}: "
+            f"{exc.strerror or exc}",
             file=sys.stderr,
         )
         return 1
