@@ -17,12 +17,14 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
+from gridfeats.errors import GridfeatsError
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
 
-class DetectionDatasetError(ValueError):
+class DetectionDatasetError(GridfeatsError, ValueError):
     """A detection json that cannot be trained on; ``reason`` says why, ``source`` which file."""
 
     def __init__(self, reason: str, source: str = ""):

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISION_CHOICES,
         default="auto",
-        help="training precision (auto: bf16/AMP where the device has it, else fp32)",
+        help="training precision (auto: bf16/fp16 autocast on GPUs, fp32 on CPUs)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")

@@ -5,8 +5,8 @@ keep their ``image_id``, every annotation becomes a COCO annotation whose ``cate
 the dataset id of its contiguous class (the reverse of ``dataset_id_to_contiguous_id``), whose
 ``bbox`` is ``[x, y, w, h]`` rounded to 3 decimals and whose ``area`` is the box area.
 Detections are turned into COCO results the way ``instances_to_coco_json`` does (XYXY -> XYWH,
-contiguous class -> dataset id). The metrics are pycocotools' ``stats[:6]``; unlike Detectron2 (which multiplies by
-100) they stay fractions in [0, 1], so a perfect detector scores 1.0.
+contiguous class -> dataset id). The metrics are pycocotools' ``stats[:6]``; unlike Detectron2
+(which multiplies by 100) they stay fractions in [0, 1], so a perfect detector scores 1.0.
 """
 
 from __future__ import annotations

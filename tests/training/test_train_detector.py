@@ -160,3 +160,13 @@ def test_kill_9_of_a_fresh_interpreter_then_resume_gives_bit_identical_weights(r
     a, b = final_weights(run), final_weights(killed)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_dataloader_workers_train_the_same_weights(run, data, tmp_path):
+    """The mapper's draws depend on the stream position only, not on which worker maps (and the
+    mapped ``Instances`` survive the trip back from the workers)."""
+    workers = tmp_path / "workers"
+    assert gridfeats_main(train_args(data, workers, opts=["DATALOADER.NUM_WORKERS", "2"])) == 0
+    a, b = final_weights(run), final_weights(workers)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
