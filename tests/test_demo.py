@@ -21,7 +21,6 @@ from gridfeats.demo import (
     pick_drawn,
 )
 from gridfeats.store import FeatureStore
-from tests.extract.helpers import SMALL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,9 +130,7 @@ def test_demo_without_training_keeps_the_random_init(tmp_path, capsys):
             "--workers",
             "0",
             "--no-train",
-            "--config",
-            "R-50-grid",
-            *SMALL,
+            *TINY,
         ]
     )
     printed = capsys.readouterr()
