@@ -21,6 +21,11 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ),
     ("merge", "gridfeats.store.cli_merge", "merge shard files into one feature store"),
     ("export", "gridfeats.store.cli_export", "export a feature store to other projects' layouts"),
+    (
+        "convert-backbone",
+        "gridfeats.checkpoint.convert.cli",
+        "convert an SSL / torchvision / Hugging Face backbone into weights + config",
+    ),
     ("make-synthetic", "gridfeats.data.synthetic", "render a synthetic VG/VQA/captioning data set"),
     (
         "train-detector",

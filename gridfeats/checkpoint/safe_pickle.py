@@ -11,6 +11,8 @@ from __future__ import annotations
 import pickle
 from typing import Any, BinaryIO
 
+from gridfeats.errors import GridfeatsError
+
 _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"),
     ("numpy", "ndarray"),
@@ -26,7 +28,7 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(GridfeatsError, pickle.UnpicklingError):
     """The pickle asked for a global that is not on the allow-list."""
 
 

@@ -17,10 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gridfeats.errors import GridfeatsError
 from gridfeats.precision import autocast, check_precision
 
 
-class PretrainError(ValueError):
+class PretrainError(GridfeatsError, ValueError):
     """A pretraining request that cannot run (the message says why)."""
 
 
