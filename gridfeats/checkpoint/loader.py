@@ -29,7 +29,8 @@ from gridfeats.errors import GridfeatsError
 
 logger = logging.getLogger(__name__)
 
-#: Buffers computed from the config; a checkpoint may or may not carry them (Detectron2 changed this).
+#: Buffers computed from the config; a checkpoint may or may not carry them (Detectron2 changed
+#: that between versions).
 DERIVED_SUFFIXES = ("anchor_generator.cell_anchors.0",)
 #: Model tensors that grid extraction reads: the backbone, and the res5 stage a C4 box head owns.
 #: A checkpoint that fills all of them (a converted SSL backbone) is enough for grids.
@@ -91,7 +92,8 @@ class LoadReport:
                 lines.append(f"  {title}: {len(items)}: {shown}")
         for key, ckpt_shape, model_shape in self.shape_mismatch[:limit]:
             lines.append(
-                f"  shape mismatch {key}: checkpoint {list(ckpt_shape)} vs model {list(model_shape)}"
+                f"  shape mismatch {key}: checkpoint {list(ckpt_shape)} "
+                f"vs model {list(model_shape)}"
             )
         return "\n".join(lines)
 
@@ -127,7 +129,7 @@ def _torch_load(path: Path) -> Any:
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            # torch's own message suggests weights_only=False, i.e. running the file's code: not shown.
+            # torch's own message suggests weights_only=False (running the file's code): not shown.
             raise CheckpointError(
                 f"{path}: holds objects other than tensors, numpy arrays, plain containers and "
                 "argparse.Namespace; refusing "
