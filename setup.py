@@ -42,7 +42,7 @@ setup(
             "pydantic>=2.0",
             "python-multipart>=0.0.6",
             "prometheus-client>=0.16",
-            "pydantic-settings>=2.0",  # service.settings: flags, GRIDFEATS_* variables
+            "pydantic-settings>=2.7",  # service.settings: GRIDFEATS_* variables (NoDecode: 2.7)
         ],
         "vqa": [
             "pycocoevalcap>=1.2",

@@ -7,7 +7,7 @@ mode therefore runs in a fresh child (``--child MODE``) and the parent prints on
 Usage::
 
     python benchmarks/memory.py                      # R-50-grid, 600x1000 image, 2 threads
-    python benchmarks/memory.py --score-thresh 0.0   # worst case: every class of every proposal scored
+    python benchmarks/memory.py --score-thresh 0.0   # worst case: every proposal's every class
 
 Random weights are used unless ``--weights`` is given: memory does not depend on the values, except
 through how many detection candidates pass the score threshold (hence ``--score-thresh``).
@@ -155,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     thresh = "config default" if args.score_thresh is None else args.score_thresh
     print(
-        f"{args.config}, {args.size[0]}x{args.size[1]} image, {args.threads} threads, score threshold {thresh}"
+        f"{args.config}, {args.size[0]}x{args.size[1]} image, {args.threads} threads, score "
+        f"threshold {thresh}"
     )
     worst = 0.0
     for mode in args.modes:
@@ -163,8 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         worst = max(worst, r["peak_gib"])
         extra = ", ".join(f"{k} {v}" for k, v in r.items() if k in ("grid_shape", "detections"))
         print(
-            f"  {mode:6s}: peak RSS {r['peak_gib']:.2f} GiB (model loaded {r['model_gib']:.2f} GiB, "
-            f"interpreter {r['baseline_gib']:.2f} GiB), {r['seconds']:.1f} s, {extra}"
+            f"  {mode:6s}: peak RSS {r['peak_gib']:.2f} GiB (model loaded {r['model_gib']:.2f} "
+            f"GiB, interpreter {r['baseline_gib']:.2f} GiB), {r['seconds']:.1f} s, {extra}"
         )
     verdict = "within" if worst < TARGET_GIB else "OVER"
     print(f"peak {worst:.2f} GiB: {verdict} the {TARGET_GIB:.0f} GiB target")

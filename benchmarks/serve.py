@@ -249,7 +249,7 @@ def batch_stats(port: int) -> Dict[str, float]:
 def run_clients(
     port: int, images: List[bytes], concurrency: int, requests: int
 ) -> Dict[str, float]:
-    """Closed-loop load: ``concurrency`` clients share ``requests`` requests; latencies in seconds."""
+    """Closed-loop load: ``concurrency`` clients share ``requests`` requests; latencies in s."""
     latencies: List[float] = []
     errors = []
     lock = threading.Lock()
@@ -303,9 +303,9 @@ def main(argv: Sequence[str] = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     images = benchmark_images(args.images, args.image_size)
     print(
-        f"{args.config}, inputs {args.min_size}/{args.max_size}, {len(images)} images of {args.image_size}, "
-        f"{args.requests} requests per run, {args.rounds} rounds, {os.cpu_count()} CPUs, "
-        f"{'batched' if args.batched_forward else 'per-image'} forwards",
+        f"{args.config}, inputs {args.min_size}/{args.max_size}, {len(images)} images of "
+        f"{args.image_size}, {args.requests} requests per run, {args.rounds} rounds, "
+        f"{os.cpu_count()} CPUs, {'batched' if args.batched_forward else 'per-image'} forwards",
         flush=True,
     )
     direct_model = DirectModel(args, images)
@@ -333,26 +333,30 @@ def main(argv: Sequence[str] = None) -> int:
                 row["vs_forward"] = row["images_per_s"] / row["forward_images_per_s"]
                 rows.append(row)
                 print(
-                    f"  batching={batching:<3s} c={concurrency:<3d} served {row['images_per_s']:7.2f} img/s "
-                    f"(p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, mean batch {row['mean_batch']:.2f}, "
-                    f"errors {row['errors']})  direct batch {batch}: {row['direct_images_per_s']:.2f} img/s",
+                    f"  batching={batching:<3s} c={concurrency:<3d} served "
+                    f"{row['images_per_s']:7.2f} img/s (p50 {row['p50_ms']:.1f} ms, p99 "
+                    f"{row['p99_ms']:.1f} ms, mean batch {row['mean_batch']:.2f}, errors "
+                    f"{row['errors']})  direct batch {batch}: {row['direct_images_per_s']:.2f} "
+                    "img/s",
                     flush=True,
                 )
         finally:
             server.stop()
 
     print(
-        "\nmedians over rounds; direct = the same backend in-process, same batch size, bytes -> features"
+        "\nmedians over rounds; direct = the same backend in-process, same batch size, bytes -> "
+        "features"
     )
     print(
-        "batching  conc  img/s   p50 ms   p99 ms  p99/p50  mean batch  direct img/s  served/direct  "
-        "served/forward"
+        "batching  conc  img/s   p50 ms   p99 ms  p99/p50  mean batch  direct img/s  "
+        "served/direct  served/forward"
     )
     for r in rows:
         print(
-            f"{r['batching']:<9s} {r['concurrency']:>4d} {r['images_per_s']:6.2f} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f}"
-            f" {r['p99_ms'] / r['p50_ms']:8.2f} {r['mean_batch']:11.2f} {r['direct_images_per_s']:13.2f}"
-            f" {r['vs_direct']:14.1%} {r['vs_forward']:15.1%}"
+            f"{r['batching']:<9s} {r['concurrency']:>4d} {r['images_per_s']:6.2f} "
+            f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['p99_ms'] / r['p50_ms']:8.2f} "
+            f"{r['mean_batch']:11.2f} {r['direct_images_per_s']:13.2f} {r['vs_direct']:14.1%} "
+            f"{r['vs_forward']:15.1%}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

@@ -2,7 +2,7 @@
 
 Public entry points (imported lazily so ``import gridfeats`` stays light):
 
-    gridfeats.get_cfg(config_file, opts)   # Detectron2-style config with _BASE_ and KEY VALUE overrides
+    gridfeats.get_cfg(config_file, opts)   # Detectron2-style config: _BASE_, KEY VALUE overrides
     gridfeats.Detector(cfg, weights, device)
     gridfeats.FeatureStore(path)           # reader of the HDF5 feature store
 """

@@ -129,8 +129,9 @@ def run_demo(
     say(f"1/3 rendered {num_images} synthetic images into {data['images']}")
     if weights is None:
         say(
-            f"    weights: none given -> seeded random initialisation (seed {seed}); the pipeline runs for real,"
-            " but boxes, labels and features are arbitrary. Pass --weights CKPT for meaningful ones."
+            f"    weights: none given -> seeded random initialisation (seed {seed}); the pipeline "
+            "runs for real, but boxes, labels and features are arbitrary. Pass --weights CKPT for "
+            "meaningful ones."
         )
     else:
         say(f"    weights: {weights}")

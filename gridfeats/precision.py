@@ -1,9 +1,9 @@
 """Which numeric precisions a device can run fast, and the autocast context for each.
 
-fp32 is the exact mode (Detectron2's numbers). bf16 and fp16 are fast modes: bf16 on GPUs and on CPUs
-with native bf16 instructions (AVX512-BF16 or AMX), fp16 on GPUs only. Asking for a fast mode the
-hardware lacks is an error with an explanation, because on a CPU without native bf16 the "fast" mode
-runs hundreds of times slower than fp32.
+fp32 is the exact mode (Detectron2's numbers). bf16 and fp16 are fast modes: bf16 on GPUs and on
+CPUs with native bf16 instructions (AVX512-BF16 or AMX), fp16 on GPUs only. Asking for a fast mode
+the hardware lacks is an error with an explanation, because on a CPU without native bf16 the "fast"
+mode runs hundreds of times slower than fp32.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from typing import ContextManager, Optional
 
 import torch
 
+from gridfeats.errors import GridfeatsError
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class PrecisionError(ValueError):
+class PrecisionError(GridfeatsError, ValueError):
     """The requested precision is not supported (fast) on this device."""
 
 
@@ -36,7 +38,7 @@ def cpu_flags() -> frozenset:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX-BF16) and torch uses AVX512."""
+    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX-BF16) and torch uses AVX512."""
     capability = torch.backends.cpu.get_cpu_capability()
     if not capability.startswith("AVX512"):
         return False
@@ -62,8 +64,8 @@ def check_precision(precision: str, device: torch.device) -> None:
         )
     if not cpu_has_native_bf16():
         raise PrecisionError(
-            f"this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX) has no native bf16: "
-            "bf16 would run far slower than fp32. Use --precision fp32."
+            f"this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16/AMX) has no "
+            "native bf16: bf16 would run far slower than fp32. Use --precision fp32."
         )
 
 

@@ -23,5 +23,6 @@ Modules, one job each:
 * :mod:`~service.results` / :mod:`~service.encoding`: records -> answers in JSON, .npy or .npz;
 * :mod:`~service.auth`: API keys (digests, constant-time comparison);
 * :mod:`~service.metrics` / :mod:`~service.access_log`: Prometheus metrics, JSON logs;
-* :mod:`~service.app`: routes and error bodies; :mod:`~service.server` / :mod:`~service.cli`: running it.
+* :mod:`~service.app`: routes and error bodies;
+* :mod:`~service.server` / :mod:`~service.cli`: running it.
 """

@@ -273,8 +273,8 @@ def create_app(
             ) from None
         if media_type == NPY_MEDIA_TYPE and len(uploads) != 1:
             raise NotAcceptable(
-                f"{NPY_MEDIA_TYPE} holds one image's features but the request has {len(uploads)} images; "
-                "use application/x-npz or JSON"
+                f"{NPY_MEDIA_TYPE} holds one image's features but the request has {len(uploads)} "
+                "images; use application/x-npz or JSON"
             )
         setattr(request.state, STATE_ACCESS_FIELDS, {"mode": query.mode, "images": len(uploads)})
         prepared = await runtime.run_in_thread(runtime.decode, uploads)

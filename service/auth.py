@@ -14,10 +14,12 @@ import hmac
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
+from gridfeats.errors import GridfeatsError
+
 API_KEY_HEADER = "X-API-Key"
 
 
-class ApiKeyFileError(ValueError):
+class ApiKeyFileError(GridfeatsError, ValueError):
     """The key file is missing, unreadable or has no keys; raised at start-up."""
 
 
@@ -44,7 +46,7 @@ def _digest(key: str) -> bytes:
 
 
 class ApiKeyChecker:
-    """Decides whether a presented key is one of the configured keys; disabled when there are none."""
+    """Whether a presented key is one of the configured keys; disabled when there are none."""
 
     def __init__(self, keys: Iterable[str]) -> None:
         self._digests: Tuple[bytes, ...] = tuple(_digest(key) for key in keys if key)

@@ -70,7 +70,7 @@ def group_by_spec(requests: Sequence[ModelRequest]) -> "OrderedDict[FeatureSpec,
 
 
 class DetectorBackend:
-    """:class:`FeatureBackend` on a :class:`gridfeats.api.Detector` and the extraction's feature makers."""
+    """:class:`FeatureBackend` on a :class:`gridfeats.api.Detector` and the shared makers."""
 
     def __init__(self, detector: Any) -> None:
         from gridfeats.config import cfg_source_name

@@ -2,10 +2,10 @@
 
 A model forward on a batch of B images costs much less than B forwards of one image, but HTTP
 requests arrive one at a time. The :class:`DynamicBatcher` holds arriving items in a bounded queue
-and hands them to ``batch_fn`` in groups: a group leaves when it is full (``max_batch_size``) or when
-its oldest item has waited ``max_wait_s``. Items that already waited while the previous forward ran
-leave at once, so under load batches fill up by themselves and the wait only costs latency at low
-load.
+and hands them to ``batch_fn`` in groups: a group leaves when it is full (``max_batch_size``) or
+when its oldest item has waited ``max_wait_s``. Items that already waited while the previous forward
+ran leave at once, so under load batches fill up by themselves and the wait only costs latency at
+low load.
 
 Properties the service relies on:
 
@@ -31,6 +31,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Deque, Generic, List, Optional, Sequence, Tuple, TypeVar
 
+from gridfeats.errors import GridfeatsError
+
 In = TypeVar("In")
 Out = TypeVar("Out")
 
@@ -40,7 +42,7 @@ BatchFn = Callable[[List[Any]], Sequence[Any]]
 BatchObserver = Callable[[int, float], None]
 
 
-class QueueFullError(RuntimeError):
+class QueueFullError(GridfeatsError, RuntimeError):
     """The bounded queue cannot take the submitted items now."""
 
     def __init__(self, depth: int, capacity: int, wanted: int) -> None:
@@ -50,7 +52,7 @@ class QueueFullError(RuntimeError):
         self.wanted = wanted
 
 
-class BatcherClosedError(RuntimeError):
+class BatcherClosedError(GridfeatsError, RuntimeError):
     """The batcher is shutting down and takes no new items."""
 
 

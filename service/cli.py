@@ -12,79 +12,58 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Literal, Union, get_args, get_origin
 
-from service.settings import ServiceSettings, SettingsError, load_settings
+from pydantic.fields import FieldInfo
+
+from service.settings import ENV_ONLY, GROUPS, ServiceSettings, SettingsError, load_settings
+
+
+def _flag_type(annotation: Any) -> Dict[str, Any]:
+    """argparse ``type``/``choices`` for a settings field: Literal -> choices, numbers -> type."""
+    if get_origin(annotation) is Union:  # Optional[X]
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        return {"choices": get_args(annotation)}
+    if annotation in (int, float):
+        return {"type": annotation}
+    return {}  # strings, and lists given as one comma-separated string
+
+
+def _add_flag(group: argparse._ArgumentGroup, name: str, field: FieldInfo) -> None:
+    dashed = name.replace("_", "-")
+    if field.annotation is bool:
+        # A switch that is off by default is --NAME; one that is on by default is --no-NAME.
+        turns_on = not field.default
+        group.add_argument(
+            f"--{dashed}" if turns_on else f"--no-{dashed}",
+            dest=name,
+            action="store_const",
+            const=turns_on,
+            help=field.description if turns_on else f"skip this: {field.description}",
+        )
+        return
+    default = "" if field.default in (None, ()) else f" (default {field.default})"
+    group.add_argument(
+        f"--{dashed}", **_flag_type(field.annotation), help=f"{field.description}{default}"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting (``--max-batch`` for ``max_batch``), built from the settings model.
+
+    Flags default to ``None`` so that an absent flag leaves the ``GRIDFEATS_*`` value or the
+    model's default in place; config overrides are the trailing ``KEY VALUE`` words.
+    """
     parser.epilog = (
-        "Every option also reads GRIDFEATS_<OPTION> from the environment, e.g. GRIDFEATS_MAX_BATCH=16. "
-        "API keys: GRIDFEATS_API_KEYS=key1,key2 or --api-keys-file."
+        "Every option also reads GRIDFEATS_<OPTION> from the environment, e.g. "
+        "GRIDFEATS_MAX_BATCH=16. API keys: GRIDFEATS_API_KEYS=key1,key2 or --api-keys-file."
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--config", help="config YAML or shipped name (e.g. R-50-grid); default: project defaults"
-    )
-    model.add_argument(
-        "--weights", help="checkpoint (.pth/.pkl); default: random init (for testing only)"
-    )
-    model.add_argument("--device", help="torch device: cpu (default), cuda, cuda:1")
-    model.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        help="compute precision (default fp32, exact); bf16/fp16 where the hardware has them",
-    )
-    model.add_argument(
-        "--exact-kernels",
-        action="store_const",
-        const=True,
-        help="no folded norms / channels-last (slower; as gridfeats extract --exact-kernels)",
-    )
-    model.add_argument(
-        "--batched-forward",
-        action="store_const",
-        const=True,
-        help="one forward per batch instead of per image: faster on GPUs, features then depend "
-        "on the batch by float rounding (as gridfeats extract --batched-forward)",
-    )
-    model.add_argument("--objects-vocab", help="objects_vocab.txt: return class names")
-    model.add_argument("--attributes-vocab", help="attributes_vocab.txt: return attribute names")
-
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in containers)")
-    server.add_argument("--port", type=int, help="port (default 8000)")
-    server.add_argument("--max-batch", type=int, help="most images in one forward (default 8)")
-    server.add_argument(
-        "--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)"
-    )
-    server.add_argument(
-        "--max-queue", type=int, help="images queued before answering 503 (default 64)"
-    )
-    server.add_argument("--request-timeout-s", type=float, help="per-request deadline (default 60)")
-    server.add_argument(
-        "--graceful-timeout-s", type=float, help="drain time on shutdown (default 30)"
-    )
-    server.add_argument(
-        "--no-warmup",
-        dest="warmup",
-        action="store_const",
-        const=False,
-        help="report ready without a warm-up forward",
-    )
-    server.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-
-    limits = parser.add_argument_group("limits and security")
-    limits.add_argument("--max-upload-bytes", type=int, help="request body limit (default 20 MiB)")
-    limits.add_argument(
-        "--max-pixels", type=int, help="decoded pixel limit per image (default 40e6)"
-    )
-    limits.add_argument("--max-images-per-request", type=int, help="default 16")
-    limits.add_argument("--api-keys-file", help="file with one API key per line (enables auth)")
-    limits.add_argument(
-        "--cors-origins", help="comma-separated origins allowed by CORS (default: CORS off)"
-    )
-
+    groups = {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
+    for name, field in ServiceSettings.model_fields.items():
+        if name in ENV_ONLY or name == "opts":
+            continue
+        _add_flag(groups[field.json_schema_extra["group"]], name, field)
     parser.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
@@ -95,8 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> Dict[str, Any]:
     values = {name: getattr(args, name, None) for name in ServiceSettings.model_fields}
-    if args.cors_origins is not None:
-        values["cors_origins"] = tuple(o.strip() for o in args.cors_origins.split(",") if o.strip())
     values["opts"] = tuple(args.opts) if args.opts else None
     return values
 

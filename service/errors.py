@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+from gridfeats.errors import GridfeatsError
 
-class ApiError(Exception):
+
+class ApiError(GridfeatsError):
     """A request the service refuses, answered with ``status_code`` and ``{"code", "detail"}``."""
 
     status_code: int = 400

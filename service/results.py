@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from gridfeats.errors import GridfeatsError
 from gridfeats.features import BottomUpSettings, FeatureSpec, storage_problem
 from gridfeats.store.records import Record
 from service.errors import InvalidParameter, ModelFailure
@@ -22,7 +23,7 @@ from service.schemas import FeatureQuery
 _SIZE_FIELDS = ("image_hw", "input_hw")
 
 
-class VocabularyError(ValueError):
+class VocabularyError(GridfeatsError, ValueError):
     """A vocabulary file does not fit the model (wrong length); raised at start-up."""
 
 
@@ -48,11 +49,13 @@ class Vocabulary:
         attributes = tuple(read_vocab_names(attributes_path)) if attributes_path else None
         if objects is not None and len(objects) != num_classes:
             raise VocabularyError(
-                f"{objects_path} names {len(objects)} objects but the model has {num_classes} classes"
+                f"{objects_path} names {len(objects)} objects "
+                f"but the model has {num_classes} classes"
             )
         if attributes is not None and len(attributes) != num_attributes:
             raise VocabularyError(
-                f"{attributes_path} names {len(attributes)} attributes but the model has {num_attributes}"
+                f"{attributes_path} names {len(attributes)} attributes "
+                f"but the model has {num_attributes}"
             )
         return cls(objects, attributes)
 
@@ -96,7 +99,8 @@ def cast_features(features: np.ndarray, dtype: str, index: int) -> np.ndarray:
             raise ModelFailure(f"image {index}: {problem}")
         peak = float(np.abs(features).max())
         raise InvalidParameter(
-            f"image {index}: features exceed the {dtype} range (max |value| {peak:.4g}); ask for precision=float32"
+            f"image {index}: features exceed the {dtype} range (max |value| {peak:.4g}); "
+            "ask for precision=float32"
         )
     return features.astype(dtype, copy=False)
 

@@ -20,6 +20,7 @@ import anyio
 import numpy as np
 
 from gridfeats.data.image_io import ImageReadError
+from gridfeats.errors import GridfeatsError
 from gridfeats.features import FeatureSpec
 from gridfeats.store.records import Record
 from service.backend import FeatureBackend, ModelRequest
@@ -46,7 +47,7 @@ BackendFactory = Callable[[], FeatureBackend]
 WARMUP_SPECS = (feature_spec(FeatureQuery(mode="grid")), feature_spec(FeatureQuery(mode="region")))
 
 
-class ClientGone(Exception):
+class ClientGone(GridfeatsError):
     """The client disconnected while its request was being handled."""
 
 
@@ -147,7 +148,7 @@ class ServiceRuntime:
         self.state, self.detail = state, detail
 
     def require_ready(self) -> FeatureBackend:
-        """The backend, or :class:`NotReady` (503) while loading, after a failure or when stopping."""
+        """The backend, or :class:`NotReady` (503) while loading, after a failure, or stopping."""
         if not self.ready or self.backend is None:
             raise NotReady(
                 f"not ready: {self.detail}", retry_after_s=5 if self.state != "failed" else 60

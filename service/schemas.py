@@ -75,12 +75,14 @@ class FeatureQuery(BaseModel):
         misplaced = sorted(given & _REGION_ONLY) if self.mode != "region" else []
         if misplaced:
             raise ValueError(
-                f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} to mode=region only"
+                f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} to "
+                "mode=region only"
             )
         misplaced = sorted(given & _BOTTOM_UP_ONLY) if self.regions != "bottom-up" else []
         if misplaced:
             raise ValueError(
-                f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} to regions=bottom-up only"
+                f"{', '.join(misplaced)} appl{'ies' if len(misplaced) == 1 else 'y'} to "
+                "regions=bottom-up only"
             )
         if self.grid_pool is not None:
             if self.mode != "grid":
@@ -236,7 +238,7 @@ class ModelInfo(BaseModel):
 
 
 def error_responses(*statuses: int) -> Dict[Union[int, str], Dict[str, Any]]:
-    """OpenAPI ``responses`` entries for the given error statuses, all with :class:`ErrorResponse`."""
+    """OpenAPI ``responses`` entries (all :class:`ErrorResponse`) for these error statuses."""
     descriptions = {
         400: "undecodable, truncated or empty image, or a malformed body",
         401: "API keys are enabled and the X-API-Key header is missing or wrong",

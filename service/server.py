@@ -61,7 +61,7 @@ class _stop_signals_end_cleanly:
 def serve(
     settings: ServiceSettings, backend_factory: Optional[Callable[[], FeatureBackend]] = None
 ) -> int:
-    """Run the service in the foreground until SIGTERM/SIGINT; 0 on a clean stop, 1 if the model failed."""
+    """Serve in the foreground until SIGTERM/SIGINT; 0 on a clean stop, 1 if the model failed."""
     from service.app import create_app
 
     configure_logging(settings.log_level)

@@ -50,7 +50,7 @@ class Upload:
 
 
 def base_media_type(content_type: Optional[str]) -> str:
-    """``'image/JPEG; q=1'`` -> ``'image/jpeg'``, with common aliases mapped to the standard name."""
+    """``'image/JPEG; q=1'`` -> ``'image/jpeg'``; common aliases map to the standard name."""
     base = (content_type or "").split(";", 1)[0].strip().lower()
     return _ALIASES.get(base, base)
 
@@ -77,7 +77,8 @@ def check_media_type(declared: str, data: bytes, label: str) -> None:
     if declared != GENERIC_BINARY and declared not in IMAGE_MEDIA_TYPES:
         shown = declared or "none"
         raise UnsupportedMediaType(
-            f"{label}: unsupported content type '{shown}'; send one of {', '.join(IMAGE_MEDIA_TYPES)}"
+            f"{label}: unsupported content type '{shown}'; send one of "
+            f"{', '.join(IMAGE_MEDIA_TYPES)}"
         )
     actual = sniff_image_type(data)
     if declared in IMAGE_MEDIA_TYPES and actual is not None and actual != declared:
@@ -153,12 +154,14 @@ async def read_uploads(request: Request, *, max_bytes: int, max_images: int) -> 
     content_type = base_media_type(request.headers.get("content-type"))
     if not content_type:
         raise UnsupportedMediaType(
-            f"missing Content-Type; send an image type ({', '.join(IMAGE_MEDIA_TYPES)}) or {MULTIPART}"
+            f"missing Content-Type; send an image type ({', '.join(IMAGE_MEDIA_TYPES)}) or "
+            f"{MULTIPART}"
         )
     if content_type != MULTIPART and content_type not in IMAGE_MEDIA_TYPES:
         raise UnsupportedMediaType(
             f"unsupported content type '{content_type}'; send an image type "
-            f"({', '.join(IMAGE_MEDIA_TYPES)}) or {MULTIPART} with file parts named '{IMAGES_FIELD}'"
+            f"({', '.join(IMAGE_MEDIA_TYPES)}) or {MULTIPART} with file parts named "
+            f"'{IMAGES_FIELD}'"
         )
     body = await read_body(request, max_bytes)
     if not body:

@@ -1,4 +1,4 @@
-"""``gridfeats demo`` end to end on a tiny input size: data, both feature stores, the PNG, the text."""
+"""``gridfeats demo`` end to end at a tiny input size: data, both feature stores, PNG, text."""
 
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
 """``gridfeats caption train|predict|eval``: the Up-Down captioner on stored features.
 
-    gridfeats caption train --config configs/vqa/updown.yaml --out runs/updown [--resume] [KEY=VALUE ...]
-    gridfeats caption predict --checkpoint runs/updown [--images val_captions.json] --out results.json
+    gridfeats caption train --config configs/vqa/updown.yaml --out runs/updown [--resume] \
+        [OVERRIDE ...]
+    gridfeats caption predict --checkpoint runs/updown [--images val_captions.json] \
+        --out results.json
     gridfeats caption eval --annotations captions_val.json --results RES [--out METRICS.json]
 
+OVERRIDE: config overrides as ``KEY VALUE`` pairs or ``key=value`` words.
 ``eval`` needs no model: BLEU-1..4, METEOR, ROUGE-L and CIDEr-D through pycocoevalcap (PTB
 tokenisation, Java), SPICE only when its models are installed (else skipped with a message).
 """

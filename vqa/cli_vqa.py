@@ -1,11 +1,12 @@
 """``gridfeats vqa train|predict|eval``: the VQA heads (Pythia, MCAN) on stored features.
 
-    gridfeats vqa train --config configs/vqa/mcan-small.yaml --out runs/mcan [--resume]
-                        [KEY=VALUE ...]
+    gridfeats vqa train --config configs/vqa/mcan-small.yaml --out runs/mcan [--resume] \
+        [OVERRIDE ...]
     gridfeats vqa predict --checkpoint runs/mcan --questions val_questions.json --out results.json
     gridfeats vqa eval --annotations ANN --questions QS --results RES [--out METRICS.json]
                        [--revision master-a013f00|v2.0-a4f1afd|beta-07aecec|beta-07aecec-py2]
 
+OVERRIDE: config overrides as ``KEY VALUE`` pairs or ``key=value`` words.
 ``eval`` needs no model: it scores any results file with the official VQA accuracy and prints
 the official script's report (overall, per answer type, per question type). By default it
 reproduces GT-Vision-Lab/VQA's ``vqaEval.py`` as it stands today (master a013f00, 2021);

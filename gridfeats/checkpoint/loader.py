@@ -23,6 +23,7 @@ from torch import nn
 
 from gridfeats.checkpoint.caffe2_names import convert_caffe2_state_dict
 from gridfeats.checkpoint.safe_pickle import restricted_load
+from gridfeats.errors import GridfeatsError
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,13 @@ logger = logging.getLogger(__name__)
 DERIVED_SUFFIXES = ("anchor_generator.cell_anchors.0",)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model."""
+class CheckpointError(GridfeatsError, RuntimeError, ValueError):
+    """A checkpoint that cannot be read, does not fit the model or is from another kind of run.
+
+    The one checkpoint error of the project (the detector's weights and the heads' training
+    checkpoints). It keeps the builtin bases of both former copies, so callers that catch
+    ``RuntimeError`` (detector loading) or ``ValueError`` (the heads' commands) still catch it.
+    """
 
 
 @dataclass

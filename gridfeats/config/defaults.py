@@ -7,7 +7,7 @@ effective config. ``cfg.dump()`` of a config built here must equal the reference
 so nothing may be added, removed or retyped; keys that later Detectron2 versions introduced are
 dropped on load instead (see ``gridfeats.config.newer_keys``).
 
-Values were taken from the reference effective dump (docs: detectron2-compat Appendix A) with the
+Values were taken from the reference effective dump (docs/detectron2-facts.md Appendix A) with the
 grid-feats YAML settings undone, and cross-checked against Detectron2's source of that era.
 Comments say what a key controls only where the name does not.
 """

@@ -3,7 +3,7 @@
 Why: users often hand us a config dumped by a recent Detectron2 (``cfg.dump()`` writes every key).
 Those files carry keys the reference version never had; rejecting them as unknown would make the
 files unusable, while merging them would change ``cfg.dump()`` away from Detectron2@ffff8ac's.
-None of them changes inference of the grid-feats models (docs: detectron2-compat section 11), so
+None of them changes inference of the grid-feats models (docs/detectron2-facts.md section 11), so
 they are removed before merging and the caller logs their names.
 
 A key listed here that is a node (``SOLVER.AMP``) is dropped with everything under it. The list

@@ -15,12 +15,14 @@ from typing import Any, Dict, List, Sequence, Union
 
 import yaml
 
+from gridfeats.errors import GridfeatsError
+
 BASE_KEY = "_BASE_"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class ConfigError(ValueError):
+class ConfigError(GridfeatsError, ValueError):
     """A config file or override that cannot be used; the message says which and why."""
 
 

@@ -1,10 +1,10 @@
 """The one image reader of the project: bytes or a path in, an RGB uint8 array out.
 
-Decoding follows Detectron2's ``read_image`` (PIL decode, EXIF orientation, ``convert("RGB")``) so that
-features match Detectron2 number for number, and adds what a batch job over 100k+ user images needs:
-every failure becomes an :class:`ImageReadError` with a short, specific reason (empty file, not an
-image, truncated, too many pixels, ...) instead of an arbitrary exception deep inside PIL, and
-16-bit / float images are scaled to 8 bits instead of being clipped.
+Decoding follows Detectron2's ``read_image`` (PIL decode, EXIF orientation, ``convert("RGB")``) so
+that features match Detectron2 number for number, and adds what a batch job over 100k+ user images
+needs: every failure becomes an :class:`ImageReadError` with a short, specific reason (empty file,
+not an image, truncated, too many pixels, ...) instead of an arbitrary exception deep inside PIL,
+and 16-bit / float images are scaled to 8 bits instead of being clipped.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import BinaryIO, Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gridfeats.errors import GridfeatsError
+
 #: Default pixel limit (width * height) against decompression bombs; PIL's own default.
 DEFAULT_MAX_PIXELS = 89_478_485
 
@@ -29,7 +31,7 @@ ImageSource = Union[
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-class ImageReadError(ValueError):
+class ImageReadError(GridfeatsError, ValueError):
     """An input that cannot be turned into an image. ``reason`` is short and specific."""
 
     def __init__(self, reason: str, source: Optional[str] = None):
@@ -45,7 +47,7 @@ def _describe(source: ImageSource) -> Optional[str]:
 
 
 def _open(source: ImageSource, max_pixels: Optional[int]) -> Image.Image:
-    """Open (header only) from a path, bytes or a file object; PIL's own bomb check is replaced by ours."""
+    """Open (header only) a path, bytes or file object; our bomb check replaces PIL's own."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
@@ -146,7 +148,8 @@ def read_image(source: ImageSource, max_pixels: Optional[int] = DEFAULT_MAX_PIXE
 
     ``source`` is a path, encoded bytes, a binary file object, a PIL image or an RGB uint8 array.
     ``max_pixels`` guards against decompression bombs (``None`` disables the guard).
-    Raises :class:`ImageReadError` with a specific ``reason`` for anything that is not a usable image.
+    Raises :class:`ImageReadError` with a specific ``reason`` for anything that is not a usable
+    image.
     """
     name = _describe(source)
     try:

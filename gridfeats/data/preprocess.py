@@ -37,7 +37,7 @@ def prepare_image(
     input_format: str = "BGR",
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
 ) -> PreparedImage:
-    """Read ``source`` and resize its shortest edge to ``min_size`` (long edge at most ``max_size``)."""
+    """Read ``source``; resize its short edge to ``min_size`` (long edge at most ``max_size``)."""
     rgb = read_image(source, max_pixels=max_pixels)
     return prepare_rgb(rgb, min_size, max_size, input_format)
 

@@ -57,6 +57,7 @@ from gridfeats.data.synthetic_captions import CAPTIONS_PER_IMAGE, make_captions
 from gridfeats.data.synthetic_questions import QuestionAnswer, make_questions
 from gridfeats.data.synthetic_scene import COLORS, SHAPES, SIZES, SceneObject, render_scene
 from gridfeats.data.vocab import write_vocab
+from gridfeats.errors import GridfeatsError
 
 PathLike = Union[str, os.PathLike]
 
@@ -76,7 +77,7 @@ CATEGORY_NAMES: Tuple[str, ...] = tuple(word.name for word in SHAPES)
 ATTRIBUTE_NAMES: Tuple[str, ...] = tuple(word.name for word in (*COLORS, *SIZES))
 
 
-class SyntheticDataError(ValueError):
+class SyntheticDataError(GridfeatsError, ValueError):
     """A request that cannot be carried out (bad argument or an output folder in the way)."""
 
 
@@ -108,7 +109,7 @@ def image_file_name(image_id: int) -> str:
 def split_image_ids(
     num_images: int, val_fraction: float, rng: np.random.Generator
 ) -> Tuple[List[int], List[int]]:
-    """Sorted ``(train_ids, val_ids)``; both non-empty whenever there are 2+ images and 0 < val_fraction."""
+    """Sorted ``(train_ids, val_ids)``; both non-empty when 2+ images and 0 < val_fraction."""
     num_val = int(round(num_images * val_fraction))
     if val_fraction > 0 and num_images >= 2:
         num_val = min(max(num_val, 1), num_images - 1)
@@ -142,7 +143,8 @@ def _check_arguments(
         raise SyntheticDataError(f"the validation fraction must be in [0, 1), got {val_fraction!r}")
     if not is_int(questions_per_image) or not 1 <= questions_per_image <= MAX_QUESTIONS_PER_IMAGE:
         raise SyntheticDataError(
-            f"questions per image must be an integer in 1..{MAX_QUESTIONS_PER_IMAGE}, got {questions_per_image!r}"
+            f"questions per image must be an integer in 1..{MAX_QUESTIONS_PER_IMAGE}, got "
+            f"{questions_per_image!r}"
         )
 
 
@@ -414,7 +416,8 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         print(
-            f"gridfeats make-synthetic: error: cannot write the data set{where}: {exc.strerror or exc}",
+            f"gridfeats make-synthetic: error: cannot write the data set{where}: "
+            f"{exc.strerror or exc}",
             file=sys.stderr,
         )
         return 1

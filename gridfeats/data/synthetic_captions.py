@@ -107,7 +107,7 @@ def _counts_by_shape(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def _relation(scene: Scene, rng: np.random.Generator) -> str:
-    """One spatial fact: an overlap when there is one, else left/right/above/below, else position."""
+    """One spatial fact: an overlap if any, else left/right/above/below, else position."""
     objects = scene.objects
     if len(objects) == 1:
         return f"{_describe(objects[0], True)} {_where(scene, objects[0])}"

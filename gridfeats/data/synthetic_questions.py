@@ -177,7 +177,7 @@ def _ask_count(scene: Scene, rng: np.random.Generator) -> Optional[_Draft]:
 
 
 def _ask_is_there(scene: Scene, rng: np.random.Generator) -> Optional[_Draft]:
-    """'is there a <color> <shape>?' with a fair coin for yes; most negatives share a colour or shape."""
+    """'is there a <color> <shape>?', yes on a fair coin; most negatives share colour or shape."""
     present = {(o.color, o.shape) for o in scene.objects}
     if rng.random() < 0.5:
         color, shape = _pick(rng, sorted(present))

@@ -63,7 +63,8 @@ COLORS: Tuple[Word, ...] = (
 )
 SIZES: Tuple[Word, ...] = (Word("small", ("little",)), Word("large", ("big",)))
 
-#: Nominal fill colour per colour name; each object jitters it by up to ``COLOR_JITTER`` per channel.
+#: Nominal fill colour per colour name; each object jitters it by up to ``COLOR_JITTER`` per
+#: channel.
 COLOR_RGB: Dict[str, RGB] = {
     "red": (210, 30, 35),
     "green": (40, 165, 60),
@@ -142,7 +143,7 @@ class _Placed:
 
 
 def sample_image_size(rng: np.random.Generator) -> Tuple[int, int]:
-    """Pick ``(height, width)``: landscape, portrait or square, each side in ``IMAGE_SIDE_RANGE``."""
+    """``(height, width)``: landscape, portrait or square, each side in ``IMAGE_SIDE_RANGE``."""
     low, high = IMAGE_SIDE_RANGE
     short = int(rng.integers(low, MAX_SHORT_SIDE + 1))
     long = int(min(high, round(short * rng.uniform(1.0, 1.8))))
@@ -219,7 +220,7 @@ def _candidate_corner(
 def _touches_same_color(
     labels: np.ndarray, placed: List[_Placed], color: str, x0: int, y0: int, side: int
 ) -> bool:
-    """Whether a same-coloured object lies in the new square (plus a gap): it would merge with it."""
+    """Whether a same-coloured object lies in the new square plus a gap (they would merge)."""
     gap = EDGE_MARGIN + 1
     window = labels[max(0, y0 - gap) : y0 + side + gap, max(0, x0 - gap) : x0 + side + gap]
     present = np.unique(window[window >= 0])

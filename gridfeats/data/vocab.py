@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 from typing import List, Sequence, Union
 
+from gridfeats.errors import GridfeatsError
+
 PathLike = Union[str, os.PathLike]
 
 
-class VocabError(ValueError):
+class VocabError(GridfeatsError, ValueError):
     """A vocabulary file that cannot be used as an index table (``reason`` says why)."""
 
     def __init__(self, path: PathLike, reason: str) -> None:

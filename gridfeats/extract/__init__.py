@@ -5,8 +5,8 @@ Modules, one job each:
 * :mod:`~gridfeats.extract.sources`: folder / COCO json / path list -> ``ImageItem`` (stable ids);
 * :mod:`~gridfeats.extract.loader`: DataLoader workers decode and resize, failures become records;
 * :mod:`gridfeats.features` (shared with the service): prepared images -> store records;
-* :mod:`~gridfeats.extract.distributed` and :mod:`~gridfeats.extract.outputs`: torchrun ranks,
-  shard/rank file names and the final merge;
+* :mod:`~gridfeats.extract.outputs`: shard/rank file names and the final merge (torchrun ranks
+  come from :mod:`gridfeats.engine.distributed`);
 * :mod:`~gridfeats.extract.job`: the run loop (:func:`run_extraction`), resume, summary;
 * :mod:`~gridfeats.extract.cli`: the command line (``docs/extract.md``).
 

@@ -14,7 +14,15 @@ import signal
 import sys
 from typing import Optional, Tuple
 
+from gridfeats.data.image_io import DEFAULT_MAX_PIXELS
+from gridfeats.extract.job import ExtractOptions
 from gridfeats.features import BOX_SOURCES, REGION_RULES, BottomUpSettings
+from gridfeats.precision import PRECISIONS
+from gridfeats.store.layout import COMPRESSIONS, MODES, STORAGE_DTYPES
+
+# Defaults come from the options and settings objects themselves, so the CLI cannot drift from them.
+_RUN = ExtractOptions(input="", output="")
+_BOTTOM_UP = BottomUpSettings()
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 _POOL = re.compile(r"^(\d+)[xX](\d+)$")
@@ -91,8 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("features")
     what.add_argument(
         "--mode",
-        choices=("grid", "region"),
-        default="grid",
+        choices=MODES,
+        default=_RUN.mode,
         help="grid (C5 map) or region features",
     )
     what.add_argument(
@@ -101,20 +109,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--regions",
         choices=REGION_RULES,
-        default="detectron2",
+        default=_RUN.regions,
         help="region selection: Detectron2's inference or bottom-up-attention's rule",
     )
     what.add_argument(
         "--bottom-up-thresh",
         type=float,
-        default=0.2,
+        default=_BOTTOM_UP.score_thresh,
         help="bottom-up: keep boxes whose best class score >= this",
     )
     what.add_argument(
-        "--min-boxes", type=_positive, default=10, help="bottom-up: at least this many boxes"
+        "--min-boxes",
+        type=_positive,
+        default=_BOTTOM_UP.min_boxes,
+        help="bottom-up: at least this many boxes",
     )
     what.add_argument(
-        "--max-boxes", type=_positive, default=100, help="bottom-up: at most this many boxes"
+        "--max-boxes",
+        type=_positive,
+        default=_BOTTOM_UP.max_boxes,
+        help="bottom-up: at most this many boxes",
     )
     what.add_argument(
         "--num-boxes",
@@ -122,58 +136,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bottom-up: exactly this many boxes (e.g. 36); sets min = max",
     )
     what.add_argument(
-        "--bottom-up-nms", type=float, default=0.3, help="bottom-up: per-class NMS IoU threshold"
+        "--bottom-up-nms",
+        type=float,
+        default=_BOTTOM_UP.nms_thresh,
+        help="bottom-up: per-class NMS IoU threshold",
     )
     what.add_argument(
         "--bottom-up-boxes",
         choices=BOX_SOURCES,
-        default="proposals",
-        help="bottom-up: NMS on and store the proposals (generate_tsv.py) or the regressed class boxes",
+        default=_BOTTOM_UP.boxes,
+        help=(
+            "bottom-up: NMS on and store the proposals (generate_tsv.py) or the regressed class "
+            "boxes"
+        ),
     )
     what.add_argument(
         "--attr-topk",
         type=_non_negative,
-        default=10,
+        default=_RUN.attr_topk,
         help="region mode: top-K attributes stored per box",
     )
 
     run = parser.add_argument_group("running")
     run.add_argument(
-        "--batch-size", type=_positive, default=1, help="images per batch handed to the model"
+        "--batch-size",
+        type=_positive,
+        default=_RUN.batch_size,
+        help="images per batch handed to the model",
     )
     run.add_argument(
         "--workers",
         type=_non_negative,
-        default=2,
+        default=_RUN.workers,
         help="DataLoader processes decoding and resizing",
     )
     run.add_argument(
         "--device",
-        default="cpu",
+        default=_RUN.device,
         help="cpu, cuda, cuda:1... (under torchrun, cuda means cuda:LOCAL_RANK)",
     )
     run.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        default="fp32",
+        choices=PRECISIONS,
+        default=_RUN.precision,
         help="fp32 (exact), bf16 (GPU, or CPU with native bf16), fp16 (GPU)",
     )
     run.add_argument(
         "--dtype",
-        choices=("float16", "float32"),
-        default="float16",
+        choices=STORAGE_DTYPES,
+        default=_RUN.dtype,
         help="storage dtype of the features",
     )
     run.add_argument(
         "--compression",
-        choices=("gzip", "lzf", "none"),
-        default="gzip",
+        choices=COMPRESSIONS,
+        default=_RUN.compression,
         help="compression of the output rows",
     )
     run.add_argument(
         "--shard",
         type=_shard,
-        default=(0, 1),
+        default=(_RUN.shard_index, _RUN.shard_count),
         metavar="i/n",
         help="extract only shard i of n (every n-th image) into OUT.shard-i-of-n.h5",
     )
@@ -188,23 +211,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--max-pixels",
         type=_non_negative,
-        default=89_478_485,
+        default=DEFAULT_MAX_PIXELS,
         help="refuse images with more pixels than this (decompression-bomb guard; 0 = no limit)",
     )
     run.add_argument(
         "--exact-kernels",
         action="store_true",
-        help="do not fold frozen norms into convolutions nor run channels-last (slower; Detectron2's exact fp32 numbers)",
+        help=(
+            "do not fold frozen norms into convolutions nor run channels-last (slower; "
+            "Detectron2's exact fp32 numbers)"
+        ),
     )
     run.add_argument(
         "--batched-forward",
         action="store_true",
-        help="one forward per batch instead of per image (faster on GPUs; rows then depend on the batch size by float rounding)",
+        help=(
+            "one forward per batch instead of per image (faster on GPUs; rows then depend on the "
+            "batch size by float rounding)"
+        ),
     )
     run.add_argument(
         "--commit-every",
         type=_positive,
-        default=256,
+        default=_RUN.commit_every,
         help="images per committed part (work a kill can lose)",
     )
     run.add_argument(
@@ -213,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--seed",
         type=int,
-        default=0,
+        default=_RUN.seed,
         help="seed of the random initialisation when no --weights are given",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -227,8 +256,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace):
     """Turn parsed arguments into :class:`~gridfeats.extract.job.ExtractOptions`."""
-    from gridfeats.extract.job import ExtractOptions
-
     min_boxes, max_boxes = (
         (args.num_boxes, args.num_boxes) if args.num_boxes else (args.min_boxes, args.max_boxes)
     )
@@ -237,7 +264,8 @@ def options_from_args(args: argparse.Namespace):
     )
     if len(args.opts) % 2:
         raise ValueError(
-            f"config overrides come in KEY VALUE pairs, got {len(args.opts)} words: {' '.join(args.opts)}"
+            f"config overrides come in KEY VALUE pairs, got {len(args.opts)} words: "
+            f"{' '.join(args.opts)}"
         )
     return ExtractOptions(
         input=args.input,
@@ -277,7 +305,7 @@ def _raise_interrupt(_signum, _frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gridfeats.extract.distributed import RankInfo
+    from gridfeats.engine.distributed import RankInfo
     from gridfeats.extract.job import ExtractError, StrictStop, run_extraction
     from gridfeats.extract.sources import SourceError
     from gridfeats.precision import PrecisionError
@@ -290,8 +318,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if options.weights is None:
         print(
-            f"gridfeats extract: no --weights given: the detector uses a seeded random initialisation "
-            f"(seed {options.seed}); the features are not meaningful",
+            "gridfeats extract: no --weights given: the detector uses a seeded random "
+            f"initialisation (seed {options.seed}); the features are not meaningful",
             file=sys.stderr,
         )
     previous = _install_sigterm()
@@ -305,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         print(
-            "gridfeats extract: interrupted; finished work is kept. Re-run the same command to resume.",
+            "gridfeats extract: interrupted; finished work is kept. Re-run the same command to "
+            "resume.",
             file=sys.stderr,
         )
         return 130
@@ -322,8 +351,8 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(cause, OSError):
             raise  # a bug, not the environment: keep the traceback
         print(
-            f"gridfeats extract: I/O error: {cause}. Finished work is kept; fix the cause and re-run the same "
-            "command to resume.",
+            f"gridfeats extract: I/O error: {cause}. Finished work is kept; fix the cause and "
+            "re-run the same command to resume.",
             file=sys.stderr,
         )
         return 1
@@ -336,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _install_sigterm() -> Optional[object]:
-    """SIGTERM (torchrun stopping workers, a scheduler's time limit) commits finished work like Ctrl-C."""
+    """SIGTERM (torchrun stopping workers, a scheduler's limit) commits done work like Ctrl-C."""
     try:
         return signal.signal(signal.SIGTERM, _raise_interrupt)
     except ValueError:  # not the main thread

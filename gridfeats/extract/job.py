@@ -34,8 +34,9 @@ import torch
 from tqdm import tqdm
 
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS
-from gridfeats.extract import distributed
-from gridfeats.extract.distributed import RankInfo
+from gridfeats.engine import distributed
+from gridfeats.engine.distributed import RankInfo
+from gridfeats.errors import GridfeatsError
 from gridfeats.extract.loader import FailedImage, InputSpec, make_loader
 from gridfeats.extract.outputs import merge_rank_files, rank_output_path, shard_output_path
 from gridfeats.extract.sources import ImageItem, list_images, shard_items
@@ -48,13 +49,11 @@ from gridfeats.features import (
 )
 from gridfeats.store import AsyncFeatureWriter, FeatureStore, FeatureWriter, StoreMetadata
 from gridfeats.store.errors import StoreMismatchError
-from gridfeats.store.layout import COMPRESSIONS, STORAGE_DTYPES, open_store_file
+from gridfeats.store.layout import COMPRESSIONS, MODES, STORAGE_DTYPES, open_store_file
 from gridfeats.store.writer import parts_dir_for
 
-MODES = ("grid", "region")
 
-
-class ExtractError(ValueError):
+class ExtractError(GridfeatsError, ValueError):
     """A run that cannot start or go on, for a reason the user can fix (the message says which)."""
 
 
@@ -172,7 +171,8 @@ class ExtractSummary:
             f"rows        {self.rows}",
             f"size        {_human_bytes(self.bytes)}",
             f"this run    {self.run.processed} processed ({self.run.failed} failed), "
-            f"{self.run.skipped} already done, {self.run.seconds:.1f} s, {self.images_per_second:.2f} images/s",
+            f"{self.run.skipped} already done, {self.run.seconds:.1f} s, "
+            f"{self.images_per_second:.2f} images/s",
         ]
         if self.random_init:
             lines.append(
@@ -198,7 +198,7 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-# --- building ------------------------------------------------------------------------------------------
+# --- building -------------------------------------------------------------------------------------
 def build_detector(options: ExtractOptions, info: RankInfo):
     """The detector of a run (fast kernels and batching policy as the options say)."""
     from gridfeats.api import Detector
@@ -259,7 +259,7 @@ def store_metadata(options: ExtractOptions, detector, maker) -> StoreMetadata:
     )
 
 
-# --- the run -----------------------------------------------------------------------------------------
+# --- the run --------------------------------------------------------------------------------------
 def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> ExtractSummary:
     """Extract features as ``options`` say; returns the summary (of the merged output on rank 0).
 
@@ -278,7 +278,7 @@ def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> Ext
         shard_items(items, options.shard_index, options.shard_count), info.rank, info.world_size
     )
 
-    distributed.start(info, options.dist_timeout_s)
+    distributed.init_process_group(info, timeout_s=options.dist_timeout_s)
     try:
         detector = build_detector(options, info)
         maker = build_feature_maker(options, detector)
@@ -286,13 +286,13 @@ def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> Ext
         prior = _merged_ids(target, meta, options, info)
         counts = _extract_into(my_file, mine, prior, meta, maker, detector, options, info, log)
         totals = distributed.sum_over_ranks(
-            info, [counts.listed, counts.skipped, counts.processed, counts.failed, counts.rows]
+            [counts.listed, counts.skipped, counts.processed, counts.failed, counts.rows]
         )
         if info.distributed and info.is_main:
             files = [rank_output_path(target, r, info.world_size) for r in range(info.world_size)]
             merge_rank_files(target, files, options.compression)
     finally:
-        distributed.stop(info)
+        distributed.destroy_process_group()
 
     run = RunCounts(*totals, seconds=counts.seconds)
     hint = None
@@ -300,7 +300,10 @@ def run_extraction(options: ExtractOptions, log: Optional[TextIO] = None) -> Ext
         pattern = shard_output_path(options.output, 0, options.shard_count).replace(
             ".shard-0-", ".shard-*-"
         )
-        hint = f"shard {options.shard_index}/{options.shard_count} done; when all are: gridfeats merge {options.output} {pattern}"
+        hint = (
+            f"shard {options.shard_index}/{options.shard_count} done; when all are: "
+            f"gridfeats merge {options.output} {pattern}"
+        )
     if info.distributed and not info.is_main:
         return ExtractSummary(
             my_file,
@@ -351,8 +354,8 @@ def _merged_ids(
         return frozenset()
     if os.path.isdir(parts_dir_for(target)):
         raise ExtractError(
-            f"an unfinished single-process run into {target} exists ({parts_dir_for(target)}); finish it with "
-            "the same command without torchrun, or start over with --overwrite"
+            f"an unfinished single-process run into {target} exists ({parts_dir_for(target)}); "
+            "finish it with the same command without torchrun, or start over with --overwrite"
         )
     if not os.path.exists(target):
         return frozenset()

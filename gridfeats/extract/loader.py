@@ -62,7 +62,7 @@ class LoadedImage:
 
 @dataclass
 class FailedImage:
-    """An input that could not be read; ``reason`` is short and specific (e.g. ``truncated image``)."""
+    """An unreadable input; ``reason`` is short and specific (e.g. ``truncated image``)."""
 
     image_id: str
     reason: str

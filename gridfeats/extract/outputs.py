@@ -41,7 +41,8 @@ def rank_output_path(target: str, rank: int, world_size: int) -> str:
 
 
 def merge_rank_files(target: str, rank_files: Sequence[str], compression: str) -> bool:
-    """Merge finished rank files (and an existing ``target``) into ``target``; delete the rank files.
+    """Merge finished rank files (and an existing ``target``) into ``target``; delete the rank
+    files.
 
     Returns False when there was nothing new to merge (every rank file empty and the target
     present), in which case the target is left untouched.

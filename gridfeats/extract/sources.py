@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from gridfeats.errors import GridfeatsError
+
 #: File extensions treated as images when walking a folder (content is checked when decoding).
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -46,7 +48,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-class SourceError(ValueError):
+class SourceError(GridfeatsError, ValueError):
     """The ``--input`` cannot be turned into a list of images (the message says why)."""
 
 
@@ -59,7 +61,7 @@ class ImageItem:
 
 
 def list_images(source: str, image_root: Optional[str] = None) -> List[ImageItem]:
-    """List the images of a folder, a COCO json or a text file of paths (see the module docstring)."""
+    """The images of a folder, a COCO json or a text file of paths (see the module docstring)."""
     source = os.path.expanduser(os.fspath(source))
     if image_root is not None:
         image_root = os.path.expanduser(os.fspath(image_root))
@@ -87,7 +89,7 @@ def list_images(source: str, image_root: Optional[str] = None) -> List[ImageItem
 
 
 def shard_items(items: Sequence[ImageItem], index: int, count: int) -> List[ImageItem]:
-    """The images of shard ``index`` of ``count``: every ``count``-th image starting at ``index``."""
+    """Shard ``index`` of ``count``: every ``count``-th image, starting at ``index``."""
     if count < 1 or not 0 <= index < count:
         raise SourceError(f"shard {index}/{count} is invalid: need 0 <= i < n")
     return list(items[index::count])
@@ -108,8 +110,8 @@ def _folder_items(root: str) -> List[ImageItem]:
 
 
 def _relative_id(path: str, root: str) -> str:
-    """``path`` relative to ``root`` with ``/`` separators, always valid UTF-8 (the store's id type):
-    a file name that is not UTF-8 on disk keeps its odd bytes as ``\\xNN`` escapes."""
+    """``path`` relative to ``root`` with ``/`` separators, always valid UTF-8 (the store's id
+    type): a file name that is not UTF-8 on disk keeps its odd bytes as ``\\xNN`` escapes."""
     relative = os.path.relpath(path, root).replace(os.sep, "/")
     try:
         relative.encode("utf-8")
@@ -148,7 +150,7 @@ def _coco_item(entry: Any, k: int, root: str, json_path: str) -> ImageItem:
 
 
 def _check_root_holds_images(items: Sequence[ImageItem], root: str, json_path: str) -> None:
-    """Fail early when the image root is clearly wrong, instead of recording every image as missing."""
+    """Fail early on a clearly wrong image root instead of recording every image as missing."""
     sample = items[:20]
     if sample and not any(os.path.exists(item.path) for item in sample):
         raise SourceError(
@@ -186,7 +188,7 @@ def _check_unique(items: Iterable[ImageItem], where: str, what: str) -> None:
     for k, item in enumerate(items):
         if item.image_id in seen:
             raise SourceError(
-                f"{where}: image id {item.image_id!r} appears twice ({what} {seen[item.image_id]} and {k}); "
-                "ids must be unique"
+                f"{where}: image id {item.image_id!r} appears twice ({what} {seen[item.image_id]} "
+                f"and {k}); ids must be unique"
             )
         seen[item.image_id] = k

@@ -1,4 +1,4 @@
-"""The HDF5 feature store (layout: /work/shared/docs/feature-store.md).
+"""The HDF5 feature store (layout: docs/feature-store.md).
 
 Writing (crash-safe, resumable; see :mod:`gridfeats.store.writer` for the commit protocol)::
 
@@ -7,7 +7,8 @@ Writing (crash-safe, resumable; see :mod:`gridfeats.store.writer` for the commit
     with FeatureWriter("out.h5", meta, compression="gzip") as writer:
         todo = [i for i in ids if i not in writer.done_ids()]
         for image_id in todo:
-            writer.add(image_id, grid_record(feature_map, image_hw, input_hw))  # or add_error(id, reason)
+            # or writer.add_error(image_id, reason)
+            writer.add(image_id, grid_record(feature_map, image_hw, input_hw))
 
 Reading::
 

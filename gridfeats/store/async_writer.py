@@ -68,7 +68,7 @@ class AsyncFeatureWriter:
             except Exception:
                 pass
 
-    # --- internals ----------------------------------------------------------------------------------
+    # --- internals --------------------------------------------------------------------------------
     def _put(self, item: Tuple[Any, ...]) -> None:
         if self._closed:
             raise RuntimeError("the async feature writer is closed")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-# Kept in sync with gridfeats.store.export.FORMATS (importing it here would load numpy/h5py for --help).
-FORMAT_NAMES = ("gridfeats-pth", "mmf", "mmf-lmdb", "mcan-npz", "sc-npz", "sc-h5", "bua-tsv")
+from gridfeats.store.export import FORMATS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--format", required=True, choices=FORMAT_NAMES, dest="fmt", help="target layout"
+        "--format", required=True, choices=tuple(FORMATS), dest="fmt", help="target layout"
     )
     parser.add_argument("store", help="feature store file (.h5)")
     parser.add_argument("outdir", help="folder to write into (created if missing)")

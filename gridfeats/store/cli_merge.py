@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"gridfeats merge: error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"merged {len(args.shards)} shards into {args.output}: {len(store)} images, {len(store.errors)} errors"
+        f"merged {len(args.shards)} shards into {args.output}: {len(store)} images, "
+        f"{len(store.errors)} errors"
     )
     return 0

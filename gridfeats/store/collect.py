@@ -110,8 +110,8 @@ def collect(
             problems = meta.mismatches(file_meta)
             if problems:
                 raise StoreMismatchError(
-                    f"{path} was written with different metadata than {paths[0] if expected is None else 'this run'}: "
-                    + "; ".join(problems)
+                    f"{path} was written with different metadata than "
+                    f"{paths[0] if expected is None else 'this run'}: " + "; ".join(problems)
                 )
             index = read_index(f, meta.mode)
             file_errors = read_errors(f)  # read now: duplicate checks below may close f
@@ -157,6 +157,7 @@ def _require_equal(
                 break
     if not same:
         raise MergeConflictError(
-            f"image {a.image_id!r} is in {os.path.basename(path_a)} and {os.path.basename(path_b)} with "
-            "different values (were the shards made from different inputs, weights or configs?)"
+            f"image {a.image_id!r} is in {os.path.basename(path_a)} and {os.path.basename(path_b)} "
+            "with different values (were the shards made from different inputs, weights or "
+            "configs?)"
         )

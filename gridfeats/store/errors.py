@@ -1,14 +1,16 @@
 """Exceptions of the feature store.
 
-They derive from ``ValueError`` because each one describes a user-fixable situation (wrong file,
-mismatched resume, conflicting shards); command-line wrappers print their message instead of a
-traceback.
+They derive from the project's ``GridfeatsError`` and from ``ValueError`` because each one
+describes a user-fixable situation (wrong file, mismatched resume, conflicting shards);
+command-line wrappers print their message instead of a traceback.
 """
 
 from __future__ import annotations
 
+from gridfeats.errors import GridfeatsError
 
-class StoreError(ValueError):
+
+class StoreError(GridfeatsError, ValueError):
     """Base class: a feature-store file or operation cannot be used as asked."""
 
 
@@ -17,7 +19,7 @@ class StoreFormatError(StoreError):
 
 
 class StoreMismatchError(StoreError):
-    """Existing output was written with different run metadata (mode, dims, config, weights, dtype)."""
+    """Existing output has other run metadata (mode, dims, config, weights, dtype)."""
 
 
 class StoreBusyError(StoreError):

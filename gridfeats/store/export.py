@@ -6,8 +6,9 @@ Each format reproduces what the target code expects (checked against its loader)
     image, ``torch.save`` of a float32 tensor ``[1, D, h, w]``.
 ``mmf`` - MMF ``PaddedFasterRCNNFeatureReader``: ``<name>.npy`` float32 ``[N, D]`` and
     ``<name>_info.npy``, a pickled dict with ``image_id``, ``image_width``, ``image_height``,
-    ``num_boxes``, ``bbox [N,4]`` and, for regions, ``objects [N]`` (0-based classes, no background).
-    MMF's extractor also writes ``cls_prob`` (full class distribution), which a store does not keep.
+    ``num_boxes``, ``bbox [N,4]`` and, for regions, ``objects [N]`` (0-based classes, no
+    background). MMF's extractor also writes ``cls_prob`` (full class distribution), which a store
+    does not keep.
 ``mmf-lmdb`` - MMF ``LMDBFeatureReader`` / ``lmdb_conversion.py``: ``<store>.lmdb`` whose key
     ``b"keys"`` holds a pickled list of byte keys (``<name>``) and each key a pickled dict with
     ``feature_path``, ``features`` and the info fields above (``cls_prob`` is None).
@@ -31,12 +32,14 @@ evenly into ``h x w`` cells, in the same row-major order as the rows.
 Names: ``--name-format`` is a ``str.format`` template with ``image_id`` (the id with a known image
 extension removed), ``basename`` (its last path component) and ``number`` (the id as an int, for
 numeric ids). Names may contain ``/`` (sub-folders) but never ``..`` or an absolute path.
-Every file is written to a temporary name and renamed, so an interrupted export leaves no torn files.
+Every file is written to a temporary name and renamed, so an interrupted export leaves no torn
+files.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import pickle
 import shutil
@@ -80,7 +83,8 @@ def image_name(image_id: str, name_format: str = "{image_id}") -> str:
                 f"--name-format uses {{number}} but image id {image_id!r} is not a number"
             ) from None
         raise StoreError(
-            f"--name-format {name_format!r} uses an unknown field {exc}; use image_id, basename or number"
+            f"--name-format {name_format!r} uses an unknown field {exc}; use image_id, basename or "
+            "number"
         ) from None
     except (ValueError, IndexError) as exc:
         raise StoreError(
@@ -89,7 +93,8 @@ def image_name(image_id: str, name_format: str = "{image_id}") -> str:
     parts = name.replace("\\", "/").split("/")
     if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise StoreError(
-            f"image {image_id!r} gives the unsafe export name {name!r}; choose another --name-format"
+            f"image {image_id!r} gives the unsafe export name {name!r}; choose another "
+            "--name-format"
         )
     return "/".join(parts)
 
@@ -102,7 +107,7 @@ def _mcan_image_id(name: str) -> Optional[int]:
         return None
 
 
-# --- shared pieces -----------------------------------------------------------------------------------
+# --- shared pieces --------------------------------------------------------------------------------
 def grid_cell_boxes(grid_hw: np.ndarray, image_hw: np.ndarray) -> np.ndarray:
     """xyxy boxes (original pixels) of the ``h x w`` grid cells, in row-major order."""
     h, w = int(grid_hw[0]), int(grid_hw[1])
@@ -133,7 +138,8 @@ def _views(store: FeatureStore, name_format: str) -> Iterator[ImageView]:
         name = image_name(image_id, name_format)
         if name in seen:
             raise StoreError(
-                f"images {seen[name]!r} and {image_id!r} both export as {name!r}; change --name-format"
+                f"images {seen[name]!r} and {image_id!r} both export as {name!r}; change "
+                "--name-format"
             )
         seen[name] = image_id
         item = store[image_id]
@@ -188,7 +194,7 @@ def _store_stem(store: FeatureStore) -> str:
     return os.path.splitext(os.path.basename(store.path))[0]
 
 
-# --- formats --------------------------------------------------------------------------------------------
+# --- formats --------------------------------------------------------------------------------------
 def _export_gridfeats_pth(
     store: FeatureStore, out_dir: str, name_format: str, report: ExportReport
 ) -> None:
@@ -200,7 +206,7 @@ def _export_gridfeats_pth(
         h, w = int(view.grid_hw[0]), int(view.grid_hw[1])
         fmap = torch.from_numpy(np.ascontiguousarray(view.features.T.reshape(1, -1, h, w)))
         _write_atomically(
-            os.path.join(out_dir, view.name + ".pth"), lambda fh: torch.save(fmap, fh)
+            os.path.join(out_dir, view.name + ".pth"), functools.partial(torch.save, fmap)
         )
         report.written += 1
     report.outputs.append(out_dir)
@@ -223,10 +229,10 @@ def _export_mmf(store: FeatureStore, out_dir: str, name_format: str, report: Exp
     for view in _views(store, name_format):
         base = os.path.join(out_dir, view.name)
         info = _mmf_info(view)
-        _write_atomically(base + ".npy", lambda fh: np.save(fh, view.features))
+        _write_atomically(base + ".npy", functools.partial(np.save, arr=view.features))
         _write_atomically(
             base + "_info.npy",
-            lambda fh: np.save(fh, np.array(info, dtype=object), allow_pickle=True),
+            functools.partial(np.save, arr=np.array(info, dtype=object), allow_pickle=True),
         )
         report.written += 1
     report.outputs.append(out_dir)
@@ -274,8 +280,8 @@ def _export_mcan_npz(
     for view in _views(store, name_format):
         if _mcan_image_id(view.name) is None:
             raise StoreError(
-                f"MCAN/OpenVQA read the image id from the file name's last '_' part; {view.name!r} has none. "
-                "Use e.g. --name-format 'COCO_train2014_{number:012d}'"
+                f"MCAN/OpenVQA read the image id from the file name's last '_' part; {view.name!r} "
+                "has none. Use e.g. --name-format 'COCO_train2014_{number:012d}'"
             )
         arrays = {
             "x": np.ascontiguousarray(view.features.T),  # [D, N]: the loaders transpose back
@@ -285,7 +291,8 @@ def _export_mcan_npz(
             "image_w": np.int64(view.image_hw[1]),
         }
         _write_atomically(
-            os.path.join(out_dir, view.name + ".npz"), lambda fh: np.savez_compressed(fh, **arrays)
+            os.path.join(out_dir, view.name + ".npz"),
+            functools.partial(np.savez_compressed, **arrays),
         )
         report.written += 1
     report.outputs.append(out_dir)
@@ -310,15 +317,16 @@ def _export_sc_npz(
         )
         _write_atomically(
             os.path.join(out_dir, "att", view.name + ".npz"),
-            lambda fh: np.savez_compressed(fh, feat=att),
+            functools.partial(np.savez_compressed, feat=att),
         )
         _write_atomically(
             os.path.join(out_dir, "fc", view.name + ".npy"),
-            lambda fh: np.save(fh, fc.astype(np.float32)),
+            functools.partial(np.save, arr=fc.astype(np.float32)),
         )
         if store.mode == "region":
             _write_atomically(
-                os.path.join(out_dir, "box", view.name + ".npy"), lambda fh: np.save(fh, view.boxes)
+                os.path.join(out_dir, "box", view.name + ".npy"),
+                functools.partial(np.save, arr=view.boxes),
             )
         report.written += 1
     kinds = ("att", "fc", "box") if store.mode == "region" else ("att", "fc")

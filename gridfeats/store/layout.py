@@ -1,4 +1,4 @@
-"""The HDF5 layout of `/work/shared/docs/feature-store.md` (version 1), in one place.
+"""The HDF5 layout of `docs/feature-store.md` (version 1), in one place.
 
 Everything that names a dataset, an attribute or a dtype of the store lives here, so that the
 writer, the reader, the merge step and the exporters cannot drift apart. It also holds
@@ -160,8 +160,8 @@ class StoreMetadata:
         version = int(attrs.get("version", -1))
         if version != FORMAT_VERSION:
             raise StoreFormatError(
-                f"{f.filename}: store layout version {version} is not supported (this gridfeats reads "
-                f"version {FORMAT_VERSION})"
+                f"{f.filename}: store layout version {version} is not supported (this gridfeats "
+                f"reads version {FORMAT_VERSION})"
             )
         if "rows/features" not in f:
             raise StoreFormatError(f"{f.filename}: store has no rows/features dataset")

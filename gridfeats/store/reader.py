@@ -43,13 +43,13 @@ class FeatureStore:
         parts_dir = self.path + ".parts"
         if not os.path.exists(self.path) and os.path.isdir(parts_dir):
             raise StoreIncompleteError(
-                f"{path} is not finished: its run left committed parts in {parts_dir}. Re-run the same "
-                "extraction command to finish it (or wait if it is still running)."
+                f"{path} is not finished: its run left committed parts in {parts_dir}. Re-run the "
+                "same extraction command to finish it (or wait if it is still running)."
             )
         if os.path.isdir(parts_dir):
             warnings.warn(
-                f"{parts_dir} exists: a run into {path} is unfinished; this file holds only what was "
-                "consolidated before it started",
+                f"{parts_dir} exists: a run into {path} is unfinished; this file holds only what "
+                "was consolidated before it started",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -101,7 +101,7 @@ class FeatureStore:
         """Number of rows of an image (grid cells or boxes) without reading them."""
         return int(self._index.count[self._locate(image_id)])
 
-    # --- data ---------------------------------------------------------------------------------------
+    # --- data -------------------------------------------------------------------------------------
     def __getitem__(self, image_id: Any) -> Dict[str, np.ndarray]:
         i = self._locate(image_id)
         start = int(self._index.offset[i])
@@ -120,7 +120,7 @@ class FeatureStore:
         fmap = grid_rows_to_map(item["features"], item["grid_hw"])
         return fmap if dtype is None else fmap.astype(dtype, copy=False)
 
-    # --- handle management ----------------------------------------------------------------------------
+    # --- handle management ------------------------------------------------------------------------
     def _locate(self, image_id: Any) -> int:
         key = _key(image_id)
         try:
@@ -136,8 +136,8 @@ class FeatureStore:
                 # The index in memory describes the old file; reading the new one with it would
                 # return other images' rows.
                 raise StoreError(
-                    f"{self.path} was replaced after this FeatureStore loaded its index (a run finished "
-                    "or extended it); create a new FeatureStore"
+                    f"{self.path} was replaced after this FeatureStore loaded its index (a run "
+                    "finished or extended it); create a new FeatureStore"
                 )
             self._file = open_store_file(self.path, rdcc_nbytes=self._cache_bytes)
             self._pid = pid
@@ -161,7 +161,10 @@ class FeatureStore:
         return state
 
     def __repr__(self) -> str:
-        return f"FeatureStore({self.path!r}, mode={self.meta.mode}, images={len(self)}, errors={len(self.errors)})"
+        return (
+            f"FeatureStore({self.path!r}, mode={self.meta.mode}, images={len(self)}, "
+            f"errors={len(self.errors)})"
+        )
 
 
 def _file_identity(path: str) -> Tuple[int, int, int, int]:

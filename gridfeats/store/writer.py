@@ -16,7 +16,7 @@ or ``commit_seconds`` seconds the buffer becomes a new part. ``close()`` commits
 *consolidates*: it writes all parts into a temporary file, fsyncs it and ``os.replace``-s it over
 ``OUT.h5``; then the parts folder is renamed away (atomically) and deleted.
 
-Why this meets the guarantees of ``feature-store.md``:
+Why this meets the guarantees of ``docs/feature-store.md``:
 
 * **Always readable**: ``OUT.h5`` and every part only ever appear by atomic rename of a fsynced,
   closed file. A kill at any instant leaves the previous ``OUT.h5`` (or none) plus whole parts and
@@ -321,7 +321,8 @@ class FeatureWriter:
         except BlockingIOError:
             os.close(fd)
             raise StoreBusyError(
-                f"another process is writing {self.path} (it holds {lock_path}); wait for it or stop it"
+                f"another process is writing {self.path} (it holds {lock_path}); wait for it or "
+                "stop it"
             ) from None
         return fd
 

@@ -1,5 +1,6 @@
-"""Checkpoint reading and loading (detectron2-compat.md 4.5): containers, prefixes, reports, Caffe2
-renaming with suffix matching, FrozenBN metadata, and refusal of pickles that would run code."""
+"""Checkpoint reading and loading (docs/detectron2-facts.md 4.5): containers, prefixes, reports,
+Caffe2 renaming with suffix matching, FrozenBN metadata, and refusal of pickles that would run
+code."""
 
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ VAR_KEY = "backbone.res5.0.conv1.norm.running_var"
 CLS_KEY = "roi_heads.box_predictor.cls_score.weight"
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Caffe2 names
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "caffe2,detectron2",
     [
@@ -91,9 +92,9 @@ def test_match_by_suffix_longest_wins_and_ambiguity_is_an_error():
         match_by_suffix(["a.x.weight", "b.x.weight"], ["x.weight"])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # .pth loading on a tiny model with Detectron2's key layout
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class _Tiny(nn.Module):
     """``backbone.res5.0.conv1`` (+ FrozenBN), the anchor buffer and a ``cls_score`` linear."""
 
@@ -214,7 +215,7 @@ def test_unreadable_inputs_give_clear_errors(tmp_path):
 
 
 def test_frozen_bn_metadata_survives_reading_and_prefix_stripping(tmp_path):
-    """A checkpoint whose metadata says FrozenBN version 2 gets eps subtracted, version 3 does not."""
+    """Checkpoint metadata FrozenBN version 2 gets eps subtracted, version 3 does not."""
     state = _source_state(6)
     for version, expected_shift in ((2, 1e-5), (3, 0.0)):
         meta = OrderedDict({"module.backbone.res5.0.conv1.norm": {"version": version}})
@@ -229,9 +230,9 @@ def test_frozen_bn_metadata_survives_reading_and_prefix_stripping(tmp_path):
         )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Caffe2-style .pkl into real (narrow) models
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 NARROW = [
     "MODEL.RESNETS.STEM_OUT_CHANNELS",
     "8",
@@ -322,9 +323,9 @@ def test_zoo_format_pkl_is_loaded_like_a_state_dict(tmp_path):
     _assert_loaded(model, state)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pickles that would run code
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 class _Malicious:
     def __init__(self, marker):
         self.marker = str(marker)

@@ -1,7 +1,7 @@
 """Tests of gridfeats.config: Detectron2@ffff8ac defaults, shipped YAMLs, _BASE_, overrides.
 
-Expected values come from the compatibility spec (detectron2-compat.md 1.4 and Appendix A); the
-Appendix A dump is stored in tests/assets/config so the tests do not depend on ../shared.
+Expected values come from docs/detectron2-facts.md 1.4 and Appendix A; the reference's dump of
+R-50-grid (Appendix A) is stored in tests/assets/config.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The image reader (detectron2-compat.md 2.1): colour modes, formats, EXIF orientation, sizes, and a
-specific ImageReadError reason for every kind of bad input."""
+"""The image reader (docs/detectron2-facts.md 2.1): colour modes, formats, EXIF orientation,
+sizes, and a specific ImageReadError reason for every kind of bad input."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def _reason(source, **kwargs) -> str:
     return err.value.reason
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Colour modes
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_grayscale_becomes_three_equal_channels(tmp_path):
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
     Image.fromarray(gray, "L").save(tmp_path / "g.png")
@@ -73,9 +73,9 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     assert np.all(out[0, :, 0] == out[0, :, 1]) and np.all(out[0, :, 1] == out[0, :, 2])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Formats and sizes
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "suffix,kwargs", [(".bmp", {}), (".tiff", {}), (".png", {}), (".webp", {"lossless": True})]
 )
@@ -141,9 +141,9 @@ def test_exif_orientation_is_applied(tmp_path, orientation, corners, rot90_k):
     np.testing.assert_array_equal(out, np.rot90(stored, k=rot90_k))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Input kinds
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_bytes_file_object_pil_and_array_equal_path_input(tmp_path):
     rgb = _rgb(9, 13, seed=2)
     path = tmp_path / "x.png"
@@ -170,9 +170,9 @@ def test_bad_arrays_are_refused_with_a_reason():
     assert _reason(np.zeros((0, 4, 3), np.uint8)).startswith("invalid image size")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Bad files
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_truncated_jpeg(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(_rgb(64, 64, seed=3)).save(buf, format="JPEG", quality=90)

@@ -365,7 +365,7 @@ def test_captions_are_coco_format_five_distinct_per_image(dataset):
             by_image.setdefault(row["image_id"], []).append(row["caption"])
             caption_ids.append(row["id"])
         assert set(by_image) == question_images[split]
-        for image_id, captions in by_image.items():
+        for captions in by_image.values():
             assert len(captions) == 5 and len(set(captions)) == 5
             assert all(isinstance(c, str) and len(c.split()) >= 4 for c in captions)
         for image in doc["images"]:

@@ -1,4 +1,4 @@
-"""Test-time resize (detectron2-compat.md 2.2) and the image -> network-input step built on it."""
+"""Test-time resize (docs/detectron2-facts.md 2.2) and the image -> network-input step on it."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ D2_RANDOM = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IM
 
 
 def make_images(out_dir: str, num: int) -> str:
-    """A folder of ``num`` synthetic images (varied sizes, JPEG and PNG); returns the images folder."""
+    """Write ``num`` synthetic images (varied sizes, JPEG and PNG); returns their folder."""
     from gridfeats.data.synthetic import make_synthetic
 
     paths = make_synthetic(out_dir, num, seed=0)
@@ -44,7 +44,7 @@ def make_images(out_dir: str, num: int) -> str:
 
 
 def read_all(path: str) -> Dict[str, Dict[str, np.ndarray]]:
-    """Every image of a store as ``{id: {field: array}}``, plus errors under the key ``"errors/"``."""
+    """A store's images as ``{id: {field: array}}``, plus errors under the key ``"errors/"``."""
     store = FeatureStore(path)
     items = {image_id: store[image_id] for image_id in store}
     items["errors/"] = dict(store.errors)
@@ -70,7 +70,7 @@ def assert_same_content(a: Dict, b: Dict) -> None:
 
 
 def cli_command(args: Sequence[str]) -> list:
-    """``python -m gridfeats extract ...`` with the test process's thread count (results depend on it)."""
+    """``python -m gridfeats extract ...`` with our thread count (the results depend on it)."""
     return [
         sys.executable,
         "-m",

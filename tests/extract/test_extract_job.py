@@ -12,7 +12,7 @@ import torch
 from gridfeats.api import Detector
 from gridfeats.cli import main as gridfeats_main
 from gridfeats.config import get_cfg
-from gridfeats.extract.distributed import RankInfo
+from gridfeats.engine.distributed import RankInfo
 from gridfeats.extract.job import ExtractOptions, StrictStop, build_detector, run_extraction
 from gridfeats.features import BottomUpSettings, storage_problem
 from gridfeats.store import FeatureStore, merge_stores
@@ -171,7 +171,8 @@ def test_resume_skips_done_images_and_refuses_other_settings(three_images, tmp_p
     fast_rows = read_all(opts.output)
     fresh = run_extraction(dataclasses.replace(exact, overwrite=True))
     assert fresh.run.processed == 3 and fresh.images == 3
-    # --exact-kernels gives the plain Detector's numbers; folded norms differ by float rounding only.
+    # --exact-kernels gives the plain Detector's numbers; folded norms differ by float rounding
+    # only.
     plain = Detector(get_cfg("R-50-grid", SMALL))
     store = FeatureStore(exact.output)
     image_id = store.ids[0]

@@ -1,4 +1,4 @@
-"""Input listing of ``gridfeats extract``: folders, COCO json, path lists, ids, shards, bad inputs."""
+"""Input listing of ``gridfeats extract``: folders, COCO json, path lists, ids, shards, bad input"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``torchrun --nproc_per_node 2 -m gridfeats extract`` on the CPU (gloo): two ranks, one merged file.
+"""``torchrun --nproc_per_node 2 -m gridfeats extract`` on the CPU (gloo): two ranks, one file.
 
 The merged result must hold the same rows as a single-process run (same thread count), the rank
 files must be gone, and a second torchrun of the same command must find nothing to do.

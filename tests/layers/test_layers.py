@@ -1,8 +1,8 @@
 """gridfeats.layers: FrozenBatchNorm2d, Conv2d (norm child, per-call stride, folding), NMS dispatch.
 
-Expectations come from detectron2-compat.md sections 3.5, 4.5 and 5.6, written out here by hand:
-FrozenBN's formula and load-time version rules, NMS's strict ``IoU > thr`` rule and NaN handling, and
-Detectron2@ffff8ac's batched-NMS dispatch (per-class loop from 40000 boxes on).
+Expectations come from docs/detectron2-facts.md sections 3.5, 4.5 and 5.6, written out here by hand:
+FrozenBN's formula and load-time version rules, NMS's strict ``IoU > thr`` rule and NaN handling,
+and Detectron2@ffff8ac's batched-NMS dispatch (per-class loop from 40000 boxes on).
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def _state_with_version(state: dict, version) -> "OrderedDict[str, torch.Tensor]
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # FrozenBatchNorm2d
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_frozen_bn_init_is_identity_with_running_var_one_minus_eps():
     bn = FrozenBatchNorm2d(4)
     assert bn.eps == EPS
@@ -155,7 +155,7 @@ def test_frozen_bn_load_without_version_fills_missing_stats_and_keeps_present_on
 
 
 def test_frozen_bn_load_version_1_fills_and_subtracts_eps():
-    """Detectron2@ffff8ac: version < 2 fills missing stats, then *any* present version < 3 subtracts eps."""
+    """Detectron2@ffff8ac: version < 2 fills missing stats; then *any* version < 3 subtracts eps."""
     src = _random_frozen_bn(3, seed=4).state_dict()
     bn = FrozenBatchNorm2d(3)
     bn.load_state_dict(_state_with_version(src, 1))
@@ -166,9 +166,9 @@ def test_frozen_bn_load_version_1_fills_and_subtracts_eps():
     torch.testing.assert_close(bn2.running_var, torch.ones(3) - EPS, rtol=0, atol=0)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Conv2d
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_conv_with_norm_child_names_and_per_call_stride_and_dilation():
     torch.manual_seed(0)
     conv = Conv2d(3, 4, 3, stride=1, padding=1, bias=False, norm=_random_frozen_bn(4))
@@ -200,7 +200,8 @@ def test_conv_fold_norm_matches_two_step_within_1e5(bias):
     conv.fold_norm()
     folded = conv(x)
     torch.testing.assert_close(folded, exact, rtol=1e-5, atol=1e-5)
-    # Per-call stride also applies to the folded conv (stride 2 samples every other stride-1 output).
+    # Per-call stride also applies to the folded conv (stride 2 samples every other stride-1
+    # output).
     torch.testing.assert_close(conv(x, stride=2), folded[..., ::2, ::2], rtol=1e-5, atol=1e-5)
     for k, v in conv.state_dict().items():  # folding never changes the saved tensors
         assert torch.equal(v, state_before[k]), k
@@ -208,9 +209,9 @@ def test_conv_fold_norm_matches_two_step_within_1e5(bias):
     assert torch.equal(conv(x), exact)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # NMS
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_nms_equal_iou_is_kept_strictly_greater_is_suppressed():
     # Boxes 0 and 1: intersection 2, union 4 -> IoU exactly 0.5.
     boxes = torch.tensor([[0.0, 0.0, 3.0, 1.0], [1.0, 0.0, 4.0, 1.0]])

@@ -1,8 +1,8 @@
 """Run the detector on the Detectron2 parity fixtures and collect results in the fixtures' layout.
 
-The fixtures (``../shared/fixtures/d2parity``: photos, seeded weight generator, Detectron2's outputs)
-live outside the repository; ``GRIDFEATS_D2PARITY`` may point elsewhere. Used by the tests and by
-``python -m tests.parity.d2parity CONFIG OUT.npz`` for a manual ``compare.py`` run.
+The fixtures (``../shared/fixtures/d2parity``: photos, seeded weight generator, Detectron2's
+outputs) live outside the repository; ``GRIDFEATS_D2PARITY`` may point elsewhere. Used by the tests
+and by ``python -m tests.parity.d2parity CONFIG OUT.npz`` for a manual ``compare.py`` run.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Helpers for the service tests (no tests here): a tiny fake detector and a real uvicorn server thread.
+"""Helpers for the service tests (no tests here): a tiny fake detector, a real uvicorn thread.
 
 The fake detector stands in for the network only: images are decoded and resized by the project's
 own ``prepare_image`` (resizing is switched off with ``INPUT.MIN_SIZE_TEST 0``, so pixels stay
@@ -22,6 +22,7 @@ import uvicorn
 from PIL import Image
 
 from gridfeats.config import get_cfg
+from gridfeats.data.image_io import DEFAULT_MAX_PIXELS
 from gridfeats.data.preprocess import PreparedImage, prepare_image
 from gridfeats.features import FeatureSpec
 from gridfeats.structures import Instances
@@ -41,7 +42,7 @@ class FakeDetector:
 
     def __init__(
         self,
-        max_pixels: int = 40_000_000,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         delay_s: float = 0.0,
         gate: Optional[threading.Event] = None,
         fail_on: Optional[int] = None,
@@ -132,7 +133,7 @@ def image_bytes(
     seed: int = 0,
     first_red: Optional[int] = None,
 ) -> bytes:
-    """A random RGB image encoded as ``fmt``; ``first_red`` fixes the top-left red value (PNG keeps it)."""
+    """A random RGB image as ``fmt``; ``first_red`` fixes the top-left red value (PNG keeps it)."""
     rng = np.random.RandomState(seed)
     pixels = rng.randint(0, 256, size=(height, width, 3), dtype=np.uint8)
     if first_red is not None:
@@ -195,7 +196,7 @@ class ServerThread:
 
 
 def metric_value(metrics_text: str, name: str, labels: str = "") -> float:
-    """The value of one sample in a Prometheus exposition (``labels`` as written, e.g. 'mode="grid"')."""
+    """One sample's value in a Prometheus exposition (``labels`` as written, e.g. 'mode="grid"')."""
     wanted = f"{name}{{{labels}}}" if labels else name
     for line in metrics_text.splitlines():
         if line.startswith("#"):

@@ -437,9 +437,10 @@ def test_a_model_failure_fails_only_its_own_request_in_a_shared_batch():
         ServerThread(settings, lambda: DetectorBackend(fake)) as srv,
         ThreadPoolExecutor(4) as pool,
     ):
-        post = lambda body: httpx.post(
-            srv.url + "/v1/features", content=body, headers=PNG, timeout=30
-        )  # noqa: E731
+
+        def post(body):
+            return httpx.post(srv.url + "/v1/features", content=body, headers=PNG, timeout=30)
+
         blocker = pool.submit(post, image_bytes(16, 16, seed=0, first_red=5))  # holds the model...
         assert fake.forward_started.wait(10)
         bodies = [
@@ -511,12 +512,15 @@ def test_overload_answers_503_with_retry_after_then_recovers():
         ServerThread(settings, lambda: DetectorBackend(fake)) as srv,
         ThreadPoolExecutor(8) as pool,
     ):
-        post = lambda seed: httpx.post(
-            srv.url + "/v1/features",
-            content=image_bytes(8, 8, seed=seed),  # noqa: E731
-            headers=PNG,
-            timeout=30,
-        )
+
+        def post(seed):
+            return httpx.post(
+                srv.url + "/v1/features",
+                content=image_bytes(8, 8, seed=seed),
+                headers=PNG,
+                timeout=30,
+            )
+
         busy = pool.submit(post, 0)
         assert fake.forward_started.wait(10)
         queued = [pool.submit(post, seed) for seed in (1, 2)]

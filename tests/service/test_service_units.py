@@ -29,7 +29,7 @@ from tests.service.helpers import image_bytes
 
 
 # ---------------------------------------------------------------------------------- settings
-def test_settings_come_from_env_and_flags_win():
+def test_settings_come_from_env_and_flags_win(monkeypatch):
     env = {
         "GRIDFEATS_MAX_BATCH": "16",
         "GRIDFEATS_PORT": "9000",
@@ -38,7 +38,9 @@ def test_settings_come_from_env_and_flags_win():
         "GRIDFEATS_WARMUP": "false",
         "UNRELATED": "x",
     }
-    settings = load_settings({"port": 8123, "host": None}, environ=env)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings({"port": 8123, "host": None})
     assert settings.max_batch == 16 and settings.port == 8123 and settings.host == "127.0.0.1"
     assert [k.get_secret_value() for k in settings.api_keys] == ["a", "b", "c"]
     assert settings.opts == ("INPUT.MIN_SIZE_TEST", "96", "MODEL.DEVICE", "cpu")
@@ -54,9 +56,11 @@ def test_settings_come_from_env_and_flags_win():
         ({"GRIDFEATS_PRECISION": "int8"}, "precision"),
     ],
 )
-def test_invalid_settings_name_the_setting(env, phrase):
+def test_invalid_settings_name_the_setting(env, phrase, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError) as err:
-        load_settings({}, environ=env)
+        load_settings({})
     assert phrase in str(err.value)
 
 
@@ -81,7 +85,7 @@ def test_cli_flags_map_onto_settings():
             "96",
         ]
     )
-    settings = load_settings(cli._overrides(args), environ={})
+    settings = load_settings(cli._overrides(args))
     assert (settings.max_batch, settings.max_wait_ms, settings.warmup) == (4, 2.5, False)
     assert settings.batched_forward is True and settings.exact_kernels is False
     assert settings.cors_origins == ("https://a.example", "https://b.example")
@@ -103,6 +107,25 @@ def test_start_up_checks_fail_fast_with_one_line(overrides, phrase):
     with pytest.raises(SettingsError) as err:
         cli.check_model_settings(ServiceSettings(**overrides))
     assert phrase in str(err.value)
+
+
+def test_every_setting_is_a_flag_with_the_models_choices_and_defaults():
+    from gridfeats.data.image_io import DEFAULT_MAX_PIXELS
+    from gridfeats.precision import PRECISIONS
+    from service.settings import ENV_ONLY
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    actions = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(actions) == set(ServiceSettings.model_fields) - set(ENV_ONLY)
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert "--api-keys" not in flags and "--api-keys-file" in flags  # keys never on a command line
+    assert actions["precision"].choices == PRECISIONS
+    assert actions["warmup"].option_strings == ["--no-warmup"] and actions["warmup"].const is False
+    assert all(a.default is None for name, a in actions.items() if name != "opts")
+    # One pixel limit for the service and extraction: the image reader's.
+    assert ServiceSettings().max_pixels == DEFAULT_MAX_PIXELS
+    assert "89478485" in actions["max_pixels"].help
 
 
 def test_cli_run_returns_2_and_prints_the_reason(capsys):

@@ -94,7 +94,7 @@ def test_gridfeats_pth_refuses_region_stores(region_store, tmp_path):
         export_store(region_store, str(tmp_path), "gridfeats-pth")
 
 
-# --- MMF --------------------------------------------------------------------------------------------
+# --- MMF ------------------------------------------------------------------------------------------
 def mmf_padded_read(feature_path: str, max_loc: int):
     """MMF PaddedFasterRCNNFeatureReader: .npy features plus the pickled dict in _info.npy."""
     info = {"features": np.load(feature_path, allow_pickle=True)}
@@ -171,7 +171,7 @@ def test_mmf_lmdb_read_like_lmdb_feature_reader(region_store, tmp_path):
     env.close()
 
 
-# --- MCAN / OpenVQA -------------------------------------------------------------------------------------
+# --- MCAN / OpenVQA -------------------------------------------------------------------------------
 def test_mcan_npz_is_transposed_and_named_for_their_id_parser(region_store, tmp_path):
     export_store(region_store, str(tmp_path), "mcan-npz", name_format="COCO_val2014_{number:012d}")
     paths = glob.glob(str(tmp_path) + "/" + "*.npz")
@@ -197,7 +197,7 @@ def test_mcan_npz_refuses_names_their_parser_cannot_read(tmp_path):
         export_store(path, str(tmp_path / "out"), "mcan-npz")
 
 
-# --- self-critical captioning -----------------------------------------------------------------------------
+# --- self-critical captioning ---------------------------------------------------------------------
 def sc_load_npz(att_dir: str, key: str) -> np.ndarray:
     """HybridLoader for a folder with ext .npz: open(key + ext).read(), np.load(...)['feat']."""
     with open(os.path.join(att_dir, key + ".npz"), "rb") as fh:
@@ -237,7 +237,7 @@ def test_sc_h5_one_dataset_per_image(region_store, tmp_path):
         assert np.array(h5py.File(tmp_path / "fc.h5", "r")[image_id]).shape == (D,)
 
 
-# --- bottom-up-attention tsv ---------------------------------------------------------------------------------
+# --- bottom-up-attention tsv ----------------------------------------------------------------------
 def test_bua_tsv_fields_and_base64(region_store, tmp_path):
     report = export_store(region_store, str(tmp_path), "bua-tsv")
     assert report.skipped == [("7", "no boxes (bua-tsv readers cannot parse empty rows)")]
@@ -261,7 +261,7 @@ def test_bua_tsv_fields_and_base64(region_store, tmp_path):
     assert seen == {i for i, k in REGION_COUNTS.items() if k}
 
 
-# --- names and the command line -------------------------------------------------------------------------------
+# --- names and the command line -------------------------------------------------------------------
 def test_image_names():
     assert image_name("139") == "139"
     assert image_name("139", "COCO_val2014_{number:012d}") == "COCO_val2014_000000000139"
@@ -288,10 +288,15 @@ def test_names_that_collide_are_refused(tmp_path):
 
 
 def test_cli_lists_every_format_and_reports_errors(region_store, tmp_path, capsys):
-    from gridfeats.cli import main
-    from gridfeats.store.cli_export import FORMAT_NAMES
+    import argparse
 
-    assert set(FORMAT_NAMES) == set(FORMATS)
+    from gridfeats.cli import main
+    from gridfeats.store.cli_export import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    (fmt,) = [a for a in parser._actions if a.dest == "fmt"]
+    assert fmt.choices == tuple(FORMATS)
     assert (
         main(
             [

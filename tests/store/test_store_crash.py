@@ -58,7 +58,10 @@ def launch(
     env.pop(ENV_VAR, None)
     if crash_at:
         env[ENV_VAR] = crash_at
-    code = f"from tests.store.test_store_crash import run_job; run_job({out!r}, {n}, {commit_every}, {delay})"
+    code = (
+        "from tests.store.test_store_crash import run_job; "
+        f"run_job({out!r}, {n}, {commit_every}, {delay})"
+    )
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
 
 

@@ -1,6 +1,6 @@
 """gridfeats.structures: box helpers (no "+1", clip to [0, w] x [0, h]) and ImageList padding.
 
-Values are worked out by hand from detectron2-compat.md 2.4, 5.3, 5.6 and 6.6.
+Values are worked out by hand from docs/detectron2-facts.md 2.4, 5.3, 5.6 and 6.6.
 """
 
 from __future__ import annotations

@@ -18,13 +18,13 @@ import torch
 import yaml
 
 from gridfeats.cli import main as gridfeats_main
+from gridfeats.engine import read_metrics
 from vqa.data import tokenize
 from vqa.engine.caption_task import CaptionTask
 from vqa.engine.checkpoint import FINAL, load_checkpoint
 from vqa.engine.cider_reward import CiderD
 from vqa.engine.commands import task_defaults
 from vqa.engine.config import load_config
-from vqa.engine.metrics_log import read_metrics
 from vqa.examples.synthetic_features import make_feature_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ def synthetic(tmp_path_factory):
 
 def write_config(tmp_path: Path, synthetic, captions: str = "simple", **sections) -> Path:
     config = {
-        "_base_": str(REPO / "configs" / "vqa" / "updown.yaml"),
+        "_BASE_": str(REPO / "configs" / "vqa" / "updown.yaml"),
         **TINY,
         "data": {
             "features": str(synthetic["region_features"]),

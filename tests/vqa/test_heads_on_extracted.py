@@ -1,4 +1,4 @@
-"""VQA heads trained on stores written by the extraction pipeline (make-synthetic -> extract -> train).
+"""VQA heads trained on stores the extraction pipeline wrote (make-synthetic -> extract -> train).
 
 The heads' own tests feed them structured or random stores; here the rows come from the detector
 (seeded random initialisation: no weights ship) through ``gridfeats.extract``, so this catches a

@@ -1,4 +1,4 @@
-"""Training the VQA heads on synthetic features: learning, CLI round trip, exact resume after a kill.
+"""Training the VQA heads on synthetic features: learning, CLI round trip, exact resume after kill.
 
 Features come from ``vqa.examples.synthetic_features`` (stores written through the project's
 FeatureWriter that encode each synthetic object's shape/colour/size where it is), so the heads
@@ -19,9 +19,8 @@ import torch
 import yaml
 
 from gridfeats.cli import main as gridfeats_main
+from gridfeats.engine import KILL_ENV, read_metrics
 from vqa.engine.checkpoint import FINAL, LAST, CheckpointError, load_checkpoint
-from vqa.engine.metrics_log import read_metrics
-from vqa.engine.trainer import KILL_ENV
 from vqa.engine.vqa_task import majority_answer
 from vqa.examples.synthetic_features import make_feature_dataset
 from vqa.metrics import evaluate_vqa
@@ -66,7 +65,7 @@ def synthetic(tmp_path_factory):
 def write_config(tmp_path: Path, synthetic, model: str, mode: str, **train) -> Path:
     """A YAML inheriting a shipped config, with a tiny model and the synthetic data."""
     config = {
-        "_base_": str(CONFIGS / f"{model}.yaml"),
+        "_BASE_": str(CONFIGS / f"{model}.yaml"),
         "model": TINY_MODELS[model],
         "data": {
             "features": str(synthetic[f"{mode}_features"]),
@@ -248,7 +247,7 @@ def test_user_errors_are_one_line_messages(tmp_path, synthetic, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
-def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path, synthetic):
+def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path, synthetic, capsys):
     config = write_config(tmp_path, synthetic, "mcan-small", "region", epochs=1)
     out = tmp_path / "run"
     assert (
@@ -262,6 +261,23 @@ def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path, synthetic):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "garbage.pt")
+
+    # a checkpoint from before the engine still predicts, but is not resumed
+    from vqa.engine.checkpoint import PRE_ENGINE_FORMAT
+
+    old = {**load_checkpoint(out / FINAL), "format": PRE_ENGINE_FORMAT}
+    old_run = tmp_path / "old_run"
+    old_run.mkdir()
+    torch.save(old, old_run / LAST)
+    assert load_checkpoint(old_run / LAST, kind="vqa")["model"].keys() == old["model"].keys()
+    assert (
+        gridfeats_main(
+            ["vqa", "train", "--config", str(config), "--out", str(old_run), "--resume"]
+            + ["model.layers=1"]
+        )
+        == 2
+    )
+    assert "holds no resumable training state" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- kill and resume
@@ -320,7 +336,7 @@ def test_run_killed_mid_epoch_resumes_to_identical_weights_and_metrics(tmp_path,
     assert killed.returncode == -signal.SIGKILL
     assert not (killed_dir / FINAL).exists()
     position = load_checkpoint(killed_dir / LAST)["position"]
-    assert position["global_step"] == 6 and position["batch"] != 0  # a mid-epoch checkpoint
+    assert position["iteration"] == 6 and position["batch"] != 0  # a mid-epoch checkpoint
 
     resumed = _train_subprocess(config, killed_dir, *extra, "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -410,7 +426,7 @@ def test_scheduler_state_resumes_the_same_learning_rates():
 
 
 def test_batch_order_is_a_function_of_seed_and_epoch_and_shards_cover_the_data():
-    from vqa.engine.sampler import ResumableBatchSampler
+    from gridfeats.engine import ResumableBatchSampler
 
     sampler = ResumableBatchSampler(23, batch_size=4, seed=7)
     sampler.set_epoch(2)
@@ -430,8 +446,9 @@ def test_batch_order_is_a_function_of_seed_and_epoch_and_shards_cover_the_data()
 
 
 def test_config_inheritance_overrides_and_unknown_keys(tmp_path):
+    from gridfeats.config import ConfigError
     from vqa.engine.commands import task_defaults
-    from vqa.engine.config import ConfigError, load_config
+    from vqa.engine.config import load_config
 
     large = load_config(
         CONFIGS / "mcan-large.yaml",
@@ -460,6 +477,19 @@ def test_config_inheritance_overrides_and_unknown_keys(tmp_path):
         load_config(None, task_defaults("vqa"), ["train.epochs"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml", task_defaults("vqa"))
+    # Detectron2's KEY VALUE pairs and key=value words, mixed
+    mixed = load_config(
+        CONFIGS / "mcan-small.yaml",
+        task_defaults("vqa"),
+        ["train.epochs", "4", "optim.lr=0.5", "optim.betas", "[0.1, 0.2]"],
+    )
+    assert mixed["train"]["epochs"] == 4 and mixed["optim"]["lr"] == 0.5
+    assert mixed["optim"]["betas"] == [0.1, 0.2]
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        load_config(None, task_defaults("vqa"), ["train.epoch", "2"])
+    bad.write_text(f"_base_: {CONFIGS / 'mcan-small.yaml'}\n")
+    with pytest.raises(ConfigError, match="the inheritance key is '_BASE_'"):
+        load_config(bad, task_defaults("vqa"))
 
 
 def test_every_shipped_config_loads_and_builds_its_model():
@@ -480,7 +510,7 @@ def test_every_shipped_config_loads_and_builds_its_model():
 
 
 def test_metrics_log_drops_records_after_the_resumed_step(tmp_path):
-    from vqa.engine.metrics_log import MetricsLog
+    from gridfeats.engine import MetricsLog
 
     log = MetricsLog(tmp_path / "m.jsonl")
     for step in (1, 2, 3, 4):

@@ -81,6 +81,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from gridfeats.errors import GridfeatsError
+
 MASTER_A013F00 = "master-a013f00"
 V2_A4F1AFD = "v2.0-a4f1afd"
 BETA_07AECEC = "beta-07aecec"
@@ -316,7 +318,7 @@ RULES: Dict[str, AnswerRules] = {
 }
 
 
-class Python2TextError(ValueError):
+class Python2TextError(GridfeatsError, ValueError):
     """The Python 2 script stops on this answer (``UnicodeDecodeError`` in ``' '.join``)."""
 
 

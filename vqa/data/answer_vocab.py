@@ -11,10 +11,10 @@ would give to predicting ``c``** (``vqa.metrics.vqa_eval.question_accuracy``: le
 ``min(1, matches/3)`` averaged over annotators, ground truth handled exactly as at evaluation).
 This is the most faithful rule: the loss then rewards exactly what the score rewards, including
 the metric's quirks (e.g. when all ten annotators wrote "two", the official script compares the
-prediction unnormalised, so the normalised candidate "2" scores, and gets a target, of zero). With ten annotators the leave-one-out average equals ``min(1, 0.3 * matches)``
-(0.3, 0.6, 0.9, 1.0 for 1, 2, 3, 4+ matches), the formula of several code bases; the two differ
-in which strings count as matches (the metric's ground-truth handling) and for questions with
-other than ten answers.
+prediction unnormalised, so the normalised candidate "2" scores, and gets a target, of zero). With
+ten annotators the leave-one-out average equals ``min(1, 0.3 * matches)`` (0.3, 0.6, 0.9, 1.0 for 1,
+2, 3, 4+ matches), the formula of several code bases; the two differ in which strings count as
+matches (the metric's ground-truth handling) and for questions with other than ten answers.
 Candidates are the normalised answers of the question's annotators that are in the vocabulary.
 """
 

@@ -107,7 +107,7 @@ class ImageRowReader:
 
 
 def open_row_reader(data_cfg: Any, features: Optional[str] = None) -> Tuple[str, "ImageRowReader"]:
-    """The feature store a task reads (``features`` overrides ``data.features``) and its row reader."""
+    """A task's feature store (``features`` overrides ``data.features``) and its row reader."""
     from vqa.data.json_files import DataFormatError
 
     path = features or data_cfg["features"]

@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
+from gridfeats.errors import GridfeatsError
+
 JsonSource = Union[str, "os.PathLike[str]", Mapping[str, Any], Sequence[Any]]
 
 
-class DataFormatError(ValueError):
+class DataFormatError(GridfeatsError, ValueError):
     """An input file or object that does not have the expected content; the message says why."""
 
 

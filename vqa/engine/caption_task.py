@@ -15,8 +15,9 @@ reference caption. From that epoch on, SCST (Rennie et al. 2017): for each image
 ``samples_per_image`` captions are sampled and rewarded with CIDEr-D (against the training
 references, document frequencies of the whole training set) minus a baseline: the greedy
 caption's CIDEr-D (``baseline: greedy``, the paper) or the mean reward of the image's other
-samples (``baseline: mean``, Luo 2020; steadier on small data). The training batches stay those of the reference-caption view, so an image
-with five references is visited five times per epoch in both phases.
+samples (``baseline: mean``, Luo 2020; steadier on small data). The training batches stay
+those of the reference-caption view, so an image with five references is visited five times per
+epoch in both phases.
 
 Validation during training decodes with beam search and scores CIDEr-D on the tokeniser's words
 (``vqa.engine.cider_reward``, no Java); official numbers come from ``gridfeats caption eval``
@@ -32,11 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from gridfeats.engine import move_to_device, unwrap
 from vqa.data import CaptionDataset, DataFormatError, WordVocab, tokenize
 from vqa.data.image_rows import open_row_reader
-from vqa.engine.checkpoint import unwrap
 from vqa.engine.cider_reward import CiderD
-from vqa.engine.trainer import move_to_device
 from vqa.models import build_captioner
 
 CAPTION_DEFAULTS: Dict[str, Any] = {

@@ -17,11 +17,10 @@ from typing import Any, Callable, Dict, Mapping, Type
 
 import yaml
 
-from vqa.engine.checkpoint import FINAL, LAST, load_checkpoint
+from gridfeats.engine import RankInfo, distributed, seed_all_rngs
+from vqa.engine.checkpoint import FINAL, LAST, CheckpointError, load_checkpoint
 from vqa.engine.config import load_config, with_task_defaults
-from vqa.engine.determinism import seed_everything
-from vqa.engine.distributed import init_distributed, resolve_device, shutdown
-from vqa.engine.trainer import Trainer
+from vqa.engine.trainer import fit_task
 
 EXIT_USER_ERROR = 2
 
@@ -54,7 +53,7 @@ def reports_user_errors(prog: str) -> Callable[[Callable[..., int]], Callable[..
         def run(*args: Any, **kwargs: Any) -> int:
             try:
                 return func(*args, **kwargs)
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError, CheckpointError) as exc:
                 print(f"{prog}: error: {exc}", file=sys.stderr)
                 return EXIT_USER_ERROR
 
@@ -88,8 +87,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "opts",
         nargs="*",
-        metavar="KEY=VALUE",
-        help="config overrides, e.g. train.epochs=3 model.layers=2",
+        metavar="OVERRIDE",
+        help="config overrides: KEY VALUE pairs or KEY=VALUE words, "
+        "e.g. train.epochs 3 model.layers=2",
     )
 
 
@@ -118,18 +118,19 @@ def train(args: argparse.Namespace, kind: str) -> int:
     if args.resume and (out / LAST).is_file():
         # Vocabularies must be the ones the checkpointed weights were trained with.
         state = load_checkpoint(out / LAST, kind=kind)["task"]
-    device = resolve_device(cfg["train"]["device"])
-    dist_info = init_distributed(device)
+    rank = RankInfo.from_env()
+    device = distributed.resolve_device(cfg["train"]["device"], rank.local_rank)
+    distributed.init_process_group(rank, device)
     try:
-        seed_everything(int(cfg["train"]["seed"]))
+        seed_all_rngs(int(cfg["train"]["seed"]))
         task = task_class(kind)(cfg, state=state)
-        if dist_info.is_main:
+        if rank.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        metrics = Trainer(task, cfg, out, device, dist_info).fit(resume=args.resume)
+        metrics = fit_task(task, cfg, out, device, rank, resume=args.resume)
     finally:
-        shutdown(dist_info)
-    if dist_info.is_main:
+        distributed.destroy_process_group()
+    if rank.is_main:
         summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
         print(json.dumps({"run": str(out), **summary}))
     return 0
@@ -152,7 +153,7 @@ def load_for_inference(args: argparse.Namespace, kind: str) -> Any:
         cfg, state=checkpoint["task"], features=args.features, for_training=False
     )
     task.model.load_state_dict(checkpoint["model"])
-    task.model.to(resolve_device(args.device))
+    task.model.to(distributed.resolve_device(args.device))
     return task
 
 

@@ -1,21 +1,31 @@
-"""The heads' YAML config: defaults, ``_base_`` inheritance, ``key.sub=value`` overrides.
+"""The heads' YAML config: defaults, ``_BASE_`` inheritance, ``KEY VALUE``/``key=value`` overrides.
 
-A deliberately small schema (plain nested dicts) rather than Detectron2's CfgNode: the heads have
-a few dozen settings, and a typo must fail loudly. Every section except ``model`` (validated by
-the model builder against the constructor's arguments) is checked against the defaults, so an
-unknown key is an error naming the key and the accepted ones.
+Files are read by the project's one config reader (``gridfeats.config.load_yaml_with_base``, the
+detector's): ``_BASE_: other.yaml`` (or a list, relative to the including file) inherits and
+overrides another file, which is how mcan-small and mcan-large share their training recipe; errors
+are ``gridfeats.config.ConfigError``. Overrides come as Detectron2's ``KEY VALUE`` pairs
+(``train.epochs 3``) or as ``key=value`` words (``train.epochs=3``), mixed freely; values are
+parsed as YAML.
 
-A config file may start with ``_base_: other.yaml`` (relative to the file) to inherit and
-override another file, which is how mcan-small and mcan-large share their training recipe.
+The schema stays plain nested dicts with lower-case keys rather than a CfgNode: the heads have a
+few dozen settings, read as ``cfg["train"]["epochs"]`` and stored in checkpoints as a dict, and a
+typo must fail loudly. Every section except ``model`` (validated by the model builder against the
+constructor's arguments) is checked against the defaults, so an unknown key is an error naming
+the key and the accepted ones.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import yaml
+
+from gridfeats.config import ConfigError, load_yaml_with_base
+from gridfeats.config.yaml_loader import BASE_KEY
+
+LEGACY_BASE_KEY = "_base_"
 
 FREE_FORM_SECTIONS = ("model",)
 
@@ -28,7 +38,10 @@ COMMON_DEFAULTS: Dict[str, Any] = {
         "eps": 1e-8,
         "weight_decay": 0.0,
         "momentum": 0.9,  # sgd only
-        "grad_clip": 0.0,  # max global L2 norm; 0 disables
+        "grad_clip": 0.0,  # the clipping threshold; 0 disables
+        "grad_clip_type": "full_model",  # full_model (global norm) | norm (per parameter) | value
+        "weight_decay_norm": None,  # null: weight_decay (norm-layer parameters)
+        "weight_decay_bias": None,  # null: weight_decay (biases)
     },
     "schedule": {
         "unit": "epoch",  # unit of warmup and milestones: epoch | step
@@ -45,6 +58,8 @@ COMMON_DEFAULTS: Dict[str, Any] = {
         "seed": 0,
         "num_workers": 0,
         "device": "auto",  # auto | cpu | cuda
+        "precision": "fp32",  # fp32 | bf16 (GPU, or CPU with native bf16) | fp16 (GPU)
+        "grad_accumulation": 1,  # batches per optimizer step (global batch: x batch_size x ranks)
         "deterministic": False,
         "checkpoint_every_steps": 0,  # mid-epoch checkpoints; 0: only at epoch ends
         "log_every_steps": 20,
@@ -53,10 +68,6 @@ COMMON_DEFAULTS: Dict[str, Any] = {
         "progress": True,
     },
 }
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
 
 
 def _merge(
@@ -80,22 +91,16 @@ def _merge(
     return base
 
 
-def _read_yaml(path: Path, seen: tuple) -> Dict[str, Any]:
+def _read_yaml(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    if path.resolve() in seen:
-        raise ConfigError(f"config files include each other in a loop at {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    base_name = data.pop("_base_", None)
-    if base_name is None:
-        return data
-    base = _read_yaml((path.parent / base_name), seen + (path.resolve(),))
-    return _deep_update(base, data)
+    data = load_yaml_with_base(path)
+    if LEGACY_BASE_KEY in data:
+        raise ConfigError(
+            f"{path} (or a file it includes) uses {LEGACY_BASE_KEY!r}; the inheritance key is "
+            f"{BASE_KEY!r}, as in the detector configs"
+        )
+    return data
 
 
 def _deep_update(base: Dict[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
@@ -108,32 +113,61 @@ def _deep_update(base: Dict[str, Any], update: Mapping[str, Any]) -> Dict[str, A
     return out
 
 
-def parse_override(text: str) -> Dict[str, Any]:
-    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}`` (the value is parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    dotted, raw = text.split("=", 1)
+def _nested(text: str, dotted: str, value: Any) -> Dict[str, Any]:
     keys = [k for k in dotted.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
     for key in reversed(keys):
         value = {key: value}
     return value
 
 
+def _yaml_value(text: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
+
+
+def parse_override(text: str) -> Dict[str, Any]:
+    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}`` (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    return _nested(text, dotted, _yaml_value(text, raw))
+
+
+def parse_overrides(opts: Sequence[str]) -> List[Dict[str, Any]]:
+    """``KEY VALUE`` pairs and ``key=value`` words, in order, as nested dicts.
+
+    A word with ``=`` is one override; any other word is a key whose value is the next word.
+    """
+    out: List[Dict[str, Any]] = []
+    index = 0
+    while index < len(opts):
+        word = opts[index]
+        if "=" in word:
+            out.append(parse_override(word))
+            index += 1
+            continue
+        if index + 1 >= len(opts):
+            raise ConfigError(
+                f"override {word!r} must look like section.key=value or be followed by its value"
+            )
+        out.append(_nested(word, word, _yaml_value(word, opts[index + 1])))
+        index += 2
+    return out
+
+
 def load_config(
-    path: Optional[Union[str, Path]], defaults: Mapping[str, Any], overrides: Iterable[str] = ()
+    path: Optional[Union[str, Path]], defaults: Mapping[str, Any], overrides: Sequence[str] = ()
 ) -> Dict[str, Any]:
-    """Defaults, then the file (with its ``_base_`` chain), then ``key=value`` overrides."""
+    """Defaults, then the file (with its ``_BASE_`` chain), then the overrides."""
     config = copy.deepcopy(dict(defaults))
     if path is not None:
-        config = _merge(config, _read_yaml(Path(path), ()), defaults, "")
-    for text in overrides:
-        config = _merge(config, parse_override(text), defaults, "")
+        config = _merge(config, _read_yaml(Path(path)), defaults, "")
+    for update in parse_overrides(list(overrides)):
+        config = _merge(config, update, defaults, "")
     return config
 
 

@@ -1,27 +1,39 @@
 """Optimizer construction from the config's ``optim:`` section.
 
 Only the optimizers the heads' papers use: Adam (MCAN, beta2 0.98, eps 1e-9), Adamax (Pythia),
-AdamW and SGD for experiments. Gradient clipping (Pythia clips the global norm at 0.25) is done
-by the trainer from ``optim.grad_clip``.
+AdamW and SGD for experiments. Parameter groups come from ``gridfeats.engine.build_param_groups``
+(``optim.weight_decay_norm`` / ``optim.weight_decay_bias``: null = same as ``weight_decay``, which
+gives one group, as the papers train). Gradient clipping (Pythia clips the global norm at 0.25)
+is done by the engine from ``optim.grad_clip`` and ``optim.grad_clip_type``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
+
+from gridfeats.engine import build_param_groups
 
 OPTIMIZERS = ("adam", "adamw", "adamax", "sgd")
 
 
-def build_optimizer(
-    parameters: Iterable[torch.nn.Parameter], optim_cfg: Mapping[str, Any]
-) -> Optimizer:
+def _optional_float(value: Any) -> Any:
+    return None if value is None else float(value)
+
+
+def build_optimizer(model: nn.Module, optim_cfg: Mapping[str, Any]) -> Optimizer:
     name = optim_cfg["name"]
-    params = [p for p in parameters if p.requires_grad]
     lr = float(optim_cfg["lr"])
     weight_decay = float(optim_cfg["weight_decay"])
+    groups = build_param_groups(
+        model,
+        weight_decay=weight_decay,
+        weight_decay_norm=_optional_float(optim_cfg.get("weight_decay_norm")),
+        weight_decay_bias=_optional_float(optim_cfg.get("weight_decay_bias")),
+    )
     if name in ("adam", "adamw", "adamax"):
         betas = tuple(float(b) for b in optim_cfg["betas"])
         if len(betas) != 2:
@@ -30,10 +42,10 @@ def build_optimizer(
             name
         ]
         return cls(
-            params, lr=lr, betas=betas, eps=float(optim_cfg["eps"]), weight_decay=weight_decay
+            groups, lr=lr, betas=betas, eps=float(optim_cfg["eps"]), weight_decay=weight_decay
         )
     if name == "sgd":
         return torch.optim.SGD(
-            params, lr=lr, momentum=float(optim_cfg["momentum"]), weight_decay=weight_decay
+            groups, lr=lr, momentum=float(optim_cfg["momentum"]), weight_decay=weight_decay
         )
     raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {name!r}")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from gridfeats.engine import move_to_device
 from vqa.data import (
     AnswerVocab,
     DataFormatError,
@@ -40,7 +41,6 @@ from vqa.data import (
     read_json,
 )
 from vqa.data.image_rows import open_row_reader
-from vqa.engine.trainer import move_to_device
 from vqa.metrics import evaluate_vqa
 from vqa.models import build_vqa_model
 

@@ -36,11 +36,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from gridfeats.engine import seed_all_rngs
 from vqa.engine.caption_task import CaptionTask
 from vqa.engine.commands import task_defaults
 from vqa.engine.config import load_config
-from vqa.engine.determinism import seed_everything
-from vqa.engine.trainer import Trainer
+from vqa.engine.trainer import fit_task
 from vqa.engine.vqa_task import VQATask, majority_answer
 from vqa.examples.synthetic_features import make_feature_dataset
 from vqa.metrics import evaluate_vqa
@@ -81,9 +81,9 @@ def _say(text: str) -> None:
 
 
 def _train(task_cls: Any, cfg: Dict[str, Any], out: Path) -> Any:
-    seed_everything(int(cfg["train"]["seed"]))
+    seed_all_rngs(int(cfg["train"]["seed"]))
     task = task_cls(cfg)
-    Trainer(task, cfg, out, torch.device("cpu")).fit()
+    fit_task(task, cfg, out, torch.device("cpu"))
     return task
 
 

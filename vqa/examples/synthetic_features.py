@@ -1,4 +1,4 @@
-"""Feature stores that encode what is in the synthetic images, for training heads without a detector.
+"""Feature stores encoding what the synthetic images hold, for training heads without a detector.
 
 Why: the heads' learning can only be shown on features that carry the scene's content, and a
 randomly initialised detector's C5 map does not. These stores are written from the synthetic set's
@@ -29,9 +29,9 @@ import numpy as np
 
 from gridfeats.data.image_io import read_image
 from gridfeats.store import FeatureWriter, StoreMetadata, grid_record, region_record
+from gridfeats.store.layout import MODES
 
 PathLike = Union[str, Path]
-MODES = ("grid", "region")
 
 
 def _vocabulary(instances: Dict[str, Any]) -> Dict[str, int]:

@@ -37,7 +37,7 @@ class EncodedImage(NamedTuple):
 
 
 class UpDownCaptioner(nn.Module):
-    """Up-Down captioner; sizes default to the paper (hidden 1000, attention 512, embedding 1000)."""
+    """Up-Down captioner; sizes default to the paper's (hidden 1000, attention 512, embed 1000)."""
 
     def __init__(
         self,

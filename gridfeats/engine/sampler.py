@@ -4,7 +4,8 @@ The usual ``DataLoader(shuffle=True)`` draws its permutation from a generator wh
 to restore at a batch boundary. Here epoch ``e`` shuffles with ``Generator().manual_seed(seed +
 e)``; resuming at batch ``k`` of epoch ``e`` regenerates the same permutation and starts at batch
 ``k``. Under DDP each rank takes every ``world``-th index of the (padded) permutation, like
-``DistributedSampler``, so ranks see disjoint, equally long shards.
+``DistributedSampler``, so ranks see disjoint, equally long shards. ``gridfeats.engine.Trainer``
+calls ``set_epoch(epoch, skip_batches)`` itself, so a resume reads no skipped data.
 """
 
 from __future__ import annotations

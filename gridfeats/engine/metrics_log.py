@@ -51,19 +51,30 @@ class MetricsLog:
             except ImportError:
                 warnings.warn(
                     "TensorBoard logging requested but the 'tensorboard' package is "
-                    "not installed; writing the JSON-lines log only"
+                    "not installed; writing the JSON-lines log only",
+                    stacklevel=2,
                 )
             else:
                 self._writer = SummaryWriter(str(tensorboard_dir))
 
     def log(self, kind: str, step: int, epoch: int, **values: Any) -> None:
-        record = {"kind": kind, "step": step, "epoch": epoch, "time": time.time(), **values}
+        self.write({"kind": kind, "step": step, "epoch": epoch, "time": time.time(), **values})
+
+    def write(self, record: Dict[str, Any]) -> None:
+        """Append one record (it must hold ``kind`` and ``step``); the file is closed after each
+        line, so a kill loses at most the line being written."""
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self._writer is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)):
-                    self._writer.add_scalar(f"{kind}/{name}", value, step)
+            for name, value in record.items():
+                if name not in ("kind", "step", "epoch", "time") and isinstance(
+                    value, (int, float)
+                ):
+                    self._writer.add_scalar(f"{record['kind']}/{name}", value, record["step"])
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
