@@ -505,8 +505,8 @@ class BaselineWorker:
             tar.extractall(tree, filter="data")
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--code", str(tree)]
         command += ["--threads", str(torch.get_num_threads()), "--device", args.device]
-        if args.quick:
-            command.append("--quick")
+        command += ["--quick"] if args.quick else []
+        command += ["--no-warm-up"] if args.no_warm_up else []
         env = dict(os.environ, PYTHONPATH=str(tree))
         self.proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
@@ -542,7 +542,7 @@ def worker_main(args) -> int:
         if key not in makers:
             makers[key] = make_feature_maker(detectors[config], KINDS[kind])
         prepared = detectors[config].prepare(request["path"])
-        if key not in getattr(worker_main, "warm", set()):
+        if not args.no_warm_up and key not in getattr(worker_main, "warm", set()):
             makers[key].records([prepared])
             worker_main.warm = getattr(worker_main, "warm", set()) | {key}
         start = time.perf_counter()
@@ -560,7 +560,7 @@ def throughput(
     rounds: int,
     sync,
     baseline: Optional[BaselineWorker],
-    warm_up: bool = True,
+    warm_up: Sequence[str] = (),
 ):
     """Per (config, kind, mode): per-round seconds on the round's image, and the records of each
     image (for the quality section). Every round visits all variants on one image in turn."""
@@ -572,7 +572,7 @@ def throughput(
             for kind in kinds:
                 maker = make_feature_maker(detectors[(config, mode)], KINDS[kind])
                 makers[(config, kind, mode)] = maker
-                if warm_up:  # (the stage tables already ran every detector otherwise)
+                if mode in warm_up:  # (not the modes the stage tables already ran)
                     maker.records([detectors[(config, mode)].prepare(paths[0])])
     for r in range(rounds):
         index = r % len(paths)
@@ -721,6 +721,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--baseline", default=BASELINE, help="commit whose exact mode is 'today'")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--skip-stages", action="store_true")
+    parser.add_argument(
+        "--no-warm-up", action="store_true", help="no untimed first pass per throughput variant"
+    )
+    parser.add_argument("--stage-modes", nargs="+", help="modes with a stage table (default all)")
     parser.add_argument("--quick", action="store_true", help="tiny model and images (smoke test)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code", help=argparse.SUPPRESS)
@@ -781,6 +785,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for config in args.configs:
                 flop_cache: Dict[str, Dict[str, float]] = {}
                 for name, _, precision in modes:
+                    if args.stage_modes and name not in args.stage_modes:
+                        continue
                     print(
                         f"\n== stages: {config}, {name} ({precision}), image "
                         f"{Path(paths[0]).name}; %mm = share of the {precision} matmul =="
@@ -806,7 +812,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.rounds,
                 sync,
                 baseline,
-                warm_up=args.skip_stages,
+                warm_up=[
+                    n
+                    for n in names
+                    if not args.no_warm_up
+                    and (args.skip_stages or (args.stage_modes and n not in args.stage_modes))
+                ],
             )
         finally:
             if baseline is not None:
