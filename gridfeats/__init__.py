@@ -5,6 +5,9 @@ Public entry points (imported lazily so ``import gridfeats`` stays light):
     gridfeats.get_cfg(config_file, opts)   # Detectron2-style config: _BASE_, KEY VALUE overrides
     gridfeats.Detector(cfg, weights, device)
     gridfeats.FeatureStore(path)           # reader of the HDF5 feature store
+    gridfeats.build_model(cfg, weights)    # the detector in train mode (FREEZE_AT, FrozenBN)
+    gridfeats.build_optimizer(cfg, model)  # Detectron2's SGD with one group per trainable tensor
+    gridfeats.build_lr_scheduler(cfg, opt) # WarmupMultiStepLR / WarmupCosineLR
 """
 
 from gridfeats.version import __version__
@@ -14,6 +17,9 @@ _LAZY = {
     "CfgNode": ("gridfeats.config", "CfgNode"),
     "Detector": ("gridfeats.api", "Detector"),
     "FeatureStore": ("gridfeats.store", "FeatureStore"),
+    "build_model": ("gridfeats.modeling", "build_model"),
+    "build_optimizer": ("gridfeats.solver", "build_optimizer"),
+    "build_lr_scheduler": ("gridfeats.solver", "build_lr_scheduler"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from gridfeats.checkpoint import LoadReport, load_checkpoint, sha256_file
+from gridfeats.checkpoint import LoadReport, check_complete, load_checkpoint, sha256_file
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
 from gridfeats.data.preprocess import PreparedImage, prepare_image
 from gridfeats.layers import Conv2d
@@ -44,6 +44,8 @@ class Detector:
         weights: a ``.pth``/``.pkl`` checkpoint; ``None`` keeps the seeded random initialisation.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         allow_partial: accept a checkpoint that leaves some tensors at init (refused by default).
+            A checkpoint that fills the whole backbone and nothing else (``gridfeats
+            convert-backbone``) serves grids without it; detections then need it.
         precision: ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` (fast modes, where the hardware has them).
         seed: seed of the random initialisation (used for every tensor the checkpoint does not set).
         max_pixels: decompression-bomb guard of the image reader.
@@ -81,7 +83,8 @@ class Detector:
         self.load_report: Optional[LoadReport] = None
         self.weights_sha256 = ""
         if weights is not None:
-            self.load_report, _ = load_checkpoint(model, weights, allow_partial=allow_partial)
+            # Grids need only the backbone; detect() checks the heads (a converted SSL backbone).
+            self.load_report, _ = load_checkpoint(model, weights, allow_partial, "backbone")
             self.weights_sha256 = sha256_file(weights)
         else:
             logger.warning(
@@ -90,6 +93,7 @@ class Detector:
         self.model = model.eval().to(self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.allow_partial = allow_partial
         self.fast = fast or precision != "fp32"
         self.batch_forward = batch_forward
         self.memory_format = torch.contiguous_format
@@ -104,6 +108,28 @@ class Detector:
             # Ampere+ GPUs default to TF32 convolutions (~1e-3 relative error); exact mode turns it off.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, cfg: Any, precision: str = "fp32") -> "Detector":
+        """Wrap an in-memory ``GeneralizedRCNN`` (e.g. the one being trained) without copying it.
+
+        The model is put in eval mode (the caller restores train mode); its parameters and the
+        global TF32 switches are left alone. Used by training-time evaluation so that it runs
+        the same ``prepare``/``detect_batch`` code as extraction.
+        """
+        detector = cls.__new__(cls)
+        detector.cfg = cfg
+        detector.device = model.pixel_mean.device
+        check_precision(precision, detector.device)
+        detector.precision = precision
+        detector.max_pixels = DEFAULT_MAX_PIXELS
+        detector.load_report = None
+        detector.weights_sha256 = ""
+        detector.allow_partial = True  # the in-memory model has all its heads, trained or not
+        detector.model = model.eval()
+        detector.fast = False  # folding norms would change the wrapped model's modules
+        detector.batch_forward = False
+        return detector
 
     # -- properties ----------------------------------------------------------------------------------
     @property
@@ -190,6 +216,12 @@ class Detector:
         return grids[0] if single else grids
 
     # -- detections -----------------------------------------------------------------------------------
+    def require_heads(self) -> None:
+        """Raise CheckpointError when the weights hold no detector heads (a backbone-only file from
+        `gridfeats convert-backbone`) and allow_partial was not given; call before region work."""
+        if self.load_report is not None:
+            check_complete(self.load_report, allow_partial=self.allow_partial)
+
     def detect_batch(self, prepared: Sequence[PreparedImage]) -> List[Instances]:
         """Detectron2 inference as configured, with region features and attribute probabilities.
 
@@ -201,6 +233,7 @@ class Detector:
         on the feature map it was detected on (network-input pixels), and its attribute
         probabilities are read from that feature with its predicted class.
         """
+        self.require_heads()
         out: List[Optional[Instances]] = [None] * len(prepared)
         heads = self.model.roi_heads
         with torch.inference_mode(), self._context():
@@ -236,6 +269,7 @@ class Detector:
         ``box_features``, ``class_probs``, ``pred_boxes_per_class``, in network-input pixels), for
         selection rules other than Detectron2's (e.g. bottom-up-attention's), computed on the
         detection model (dilated res5)."""
+        self.require_heads()
         out: List[Optional[Instances]] = [None] * len(prepared)
         with torch.inference_mode(), self._context():
             for group in self._groups(prepared):

@@ -21,11 +21,26 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ),
     ("merge", "gridfeats.store.cli_merge", "merge shard files into one feature store"),
     ("export", "gridfeats.store.cli_export", "export a feature store to other projects' layouts"),
+    (
+        "convert-backbone",
+        "gridfeats.checkpoint.convert.cli",
+        "convert an SSL / torchvision / Hugging Face backbone into weights + config",
+    ),
     ("make-synthetic", "gridfeats.data.synthetic", "render a synthetic VG/VQA/captioning data set"),
+    (
+        "train-detector",
+        "gridfeats.engine.detection_cli",
+        "train or evaluate a detector (COCO json with attributes)",
+    ),
     ("serve", "service.cli", "run the REST feature endpoint"),
     ("vqa", "vqa.cli_vqa", "train, predict and evaluate VQA heads"),
     ("caption", "vqa.cli_caption", "train, predict and evaluate the captioning head"),
     ("demo", "gridfeats.demo", "the main job end to end on synthetic data"),
+    (
+        "pretrain",
+        "gridfeats.pretrain.train",
+        "self-supervised pretraining (SimSiam, MoCo, MAE, DINO)",
+    ),
 ]
 
 
@@ -51,7 +66,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"gridfeats {name}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    # KEY=VALUE positionals may follow options (gridfeats pretrain): parse them intermixed.
+    parse = parser.parse_intermixed_args if getattr(module, "INTERMIXED_ARGS", False) else None
+    args = (parse or parser.parse_args)(rest)
     return int(module.run(args) or 0)
 
 

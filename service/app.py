@@ -226,7 +226,7 @@ def create_app(
             random_init=info.random_init,
             device=info.device,
             precision=info.precision,
-            modes=["grid", "region"],
+            modes=list(info.modes),
             feature_dims={"grid": info.grid_dim, "region": info.region_dim},
             num_classes=info.num_classes,
             num_attributes=info.num_attributes,
@@ -254,6 +254,12 @@ def create_app(
     async def features(request: Request, query: Annotated[FeatureQuery, Query()]) -> Response:
         deadline = time.monotonic() + settings.request_timeout_s
         backend = runtime.require_ready()
+        if query.mode not in backend.info.modes:
+            raise InvalidParameter(
+                f"mode={query.mode} needs detector heads, but the loaded weights hold a backbone "
+                f"only (e.g. from gridfeats convert-backbone); this service offers mode="
+                + "|".join(backend.info.modes)
+            )
         media_type = choose_media_type(request.headers.get("accept"))
         try:
             uploads = await asyncio.wait_for(

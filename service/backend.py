@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from gridfeats.features import FeatureSpec, make_feature_maker
 from gridfeats.store.records import Record
@@ -39,6 +39,8 @@ class BackendInfo:
     num_attributes: int
     input_min_size: int
     input_max_size: int
+    #: what the weights can compute: ("grid",) for a backbone-only checkpoint (convert-backbone)
+    modes: Tuple[str, ...] = ("grid", "region")
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class DetectorBackend:
             num_attributes=int(detector.num_attributes),
             input_min_size=int(cfg.INPUT.MIN_SIZE_TEST),
             input_max_size=int(cfg.INPUT.MAX_SIZE_TEST),
+            modes=("grid", "region") if _has_heads(detector) else ("grid",),
         )
         self._makers: Dict[FeatureSpec, Any] = {}
 
@@ -129,3 +132,17 @@ class DetectorBackend:
             for index, record in zip(indices, made):
                 records[index] = record
         return records  # type: ignore[return-value]
+
+
+def _has_heads(detector: Any) -> bool:
+    """Whether the detector's weights cover its heads (region mode needs them)."""
+    from gridfeats.checkpoint import CheckpointError
+
+    require = getattr(detector, "require_heads", None)
+    if require is None:
+        return True
+    try:
+        require()
+    except CheckpointError:
+        return False
+    return True

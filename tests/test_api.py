@@ -151,8 +151,9 @@ def test_list_input_equals_one_by_one(detector, tmp_path):
 
 
 def test_batch_forward_groups_same_size_images(cfg, detector):
-    """``batch_forward=True`` shares one forward between same-size images (never padding): a batch of 2
-    changes the convolutions' float rounding (about 2e-6 here, the size of a thread-count change)."""
+    """``batch_forward=True`` shares one forward between same-size images (never padding): a batch
+    of 2 changes the convolutions' float rounding (about 2e-6 here, the size of a thread-count
+    change)."""
     batched = Detector(cfg, seed=0, batch_forward=True)
     a, b, c = _image(60, 90, 4), _image(90, 60, 5), _image(61, 92, 6)
     grids = batched.extract_grid([a, b, c])

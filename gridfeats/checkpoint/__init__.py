@@ -1,7 +1,9 @@
 from gridfeats.checkpoint.caffe2_names import convert_caffe2_name, convert_caffe2_state_dict
 from gridfeats.checkpoint.loader import (
+    BACKBONE_PREFIXES,
     CheckpointError,
     LoadReport,
+    check_complete,
     load_checkpoint,
     load_state,
     match_by_suffix,
@@ -10,8 +12,10 @@ from gridfeats.checkpoint.loader import (
 )
 
 __all__ = [
+    "BACKBONE_PREFIXES",
     "CheckpointError",
     "LoadReport",
+    "check_complete",
     "convert_caffe2_name",
     "convert_caffe2_state_dict",
     "load_checkpoint",

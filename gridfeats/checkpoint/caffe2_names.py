@@ -1,4 +1,5 @@
-"""Caffe2 / Detectron1 blob names -> Detectron2 module names (``res2_0_branch2a_w`` -> ``res2.0.conv1.weight``)."""
+"""Caffe2 / Detectron1 blob names -> Detectron2 module names (``res2_0_branch2a_w`` ->
+``res2.0.conv1.weight``)."""
 
 from __future__ import annotations
 

@@ -8,9 +8,11 @@ caller refuse a partial load: a detector silently running with random heads is t
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
+import pathlib
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 #: Buffers computed from the config; a checkpoint may or may not carry them (Detectron2 changed this).
 DERIVED_SUFFIXES = ("anchor_generator.cell_anchors.0",)
+#: Model tensors that grid extraction reads: the backbone, and the res5 stage a C4 box head owns.
+#: A checkpoint that fills all of them (a converted SSL backbone) is enough for grids.
+BACKBONE_PREFIXES = ("backbone.", "roi_heads.res5.")
+#: What ``load_checkpoint(required=...)`` insists on: every model tensor, or the backbone ones.
+REQUIRED_SCOPES = ("model", "backbone")
 
 
 class CheckpointError(GridfeatsError, RuntimeError, ValueError):
@@ -53,6 +60,23 @@ class LoadReport:
     def complete(self) -> bool:
         """Every model tensor came from the checkpoint (config-derived buffers aside)."""
         return not self.missing and not self.shape_mismatch
+
+    @property
+    def backbone_complete(self) -> bool:
+        """Every backbone tensor (:data:`BACKBONE_PREFIXES`) came from the checkpoint."""
+        return not any(k.startswith(BACKBONE_PREFIXES) for k in self.missing) and not any(
+            k.startswith(BACKBONE_PREFIXES) for k, _, _ in self.shape_mismatch
+        )
+
+    @property
+    def backbone_only(self) -> bool:
+        """The checkpoint fills the backbone and nothing else (detector heads left at init)."""
+        return (
+            bool(self.loaded)
+            and self.backbone_complete
+            and all(k.startswith(BACKBONE_PREFIXES) for k in self.loaded)
+            and not self.complete
+        )
 
     def summary(self, limit: int = 20) -> str:
         lines = [f"checkpoint {self.source}: {len(self.loaded)} tensors loaded"]
@@ -84,9 +108,13 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        # Some trainers store numpy arrays/scalars next to tensors; allow exactly those.
+        # Some trainers store numpy arrays/scalars next to tensors, MAE and DINO their command line
+        # as an argparse.Namespace (of strings, numbers and paths): allow exactly those.
         multiarray = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
         allowed = [
+            argparse.Namespace,
+            pathlib.PosixPath,
+            pathlib.PurePosixPath,
             np.ndarray,
             np.dtype,
             multiarray.multiarray._reconstruct,
@@ -101,7 +129,8 @@ def _torch_load(path: Path) -> Any:
         except pickle.UnpicklingError:
             # torch's own message suggests weights_only=False, i.e. running the file's code: not shown.
             raise CheckpointError(
-                f"{path}: holds objects other than tensors, numpy arrays and plain containers; refusing "
+                f"{path}: holds objects other than tensors, numpy arrays, plain containers and "
+                "argparse.Namespace; refusing "
                 "to unpickle it (a checkpoint must not need code to load)"
             ) from None
 
@@ -244,22 +273,58 @@ def load_state(
     return report
 
 
+def check_complete(
+    report: LoadReport, required: str = "model", allow_partial: bool = False
+) -> None:
+    """Raise :class:`CheckpointError` unless the load filled what ``required`` names.
+
+    ``required="model"``: every model tensor; ``"backbone"``: every backbone tensor (grid
+    extraction needs nothing else). ``allow_partial=True`` accepts anything that loaded at least
+    one tensor. A load that matched no tensor at all is refused always: it is a wrong file, not a
+    partial one (the classic "only unexpected keys" SSL mistake).
+    """
+    if required not in REQUIRED_SCOPES:
+        raise ValueError(f"required must be one of {REQUIRED_SCOPES}, got {required!r}")
+    if not report.loaded and (report.missing or report.shape_mismatch):
+        raise CheckpointError(
+            "no tensor of the checkpoint matches the model (wrong file or an unconverted "
+            "self-supervised checkpoint? see `gridfeats convert-backbone`):\n" + report.summary()
+        )
+    if allow_partial or report.complete:
+        return
+    if required == "backbone" and report.backbone_complete:
+        return
+    if report.backbone_only:
+        raise CheckpointError(
+            f"{report.source} holds only backbone tensors (e.g. written by `gridfeats "
+            "convert-backbone`): it is enough for grid features, but detections and region "
+            "features need trained RPN and box heads. Use a detector checkpoint, or pass "
+            "allow_partial=True / --allow-partial to run randomly initialised heads:\n"
+            + report.summary()
+        )
+    raise CheckpointError(
+        "incomplete checkpoint (pass allow_partial=True / --allow-partial to use it anyway):\n"
+        + report.summary()
+    )
+
+
 def load_checkpoint(
-    model: nn.Module, path: Union[str, os.PathLike], allow_partial: bool = False
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    allow_partial: bool = False,
+    required: str = "model",
 ) -> Tuple[LoadReport, Dict[str, Any]]:
     """Read ``path`` and load it into ``model``.
 
-    With ``allow_partial=False`` a checkpoint that leaves any model tensor at its initial value (or
-    whose shapes do not fit) raises :class:`CheckpointError` naming the keys; pass True to accept it
-    (e.g. ImageNet backbone weights as a training initialisation).
+    With ``allow_partial=False`` a checkpoint that leaves any required tensor at its initial value
+    (or whose shapes do not fit) raises :class:`CheckpointError` naming the keys; pass True to
+    accept it (e.g. ImageNet backbone weights as a training initialisation). ``required="backbone"``
+    accepts a checkpoint that fills every backbone tensor and nothing else (grid extraction); see
+    :func:`check_complete`.
     """
     state, needs_matching, extra = read_checkpoint(path)
     report = load_state(model, state, str(path), needs_matching)
     for line in report.summary().splitlines():
         logger.info(line)
-    if not report.complete and not allow_partial:
-        raise CheckpointError(
-            "incomplete checkpoint (pass allow_partial=True / --allow-partial to use it anyway):\n"
-            + report.summary()
-        )
+    check_complete(report, required=required, allow_partial=allow_partial)
     return report, extra

@@ -1,14 +1,17 @@
 """Reading pickles without running arbitrary code.
 
 Checkpoints are pickles, and a pickle can execute anything on load. ``.pth`` files go through
-``torch.load(weights_only=True)``; Caffe2/Detectron ``.pkl`` files through :class:`RestrictedUnpickler`,
-which only materialises plain containers and numpy arrays and refuses every other global by name.
+``torch.load(weights_only=True)``; Caffe2/Detectron ``.pkl`` files through
+:class:`RestrictedUnpickler`, which only materialises plain containers and numpy arrays and refuses
+every other global by name.
 """
 
 from __future__ import annotations
 
 import pickle
 from typing import Any, BinaryIO
+
+from gridfeats.errors import GridfeatsError
 
 _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"),
@@ -25,7 +28,7 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(GridfeatsError, pickle.UnpicklingError):
     """The pickle asked for a global that is not on the allow-list."""
 
 

@@ -18,6 +18,11 @@ from gridfeats.config.node import CfgNode as CN
 
 _C = CN()
 
+#: Config nodes gridfeats adds for backbones Detectron2@ffff8ac does not have. They hold only
+#: their own backbones' settings, so every Detectron2 key keeps its reference default; dumps
+#: carry them, and comparisons with the reference dump leave exactly these nodes out.
+GRIDFEATS_NODES = ("MODEL.VIT", "MODEL.HF")
+
 # Config schema version; v2 files merge without any upgrade step.
 _C.VERSION = 2
 
@@ -239,6 +244,36 @@ _C.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
 _C.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False, False, False, False]
 _C.MODEL.RESNETS.DEFORM_MODULATED = False
 _C.MODEL.RESNETS.DEFORM_NUM_GROUPS = 1
+
+# ---------------------------------------------------------------------------------------------
+# ViT and Hugging Face backbones (gridfeats; not in Detectron2). Written by
+# `gridfeats convert-backbone` for MoCo v3 / MAE / DINO / HF sources, see docs/backbones.md.
+# Listed in GRIDFEATS_NODES: every other key is Detectron2@ffff8ac's.
+# ---------------------------------------------------------------------------------------------
+_C.MODEL.VIT = CN()
+_C.MODEL.VIT.PATCH_SIZE = 16
+_C.MODEL.VIT.EMBED_DIM = 768
+_C.MODEL.VIT.DEPTH = 12
+# Not readable from the weights (qkv is [3D, D] for any count): MoCo v3 ViT-S 12, DINO ViT-S 6.
+_C.MODEL.VIT.NUM_HEADS = 12
+_C.MODEL.VIT.MLP_RATIO = 4.0
+_C.MODEL.VIT.QKV_BIAS = True
+_C.MODEL.VIT.LN_EPS = 1e-6
+# Side of the square patch grid the stored position table was made for (224 / 16 = 14).
+_C.MODEL.VIT.PRETRAIN_GRID = 14
+# Stored table: "learned" (DINO), "sincos-rows-first" (MoCo v3), "sincos-cols-first" (MAE).
+_C.MODEL.VIT.POS_EMBED = "learned"
+# Resize rule for other grids: "dino" (scale_factor + 0.1), "bicubic" (size-based,
+# align_corners False: MAE fine-tuning, ViTDet), "sincos" (recompute the fixed table).
+_C.MODEL.VIT.POS_INTERP = "bicubic"
+_C.MODEL.VIT.DROP_PATH_RATE = 0.0
+
+_C.MODEL.HF = CN()
+# A transformers class: ViTModel, ViTMAEModel, Dinov2Model, Dinov2WithRegistersModel,
+# CLIPVisionModel or SiglipVisionModel.
+_C.MODEL.HF.MODEL_CLASS = "ViTModel"
+# The vision model's config.json as a mapping (any keys; the weights come from MODEL.WEIGHTS).
+_C.MODEL.HF.CONFIG = CN(new_allowed=True)
 
 # ---------------------------------------------------------------------------------------------
 # Solver

@@ -11,6 +11,8 @@ Layout written under ``DIR`` (other parts of the project rely on these exact nam
     DIR/images/000001.jpg ...           # image i is f"{i:06d}" + ".jpg", or ".png" when i % 6 == 3;
                                         # sides 160..640 px, landscape, portrait or square; RGB
     DIR/annotations/instances.json      # VG-style COCO json (grid-feats-vqa's visual_genome_*.json)
+    DIR/annotations/instances_train.json  # the same, restricted to the train / val split's images
+    DIR/annotations/instances_val.json    # (detector training and its held-out evaluation)
     DIR/annotations/objects_vocab.txt   # bottom-up-attention vocab format: one entry per line,
     DIR/annotations/attributes_vocab.txt  # synonyms comma-separated, no final newline
     DIR/vqa/train_questions.json        # VQA v2 questions  (images of the train split)
@@ -33,10 +35,12 @@ Layout written under ``DIR`` (other parts of the project rely on these exact nam
 * ``attribute_ids`` are 0-based indices into ``attributes_vocab.txt`` (colour, then size), as
   grid-feats-vqa's 400-way attribute loss uses them.
 
-The VQA and caption files split the images into train and val (about ``val_fraction`` of them in
-val; an image is in exactly one split). ``question_id`` is ``image_id * 1000 + k`` as in VQA v2;
-caption ids are ``image_id * 10 + k``. See :mod:`gridfeats.data.synthetic_questions` and
-:mod:`gridfeats.data.synthetic_captions` for what is asked and said, and
+The VQA, caption and ``instances_{train,val}.json`` files split the images into train and val
+(about ``val_fraction`` of them in val; an image is in exactly one split, the same one in every
+file; annotation ids are those of ``instances.json``). ``question_id`` is
+``image_id * 1000 + k`` as in VQA v2; caption ids are ``image_id * 10 + k``. See
+:mod:`gridfeats.data.synthetic_questions` and :mod:`gridfeats.data.synthetic_captions` for what
+is asked and said, and
 :mod:`gridfeats.data.synthetic_scene` for what is drawn.
 """
 
@@ -88,6 +92,8 @@ def output_paths(out_dir: PathLike) -> Dict[str, Path]:
         "root": root,
         "images": root / "images",
         "instances": root / "annotations" / "instances.json",
+        "train_instances": root / "annotations" / "instances_train.json",
+        "val_instances": root / "annotations" / "instances_val.json",
         "objects_vocab": root / "annotations" / "objects_vocab.txt",
         "attributes_vocab": root / "annotations" / "attributes_vocab.txt",
         "train_questions": root / "vqa" / "train_questions.json",
@@ -308,17 +314,19 @@ def make_synthetic(
             scene, _rng(seed, _STREAM_CAPTIONS, image_id), CAPTIONS_PER_IMAGE
         )
 
+    categories = [
+        {"id": k + 1, "name": name, "supercategory": "shape"}
+        for k, name in enumerate(CATEGORY_NAMES)
+    ]
+    attributes = [{"id": k, "name": name} for k, name in enumerate(ATTRIBUTE_NAMES)]
     _write_json(
         paths["instances"],
         {
             "info": _info(seed),
             "images": list(images.values()),
             "annotations": instances,
-            "categories": [
-                {"id": k + 1, "name": name, "supercategory": "shape"}
-                for k, name in enumerate(CATEGORY_NAMES)
-            ],
-            "attributes": [{"id": k, "name": name} for k, name in enumerate(ATTRIBUTE_NAMES)],
+            "categories": categories,
+            "attributes": attributes,
         },
     )
     write_vocab(paths["objects_vocab"], [(w.name, *w.synonyms) for w in SHAPES])
@@ -328,6 +336,17 @@ def make_synthetic(
         zip(("train", "val"), split_image_ids(num_images, val_fraction, _rng(seed, _STREAM_SPLIT)))
     )
     for split, image_ids in splits.items():
+        members = set(image_ids)
+        _write_json(
+            paths[f"{split}_instances"],
+            {
+                "info": _info(seed, split),
+                "images": [images[i] for i in image_ids],
+                "annotations": [a for a in instances if a["image_id"] in members],
+                "categories": categories,
+                "attributes": attributes,
+            },
+        )
         question_doc, annotation_doc = _vqa_files(image_ids, questions, split, seed)
         _write_json(paths[f"{split}_questions"], question_doc)
         _write_json(paths[f"{split}_annotations"], annotation_doc)
@@ -397,6 +416,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace a data set already in --out (only files of this layout are removed)",
     )
+    parser.add_argument(
+        "--classify",
+        type=_count_argument(0, MAX_IMAGES),
+        default=0,
+        metavar="PER_CLASS",
+        help="also write a labelled classification split, PER_CLASS images of each of 9 "
+        "shape/colour classes, under OUT/classify/{train,val}/<class>/ (for the kNN monitor)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -410,6 +437,15 @@ def run(args: argparse.Namespace) -> int:
             questions_per_image=args.questions_per_image,
             overwrite=args.overwrite,
         )
+        if getattr(args, "classify", 0):
+            from gridfeats.data.synthetic_classes import make_classification
+
+            paths.update(
+                {
+                    f"classify_{k}": v
+                    for k, v in make_classification(args.out, args.classify, seed=args.seed).items()
+                }
+            )
     except SyntheticDataError as exc:
         print(f"gridfeats make-synthetic: error: {exc}", file=sys.stderr)
         return 2

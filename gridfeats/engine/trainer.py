@@ -435,7 +435,8 @@ class Trainer:
             # iterator draws from them exactly as the uninterrupted run's did.
             self._restore_pending_rng()
         target = _set_epoch_target(self.data_loader)
-        if target is not None and self.iters_per_epoch is not None:
+        # An infinite stream (no length) is one epoch; its sampler may still skip by arithmetic.
+        if target is not None and (self.iters_per_epoch is not None or _accepts_skip(target)):
             if _accepts_skip(target):
                 target.set_epoch(self.epoch, skip_batches=skip)
                 skip = 0

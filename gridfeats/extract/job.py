@@ -225,6 +225,8 @@ def build_detector(options: ExtractOptions, info: RankInfo):
             fast=options.fast_kernels,
             batch_forward=options.batched_forward,
         )
+        if options.mode == "region":
+            detector.require_heads()  # a backbone-only checkpoint makes grids, not regions
     except (CheckpointError, UnsafePickleError) as exc:
         raise ExtractError(f"weights: {exc}") from None
     return detector

@@ -120,8 +120,8 @@ def select_bottom_up(candidates: Instances, settings: BottomUpSettings) -> Insta
     """Pick proposals the way ``generate_tsv.py`` does (see the module docstring).
 
     ``candidates`` is one image's :meth:`ROIHeads.predict` output; the result holds
-    ``proposal_index``, ``scores`` (``max_conf``), ``pred_classes`` and ``pred_boxes`` (network-input
-    pixels) of the kept proposals.
+    ``proposal_index``, ``scores`` (``max_conf``), ``pred_classes`` and ``pred_boxes``
+    (network-input pixels) of the kept proposals.
     """
     input_hw = candidates.image_size
     scores = candidates.class_probs[:, :-1].float()  # background is the last column
@@ -174,7 +174,7 @@ def _pick(input_hw, index, scores, classes, boxes) -> Instances:
 def _confidence_above(
     class_boxes: torch.Tensor, scores: torch.Tensor, nms_thresh: float, floor: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``max_conf`` and its class per proposal, exact wherever ``max_conf >= floor`` (else 0, -1)."""
+    """``max_conf`` and its class per proposal, exact where ``max_conf >= floor`` (else 0, -1)."""
     num_proposals, num_classes = scores.shape
     pairs = (scores >= floor).nonzero()  # proposal-major, class-minor
     max_conf = scores.new_zeros(num_proposals)
@@ -195,9 +195,9 @@ def _confidence_above(
 
 
 def _lower_floors(scores: torch.Tensor, min_boxes: int, ceiling: float):
-    """Score floors below ``ceiling``: the m-th best per-proposal score for m = min_boxes, 2x, 4x...,
-    ending with 0 (every pair). A proposal's ``max_conf`` never exceeds its best score, so a floor
-    is useless until at least ``min_boxes`` proposals have a best score above it."""
+    """Score floors below ``ceiling``: the m-th best per-proposal score for m = min_boxes, 2x,
+    4x..., ending with 0 (every pair). A proposal's ``max_conf`` never exceeds its best score, so a
+    floor is useless until at least ``min_boxes`` proposals have a best score above it."""
     best = scores.max(dim=1).values.sort(descending=True).values
     m = min_boxes
     while m < len(best):

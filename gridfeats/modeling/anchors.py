@@ -1,7 +1,8 @@
 """Detectron2's ``DefaultAnchorGenerator`` for a single feature level.
 
 Order matters for parity with checkpoints: cell anchors are size-major (``a = 3 * size + ratio``),
-ratio is h/w, and the full list is row-major over cells then anchors, with cell ``(y, x)`` shifted by
+ratio is h/w, and the full list is row-major over cells then anchors, with cell ``(y, x)`` shifted
+by
 ``(x, y) * stride + offset * stride`` (offset 0: anchor centres sit on the cell's top-left corner).
 """
 

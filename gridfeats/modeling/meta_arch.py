@@ -83,7 +83,7 @@ class GeneralizedRCNN(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    # -- input ---------------------------------------------------------------------------------------
+    # -- input -------------------------------------------------------------------------------------
     def normalize(self, images: Sequence[torch.Tensor]) -> ImageList:
         """``(uint8 - mean) / std`` per channel, padded into one batch (bottom/right, value 0) to a
         multiple of the backbone's ``size_divisibility``."""
@@ -96,7 +96,7 @@ class GeneralizedRCNN(nn.Module):
     def preprocess_image(self, batched_inputs: Sequence[Mapping[str, Any]]) -> ImageList:
         return self.normalize([x["image"] for x in batched_inputs])
 
-    # -- forward -------------------------------------------------------------------------------------
+    # -- forward -----------------------------------------------------------------------------------
     def forward(
         self, batched_inputs: Sequence[Mapping[str, Any]]
     ) -> Union[Dict[str, torch.Tensor], List[Dict[str, Instances]]]:

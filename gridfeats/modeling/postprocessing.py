@@ -1,4 +1,5 @@
-"""Detections from network-input pixels to the original image (Detectron2's ``detector_postprocess``)."""
+"""Detections from network-input pixels to the original image (Detectron2's
+``detector_postprocess``)."""
 
 from __future__ import annotations
 

@@ -97,7 +97,8 @@ def normalize_record(image_id: str, record: Mapping[str, Any], meta: StoreMetada
         value = _to_numpy(record[name]).astype(np.int64, copy=False).reshape(-1)
         if value.shape != (2,) or value.min() < 0:
             raise ValueError(
-                f"record for {image_id!r}: {name} must be two non-negative ints, got {value.tolist()}"
+                f"record for {image_id!r}: {name} must be two non-negative ints, "
+                f"got {value.tolist()}"
             )
         out[name] = value.astype(np.int32)
 
@@ -108,14 +109,16 @@ def normalize_record(image_id: str, record: Mapping[str, Any], meta: StoreMetada
             count = value.shape[0] if value.ndim else -1
         if value.shape != (count, *trailing):
             raise ValueError(
-                f"record for {image_id!r}: {name} has shape {list(value.shape)}, expected {[count, *trailing]}"
+                f"record for {image_id!r}: {name} has shape {list(value.shape)}, "
+                f"expected {[count, *trailing]}"
             )
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
             converted = np.array(value, dtype=dtype, copy=True, order="C")
         if dtype.kind == "f" and not np.isfinite(converted).all():
             if np.isfinite(value).all():
                 raise ValueError(
-                    f"record for {image_id!r}: {name} overflows {dtype} storage (max {np.finfo(dtype).max})"
+                    f"record for {image_id!r}: {name} overflows {dtype} storage "
+                    f"(max {np.finfo(dtype).max})"
                 )
             raise ValueError(f"record for {image_id!r}: {name} contains NaN or inf")
         out[name] = converted

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 class ImageList:
     """``tensor`` is ``[N, C, H, W]``; ``image_sizes[i]`` is image i's unpadded ``(h, w)``.
 
-    Images are padded at the bottom and right with ``pad_value`` (0 after normalisation, i.e. the mean
-    colour). Sizes are kept so anchors and boxes are clipped to each image, not to the padded size.
+    Images are padded at the bottom and right with ``pad_value`` (0 after normalisation, i.e. the
+    mean colour). Sizes are kept so anchors and boxes are clipped to each image, not to the padded
+    size.
     """
 
     tensor: torch.Tensor

@@ -45,7 +45,11 @@ class Instances:
             self.set(name, value)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name not in self._fields:
+        if name.startswith("_"):
+            # Private and dunder names never are fields. Unpickling (DataLoader workers) asks for
+            # ``__setstate__`` before ``_fields`` exists, so this must not read ``_fields``.
+            raise AttributeError(name)
+        if name not in self._fields:
             raise AttributeError(
                 f"Instances has no field {name!r} (fields: {sorted(self._fields)})"
             )

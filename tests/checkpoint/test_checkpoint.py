@@ -23,7 +23,7 @@ from gridfeats.checkpoint import (
 )
 from gridfeats.config import get_cfg
 from gridfeats.layers import Conv2d, FrozenBatchNorm2d
-from gridfeats.modeling import GeneralizedRCNN
+from gridfeats.modeling import GeneralizedRCNN, build_model
 from gridfeats.modeling.anchors import DefaultAnchorGenerator
 
 ANCHOR_KEY = "proposal_generator.anchor_generator.cell_anchors.0"
@@ -255,7 +255,7 @@ NARROW = [
 
 def _narrow_model(config: str) -> GeneralizedRCNN:
     torch.manual_seed(0)
-    return GeneralizedRCNN(get_cfg(config, opts=NARROW))
+    return build_model(get_cfg(config, opts=NARROW))
 
 
 def _write_caffe2_pkl(path, model_state, res5_prefix: str):

@@ -78,7 +78,7 @@ def test_same_seed_writes_identical_bytes_and_other_seeds_differ(tmp_path):
     second = make_synthetic(tmp_path / "b", 7, seed=11)["root"]
     other = make_synthetic(tmp_path / "c", 7, seed=12)["root"]
     assert all_files(first) == all_files(second)
-    assert len(all_files(first)) == 7 + 10
+    assert len(all_files(first)) == 7 + 12
     assert (
         all_files(first)["annotations/instances.json"]
         != all_files(other)["annotations/instances.json"]

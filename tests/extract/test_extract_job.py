@@ -342,3 +342,21 @@ def test_a_grid_store_of_the_old_layout_resumes_without_warning(three_images, tm
         warnings.simplefilter("error")
         FeatureStore(opts.output)  # grid rows did not change between layouts
     assert run_extraction(opts).run.skipped == 3
+
+
+def test_region_mode_refuses_backbone_only_weights_before_the_run(three_images, tmp_path):
+    """A backbone-only checkpoint (what convert-backbone writes) makes grids; region extraction
+    stops at start-up with the reason instead of failing mid-run."""
+    from gridfeats.extract.job import ExtractError
+    from gridfeats.modeling import build_model
+
+    model = build_model(get_cfg("R-50-grid", SMALL))
+    weights = tmp_path / "backbone.pth"
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    torch.save({"model": state}, weights)
+    grid = options(three_images, tmp_path / "grid.h5", weights=str(weights))
+    assert run_extraction(grid).images == 3
+    region = options(three_images, tmp_path / "region.h5", mode="region", weights=str(weights))
+    with pytest.raises(ExtractError, match="weights"):
+        run_extraction(region)
+    assert not os.path.exists(region.output)

@@ -1,5 +1,5 @@
-"""DefaultAnchorGenerator (detectron2-compat.md 5.2): the 15 cell anchors, size-major order, offset 0,
-grid index ``(y * W + x) * A + a``."""
+"""DefaultAnchorGenerator (docs/detectron2-facts.md 5.2): the 15 cell anchors, size-major order,
+offset 0, grid index ``(y * W + x) * A + a``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""ResNet/ResNeXt backbone (detectron2-compat.md 3.2-3.7): output sizes, stride placement, dilation
-override, deformable blocks. Channel widths are shrunk through config overrides (the strides and
-block structure, which these tests are about, do not depend on them), so every forward is cheap.
+"""ResNet/ResNeXt backbone (docs/detectron2-facts.md 3.2-3.7): output sizes, stride placement,
+dilation override, deformable blocks. Channel widths are shrunk through config overrides (the
+strides and block structure, which these tests are about, do not depend on them), so every forward
+is cheap.
 """
 
 from __future__ import annotations

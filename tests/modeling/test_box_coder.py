@@ -1,4 +1,5 @@
-"""Box2BoxTransform (detectron2-compat.md 5.3): no "+1", weights, upper clamp on dw/dh only, float32 order."""
+"""Box2BoxTransform (docs/detectron2-facts.md 5.3): no "+1", weights, upper clamp on dw/dh only,
+float32 order."""
 
 from __future__ import annotations
 

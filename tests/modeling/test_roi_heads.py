@@ -1,9 +1,10 @@
-"""ROI heads: ROIAlignV2 pooling (detectron2-compat.md 6.1), test-time box selection (6.5), the box
-head / predictor layout (6.2-6.4) and the attribute loss (7.3), against hand-written expectations.
+"""ROI heads: ROIAlignV2 pooling (docs/detectron2-facts.md 6.1), test-time box selection (6.5), the
+box head / predictor layout (6.2-6.4) and the attribute loss (7.3), against hand-written
+expectations.
 
 The pooling reference below is a direct, slow transcription of the spec's formula in plain Python;
-the library uses torchvision's kernel, so agreement checks that kernel's semantics *and* the pooler's
-box/scale/aligned plumbing.
+the library uses torchvision's kernel, so agreement checks that kernel's semantics *and* the
+pooler's box/scale/aligned plumbing.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from gridfeats.modeling.roi_heads.pooler import ROIPooler
 from gridfeats.structures import Instances
 
 
-# ---------------------------------------------------------------------------------------------------
-# ROIAlign reference (spec 6.1), one box, one channel map given as a list of rows
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# ROIAlign reference (docs/detectron2-facts.md 6.1), one box, one channel map given as a list of
+# rows
+# --------------------------------------------------------------------------------------------------
 def _bilinear(fmap, y, x):
     h, w = len(fmap), len(fmap[0])
     if y < -1.0 or y > h or x < -1.0 or x > w:
@@ -179,9 +181,9 @@ def test_pooler_with_no_boxes_and_unknown_type():
         ROIPooler(1, 1 / 16, 2, "ROIPool")
 
 
-# ---------------------------------------------------------------------------------------------------
-# fast_rcnn_inference_single_image (spec 6.5)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# fast_rcnn_inference_single_image (docs/detectron2-facts.md 6.5)
+# --------------------------------------------------------------------------------------------------
 def _class_boxes(r: int, k: int):
     """A distinct, non-overlapping box for proposal r and class k."""
     x, y = 100.0 * k + 20.0 * r, 10.0 * r
@@ -265,9 +267,9 @@ def test_selection_clips_boxes_and_drops_non_finite_rows():
     assert out_boxes[0].tolist() == [0.0, 10.0, 30.0, 50.0]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Box head, predictor and attribute head on a tiny config
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 TINY_HEAD_OPTS = [
     "MODEL.ROI_HEADS.NUM_CLASSES",
     "5",

@@ -1,4 +1,4 @@
-"""RPN test-time proposal selection (detectron2-compat.md 5.1, 5.4, 5.5) on hand-made examples.
+"""RPN test-time proposal selection (docs/detectron2-facts.md 5.1, 5.4, 5.5) on hand-made examples.
 
 Selection per image: sort logits, keep the top PRE_NMS_TOPK, drop non-finite, clip to the (unpadded)
 image, drop empty boxes, NMS 0.7, keep the top POST_NMS_TOPK; never across the batch.
@@ -49,7 +49,7 @@ def _as_tensors(cands):
 
 def test_selection_hand_example_clip_nonempty_nms_and_topk():
     boxes, logits = _as_tensors(CANDIDATES)
-    # Pre-NMS top 7 of 8 drops candidate 6; post-NMS top 3 keeps 0, 7, 3 of the survivors 0, 7, 3, 5.
+    # Pre-NMS top 7 of 8 drops candidate 6; post-NMS top 3 keeps 0, 7, 3 of survivors 0, 7, 3, 5.
     (props,) = _rpn(pre=7, post=3).select_proposals(boxes[None].clone(), logits[None], [IMAGE_HW])
     assert props.proposal_boxes.tolist() == [
         [10.0, 10.0, 40.0, 40.0],
@@ -81,7 +81,7 @@ def test_nms_threshold_comes_from_the_config():
 
 def test_each_image_of_a_batch_is_selected_independently():
     boxes_a, logits_a = _as_tensors(CANDIDATES)
-    # Image b: a very confident box on top of image a's best box, and a smaller image (clips differ).
+    # Image b: a very confident box on top of image a's best box, and a smaller image (other clips).
     boxes_b, logits_b = _as_tensors(
         [
             ((10.0, 10.0, 40.0, 40.0), 9.0),

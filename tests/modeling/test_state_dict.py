@@ -1,11 +1,12 @@
-"""State-dict keys and shapes of every shipped detector config (detectron2-compat.md 4.1-4.4).
+"""State-dict keys and shapes of every shipped detector config (docs/detectron2-facts.md 4.1-4.4).
 
 R-50-grid, R-50-updn and X-101-grid are compared with the key manifests Detectron2 itself dumped
-(``keys_<config>.json`` in the parity fixtures); X-152-grid and X-152-challenge with the spec's counts.
-Models are built on the ``meta`` device: shapes without allocating 170M parameters.
+(``keys_<config>.json`` in the parity fixtures); X-152-grid and X-152-challenge with the spec's
+counts. Models are built on the ``meta`` device: shapes without allocating 170M parameters.
 
 Parameter counts: the spec's numbers are ``sum(p.numel() for p in model.parameters())`` — FrozenBN
-statistics and the anchor buffer are buffers, so they are not counted (the state-dict total is larger).
+statistics and the anchor buffer are buffers, so they are not counted (the state-dict total is
+larger).
 """
 
 from __future__ import annotations

@@ -844,3 +844,23 @@ def test_openapi_schema_documents_bodies_errors_and_examples(server):
     }
     assert schema["components"]["schemas"]["ErrorResponse"]["examples"]
     assert "X-API-Key" in json.dumps(schema["components"]["securitySchemes"])
+
+
+def test_backbone_only_weights_serve_grids_and_refuse_regions_with_a_reason():
+    """A converted (backbone-only) checkpoint: grids work, region requests get a 422 that says
+    why, and /v1/model lists only the grid mode."""
+    from gridfeats.checkpoint import CheckpointError
+
+    fake = FakeDetector()
+
+    def no_heads() -> None:
+        raise CheckpointError("the checkpoint holds a backbone only")
+
+    fake.require_heads = no_heads
+    with ServerThread(ServiceSettings(max_wait_ms=5), lambda: DetectorBackend(fake)) as srv:
+        assert httpx.get(srv.url + "/v1/model").json()["modes"] == ["grid"]
+        body = image_bytes(16, 16, seed=1)
+        grid = httpx.post(srv.url + "/v1/features?mode=grid", content=body, headers=PNG)
+        assert grid.status_code == 200
+        region = httpx.post(srv.url + "/v1/features?mode=region", content=body, headers=PNG)
+        assert region.status_code == 422 and "backbone" in region.json()["detail"]

@@ -18,7 +18,8 @@ BACKBONE_REGISTRY.__doc__ = "Backbone builders: fn(cfg, input_shape: ShapeSpec) 
 
 
 def build_backbone(cfg, input_shape: Optional[ShapeSpec] = None) -> Backbone:
-    """The backbone ``cfg.MODEL.BACKBONE.NAME`` names, for ``len(MODEL.PIXEL_MEAN)`` input channels."""
+    """The backbone ``cfg.MODEL.BACKBONE.NAME`` names, for ``len(MODEL.PIXEL_MEAN)`` input
+    channels."""
     if input_shape is None:
         input_shape = ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN), stride=1)
     name = cfg.MODEL.BACKBONE.NAME

@@ -58,8 +58,8 @@ class BasicStem(nn.Module):
 class BottleneckBlock(nn.Module):
     """1x1 -> 3x3 (grouped, dilated) -> 1x1, plus shortcut; ReLU after the sum.
 
-    ``stride`` is the block's nominal stride; when the block runs dilated (dilation > 1) it runs with
-    stride 1 instead, which is how Detectron2 builds res5 with RES5_DILATION = 2.
+    ``stride`` is the block's nominal stride; when the block runs dilated (dilation > 1) it runs
+    with stride 1 instead, which is how Detectron2 builds res5 with RES5_DILATION = 2.
     """
 
     def __init__(
@@ -128,7 +128,8 @@ class BottleneckBlock(nn.Module):
 
 
 class DeformBottleneckBlock(BottleneckBlock):
-    """Bottleneck whose 3x3 is a deformable conv (DCNv1, or modulated DCNv2) fed by ``conv2_offset``.
+    """Bottleneck whose 3x3 is a deformable conv (DCNv1, or modulated DCNv2) fed by
+    ``conv2_offset``.
 
     Offsets are predicted from the post-ReLU conv1 output; channel ``2t`` is the vertical and
     ``2t + 1`` the horizontal offset of kernel tap ``t``, the layout torchvision's kernel uses.
@@ -248,7 +249,8 @@ class ResNet(Backbone):
         self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int) -> None:
-        """Stop gradients for the stem (1) and the first ``freeze_at - 1`` stages (Detectron2 semantics)."""
+        """Stop gradients for the stem (1) and the first ``freeze_at - 1`` stages (as
+        Detectron2)."""
         if freeze_at >= 1:
             for p in self.stem.parameters():
                 p.requires_grad_(False)

@@ -8,7 +8,8 @@ from torch import nn
 
 
 class AttributePredictor(nn.Module):
-    """``attr_score(relu(fc(cat[feature, obj_embed(class)])))``; keys ``obj_embed``, ``fc.0``, ``attr_score``.
+    """``attr_score(relu(fc(cat[feature, obj_embed(class)])))``; keys ``obj_embed``, ``fc.0``,
+    ``attr_score``.
 
     In training the class is the ground truth (teacher forcing); at inference the predicted class.
     The embedding has ``num_classes + 1`` rows (background last), as in the released checkpoints.
@@ -36,15 +37,25 @@ class AttributePredictor(nn.Module):
 def attribute_loss(
     logits: torch.Tensor, labels: torch.Tensor, loss_weight: float = 0.2
 ) -> torch.Tensor:
-    """grid-feats' loss: per instance the mean CE over its valid labels (``-1`` = padding),
-    averaged over instances that have at least one label, times ``loss_weight``."""
+    """grid-feats-vqa's ``AttributePredictor.loss`` (detectron2-compat.md 7.3).
+
+    ``logits [n, A]`` of the n foreground proposals, ``labels [n, W]`` attribute ids padded with
+    -1. Every valid label is one A-way cross-entropy of its row's logits, weighted by
+    1 / (number of valid labels of the row); the weighted sum over all rows is divided by the number
+    of rows with at least one label and multiplied by ``loss_weight``. Without any labelled row the
+    loss is a differentiable 0. The operation order is grid-feats' (weights applied per label).
+    """
     n, width = labels.shape
-    valid = labels >= 0
-    counts = valid.sum(dim=1)
-    expanded = logits.unsqueeze(1).expand(n, width, logits.shape[1]).reshape(-1, logits.shape[1])
-    ce = F.cross_entropy(expanded, labels.clamp(min=0).reshape(-1), reduction="none").view(n, width)
-    per_instance = (ce * valid).sum(dim=1) / counts.clamp(min=1)
-    n_valid = int((counts > 0).sum())
-    if n_valid == 0:
+    if n == 0:  # no foreground proposal in the batch
         return logits.sum() * 0.0
-    return loss_weight * per_instance.sum() / n_valid
+    num_attributes = logits.shape[1]
+    expanded = logits.unsqueeze(1).expand(n, width, num_attributes).reshape(-1, num_attributes)
+    counts = (labels >= 0).sum(dim=1)
+    weights = counts.repeat(width, 1).transpose(0, 1).flatten().float().reciprocal()
+    weights[weights > 1] = 0.0  # rows without labels: 1 / 0 = inf -> weight 0
+    n_valid = int((counts > 0).sum())
+    ce = F.cross_entropy(expanded, labels.reshape(-1), reduction="none", ignore_index=-1)
+    per_row = (ce * weights).view(n, -1).sum(dim=1)
+    if n_valid == 0:
+        return per_row.sum() * 0.0
+    return per_row.sum() * loss_weight / n_valid

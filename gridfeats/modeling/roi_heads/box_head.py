@@ -1,4 +1,5 @@
-"""``FastRCNNConvFCHead``: optional convs then fully connected layers (grid configs: 2 FC of 1024)."""
+"""``FastRCNNConvFCHead``: optional convs then fully connected layers (grid configs: 2 FC of
+1024)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,13 @@
-"""Box classification/regression layers and Detectron2's test-time detection selection."""
+"""Box classification/regression layers, their training losses and Detectron2's test-time
+detection selection."""
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
+import torch.nn.functional as F
+from fvcore.nn import smooth_l1_loss
 from torch import nn
 
 from gridfeats.layers import batched_nms
@@ -13,7 +16,8 @@ from gridfeats.structures import clip_boxes_
 
 
 class FastRCNNOutputLayers(nn.Module):
-    """``cls_score``: K+1 logits, **background last**; ``bbox_pred``: 4 deltas per foreground class."""
+    """``cls_score``: K+1 logits, **background last**; ``bbox_pred``: 4 deltas per foreground
+    class."""
 
     def __init__(self, input_size: int, num_classes: int, cls_agnostic_bbox_reg: bool = False):
         super().__init__()
@@ -35,10 +39,49 @@ class FastRCNNOutputLayers(nn.Module):
             return self.cls_score(x), self.bbox_pred(x)
 
 
+def fast_rcnn_losses(
+    pred_class_logits: torch.Tensor,
+    pred_proposal_deltas: torch.Tensor,
+    proposal_boxes: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    gt_classes: torch.Tensor,
+    box2box: Box2BoxTransform,
+    smooth_l1_beta: float,
+) -> Dict[str, torch.Tensor]:
+    """Detectron2@ffff8ac's ``FastRCNNOutputs.losses`` over the sampled proposals of the batch.
+
+    ``loss_cls``: mean softmax cross-entropy over all R proposals (``K + 1`` classes, background
+    ``K``). ``loss_box_reg``: smooth-L1 over the 4 delta columns of each foreground proposal's gt
+    class (class-specific) or the only 4 (class-agnostic), summed and divided by R, the number of
+    *sampled* proposals, not the foreground count.
+    """
+    if gt_classes.numel() == 0:  # no proposal at all: zero losses that still reach every weight
+        zero = pred_class_logits.sum() * 0.0 + pred_proposal_deltas.sum() * 0.0
+        return {"loss_cls": zero, "loss_box_reg": zero.clone()}
+    loss_cls = F.cross_entropy(pred_class_logits, gt_classes, reduction="mean")
+    gt_deltas = box2box.get_deltas(proposal_boxes, gt_boxes)
+    box_dim = gt_deltas.size(1)
+    bg_class = pred_class_logits.shape[1] - 1
+    fg_inds = torch.nonzero((gt_classes >= 0) & (gt_classes < bg_class)).squeeze(1)
+    arange = torch.arange(box_dim, device=pred_proposal_deltas.device)
+    if pred_proposal_deltas.size(1) == box_dim:  # class-agnostic
+        cols = arange
+    else:
+        cols = box_dim * gt_classes[fg_inds][:, None] + arange
+    loss_box_reg = smooth_l1_loss(
+        pred_proposal_deltas[fg_inds[:, None], cols],
+        gt_deltas[fg_inds],
+        smooth_l1_beta,
+        reduction="sum",
+    )
+    return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / gt_classes.numel()}
+
+
 def predict_boxes_and_probs(
     logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor, box2box: Box2BoxTransform
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Class probabilities ``[R, K+1]`` and decoded class-specific boxes ``[R, 4K]`` for one image."""
+    """Class probabilities ``[R, K+1]`` and decoded class-specific boxes ``[R, 4K]`` of one
+    image."""
     probs = torch.softmax(logits, dim=-1)
     boxes = box2box.apply_deltas(deltas, proposals)
     return boxes, probs
@@ -54,8 +97,8 @@ def fast_rcnn_inference_single_image(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Detectron2's selection: threshold (strict) -> per-class NMS -> top-k by score.
 
-    Returns ``(boxes [K, 4], scores [K], classes [K], proposal_index [K])`` in input pixels, sorted by
-    score. Candidates are enumerated proposal-major, class-minor, the order the reference NMS sees.
+    Returns ``(boxes [K, 4], scores [K], classes [K], proposal_index [K])`` in input pixels, sorted
+    by score. Candidates are enumerated proposal-major, class-minor (the reference NMS order).
     """
     valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
     proposal_ids = torch.arange(len(boxes), device=boxes.device)

@@ -4,12 +4,20 @@
 * ``AttributeRes5ROIHeads`` ("updn" region configs): 14x14 ROIAlignV2 on res4 -> res5 stage ->
   mean pool -> predictor (the C4 design of bottom-up-attention).
 
-Both share the inference logic of :class:`_AttributeROIHeads`, differ in how a box becomes a feature
-vector (:meth:`box_features`) and in what the whole-image conv5 map is (:meth:`conv5_features`).
+Both share the inference and training logic of :class:`_AttributeROIHeads`, differ in how a box
+becomes a feature vector (:meth:`box_features`) and in what the whole-image conv5 map is
+(:meth:`conv5_features`).
+
+Training (detectron2-compat.md 6.7, 7.3) is Detectron2@ffff8ac's ``ROIHeads`` plus grid-feats-vqa's
+``AttributeROIHeads``: gt boxes appended to the proposals, IoU-0.5 matching without low-quality
+matches, ``BATCH_SIZE_PER_IMAGE`` / ``POSITIVE_FRACTION`` sampling per image (image order, the
+seeded reference's ``torch.randperm`` draws), ``loss_cls`` + ``loss_box_reg`` on every sampled
+proposal and ``loss_attr`` on the foreground ones with their gt class fed to the class embedding.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -18,15 +26,21 @@ from torch import nn
 from gridfeats.layers import ShapeSpec
 from gridfeats.modeling.backbone.resnet import make_stage
 from gridfeats.modeling.box_coder import Box2BoxTransform
-from gridfeats.modeling.roi_heads.attribute_head import AttributePredictor
+from gridfeats.modeling.matcher import Matcher
+from gridfeats.modeling.roi_heads.attribute_head import AttributePredictor, attribute_loss
 from gridfeats.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from gridfeats.modeling.roi_heads.fast_rcnn import (
     FastRCNNOutputLayers,
     fast_rcnn_inference_single_image,
+    fast_rcnn_losses,
     predict_boxes_and_probs,
 )
 from gridfeats.modeling.roi_heads.pooler import ROIPooler
-from gridfeats.structures import ImageList, Instances
+from gridfeats.modeling.sampling import subsample_labels
+from gridfeats.structures import ImageList, Instances, pairwise_iou
+
+#: Objectness logit given to gt boxes appended to the proposals: logit(1 - 1e-10), as Detectron2.
+GT_PROPOSAL_LOGIT = math.log((1.0 - 1e-10) / (1 - (1.0 - 1e-10)))
 
 
 class _AttributeROIHeads(nn.Module):
@@ -49,6 +63,20 @@ class _AttributeROIHeads(nn.Module):
         )
         self.attribute_on = cfg.MODEL.ATTRIBUTE_ON
         self._attr_cfg = cfg.MODEL.ROI_ATTRIBUTE_HEAD
+        # training
+        if box.TRAIN_ON_PRED_BOXES:
+            raise ValueError("MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported")
+        self.proposal_matcher = Matcher(
+            heads.IOU_THRESHOLDS, heads.IOU_LABELS, allow_low_quality_matches=False
+        )
+        self.batch_size_per_image = int(heads.BATCH_SIZE_PER_IMAGE)
+        self.positive_fraction = float(heads.POSITIVE_FRACTION)
+        self.proposal_append_gt = bool(heads.PROPOSAL_APPEND_GT)
+        self.smooth_l1_beta = float(box.SMOOTH_L1_BETA)
+        #: grid-feats-vqa's extra multiplier on ``loss_box_reg`` (applied in its ``run_step``)
+        self.bbox_loss_weight = float(box.get("BBOX_LOSS_WEIGHT", 1.0))
+        self.attr_loss_weight = float(self._attr_cfg.LOSS_WEIGHT) if self.attribute_on else 0.0
+        self.max_attr_per_ins = int(cfg.INPUT.get("MAX_ATTR_PER_INS", 16))
 
     def _build_predictors(self, feature_dim: int) -> None:
         self.box_predictor = FastRCNNOutputLayers(
@@ -61,7 +89,7 @@ class _AttributeROIHeads(nn.Module):
             )
         self.feature_dim = feature_dim
 
-    # -- what differs between the two heads ---------------------------------------------------------
+    # -- what differs between the two heads -------------------------------------------------------
     def box_features(
         self, features: Dict[str, torch.Tensor], boxes: List[torch.Tensor]
     ) -> torch.Tensor:
@@ -130,7 +158,7 @@ class _AttributeROIHeads(nn.Module):
         return results
 
     def attribute_probs(self, box_feats: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Softmax over the attribute logits for features of boxes with the given (predicted) classes."""
+        """Softmax over the attribute logits of box features with the given (predicted) classes."""
         if not self.attribute_on:
             raise RuntimeError("this model has no attribute head (MODEL.ATTRIBUTE_ON is False)")
         return torch.softmax(self.attribute_predictor(box_feats, classes).float(), dim=-1)
@@ -142,12 +170,82 @@ class _AttributeROIHeads(nn.Module):
         proposals: List[Instances],
         targets: Optional[List[Instances]] = None,
     ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
-        """Detections per image (eval) or the box and attribute losses (training)."""
+        """Detections per image (eval), or the sampled proposals (with their ``gt_*`` fields) and
+        ``loss_cls``, ``loss_box_reg``, ``loss_attr`` (training)."""
         if self.training:
             if targets is None:
                 raise ValueError("the ROI heads need targets in training mode")
-            raise NotImplementedError("ROI head training losses are not implemented yet")
+            sampled = self.label_and_sample_proposals(proposals, targets)
+            return sampled, self.losses(features, sampled)
         return self.select(self.predict(features, proposals)), {}
+
+    # -- training ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def label_and_sample_proposals(
+        self, proposals: List[Instances], targets: List[Instances]
+    ) -> List[Instances]:
+        """Per image: append the gt boxes, match, sample; each sampled proposal gets ``gt_classes``
+        (background = ``NUM_CLASSES``) and its matched gt's ``gt_boxes`` / ``gt_attributes``.
+
+        Sampled proposals are ordered foreground (draw order), then background (draw order).
+        """
+        out = []
+        for props, target in zip(proposals, targets):
+            gt_boxes = target.gt_boxes
+            boxes = props.proposal_boxes
+            if self.proposal_append_gt:
+                boxes = torch.cat([boxes, gt_boxes.to(boxes.dtype)])
+            matched, match_labels = self.proposal_matcher(pairwise_iou(gt_boxes, boxes))
+            has_gt = len(target) > 0
+            if has_gt:
+                gt_classes = target.gt_classes[matched]
+                gt_classes[match_labels == 0] = self.num_classes
+                gt_classes[match_labels == -1] = -1
+            else:
+                gt_classes = torch.zeros_like(matched) + self.num_classes
+            fg_idx, bg_idx = subsample_labels(
+                gt_classes, self.batch_size_per_image, self.positive_fraction, self.num_classes
+            )
+            idx = torch.cat([fg_idx, bg_idx])
+            sampled = Instances(props.image_size, proposal_boxes=boxes[idx])
+            sampled.gt_classes = gt_classes[idx]
+            if has_gt:
+                sampled_targets = matched[idx]
+                for name, value in target.get_fields().items():
+                    if name.startswith("gt_") and not sampled.has(name):
+                        sampled.set(name, value[sampled_targets])
+            else:  # only background: zero boxes; attribute rows are never read for background
+                sampled.gt_boxes = boxes.new_zeros((len(idx), 4))
+                if self.attribute_on:
+                    sampled.gt_attributes = torch.full(
+                        (len(idx), self.max_attr_per_ins), -1, dtype=torch.int64, device=idx.device
+                    )
+            out.append(sampled)
+        return out
+
+    def losses(
+        self, features: Dict[str, torch.Tensor], sampled: List[Instances]
+    ) -> Dict[str, torch.Tensor]:
+        """The box-branch losses (and ``loss_attr``) of sampled proposals, weighted per config."""
+        box_feats = self.box_features(features, [p.proposal_boxes for p in sampled])
+        logits, deltas = self.box_predictor(box_feats)
+        gt_classes = torch.cat([p.gt_classes for p in sampled])
+        losses = fast_rcnn_losses(
+            logits,
+            deltas,
+            torch.cat([p.proposal_boxes for p in sampled]),
+            torch.cat([p.gt_boxes for p in sampled]),
+            gt_classes,
+            self.box2box_transform,
+            self.smooth_l1_beta,
+        )
+        losses["loss_box_reg"] = losses["loss_box_reg"] * self.bbox_loss_weight
+        if self.attribute_on:
+            fg = (gt_classes != -1) & (gt_classes != self.num_classes)
+            attr_logits = self.attribute_predictor(box_feats[fg], gt_classes[fg])
+            labels = torch.cat([p.gt_attributes for p in sampled])[fg]
+            losses["loss_attr"] = attribute_loss(attr_logits, labels, self.attr_loss_weight)
+        return losses
 
 
 class AttributeStandardROIHeads(_AttributeROIHeads):
