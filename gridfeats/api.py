@@ -26,7 +26,7 @@ from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
 from gridfeats.data.preprocess import PreparedImage, prepare_image
 from gridfeats.layers import Conv2d
 from gridfeats.modeling import build_model, detector_postprocess
-from gridfeats.precision import autocast, check_precision
+from gridfeats.precision import autocast, check_precision, compute_dtype, fast_memory_format
 from gridfeats.structures import ImageList, Instances
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,10 @@ class Detector:
         seed: seed of the random initialisation (used for every tensor the checkpoint does not set).
         max_pixels: decompression-bomb guard of the image reader.
         batch_forward: run a list as one forward per group of same-size images (see module doc).
-        fast: fold every FrozenBN into its convolution and run in channels-last memory format
-            (about 1.5x faster on CPUs). Results differ from the exact mode by float32 rounding only
-            (relative ~1e-6, well inside the parity tolerance); the checkpoint tensors are untouched.
+        fast: fold every FrozenBN into its convolution, stored in the compute dtype and in the
+            layout the kernels run fastest (:func:`gridfeats.precision.fast_memory_format`). In
+            fp32 results differ from the exact mode by float32 rounding only (relative ~1e-6);
+            the checkpoint tensors are untouched. bf16/fp16 always run the fast kernels.
     """
 
     def __init__(
@@ -93,13 +94,16 @@ class Detector:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.allow_partial = allow_partial
-        self.fast = fast
+        self.fast = fast or precision != "fp32"
         self.batch_forward = batch_forward
-        if fast:
+        self.memory_format = torch.contiguous_format
+        if self.fast:
+            self.memory_format = fast_memory_format(precision, self.device)
+            dtype = compute_dtype(precision)
             for module in self.model.modules():
                 if isinstance(module, Conv2d):
-                    module.fold_norm()
-            self.model.to(memory_format=torch.channels_last)
+                    module.fold_norm(dtype, self.memory_format)
+            self.model.to(memory_format=self.memory_format)
         if self.device.type == "cuda" and precision == "fp32":
             # Ampere+ GPUs default to TF32 convolutions (~1e-3 relative error); exact mode turns it off.
             torch.backends.cudnn.allow_tf32 = False
@@ -182,8 +186,8 @@ class Detector:
 
     def _batch(self, prepared: Sequence[PreparedImage], group: Sequence[int]) -> ImageList:
         images = self.model.normalize([prepared[i].image for i in group])
-        if self.fast:
-            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
+        if self.memory_format != torch.contiguous_format:
+            images.tensor = images.tensor.contiguous(memory_format=self.memory_format)
         return images
 
     # -- grid features -------------------------------------------------------------------------------

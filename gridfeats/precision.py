@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from pathlib import Path
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
 
@@ -74,3 +74,18 @@ def autocast(precision: str, device: torch.device) -> ContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def compute_dtype(precision: str) -> Optional[torch.dtype]:
+    """The dtype a fast mode computes in (``None`` for fp32: the weights' own dtype)."""
+    return _DTYPES.get(precision)
+
+
+def fast_memory_format(precision: str, device: torch.device) -> torch.memory_format:
+    """The layout the fast kernels run in, chosen by measurement (``benchmarks/extract.py``'s
+    layout table): oneDNN's bf16 (AMX/AVX512-BF16) convolutions are 1.5-3x faster channels-last
+    than NCHW, while its fp32 3x3 and dilated convolutions are as fast or faster in NCHW;
+    cuDNN's tensor-core kernels want channels-last."""
+    if precision != "fp32" or device.type == "cuda":
+        return torch.channels_last
+    return torch.contiguous_format

@@ -22,7 +22,7 @@ class Conv2d(nn.Conv2d):
     def __init__(self, *args, norm: Optional[nn.Module] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.norm = norm
-        self._folded: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._folded: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
     def forward(
         self,
@@ -42,20 +42,34 @@ class Conv2d(nn.Conv2d):
             x = self.norm(x)
         return x
 
-    def fold_norm(self) -> None:
+    def fold_norm(
+        self,
+        dtype: Optional[torch.dtype] = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
         """Precompute ``conv`` with the frozen norm folded in (faster inference, float noise only).
 
+        ``dtype`` stores the folded weights in a fast mode's compute dtype (bf16/fp16), so autocast
+        does not cast them again at every call; ``memory_format`` is the layout the kernels read.
+        A conv without a foldable norm gets the same treatment (one code path for the fast mode).
         The original weights and buffers stay untouched (state dicts and exact mode are unchanged);
         :meth:`unfold_norm` returns to the exact two-step computation.
         """
         scale_and_shift = getattr(self.norm, "scale_and_shift", None)
-        if scale_and_shift is None:
+        if scale_and_shift is None and self.norm is not None:
             return
         with torch.no_grad():
-            scale, shift = scale_and_shift()
-            weight = self.weight * scale.reshape(-1, 1, 1, 1)
-            bias = shift if self.bias is None else self.bias * scale + shift
-        self._folded = (weight.contiguous(), bias.contiguous())
+            if scale_and_shift is None:
+                weight, bias = self.weight, self.bias
+            else:
+                scale, shift = scale_and_shift()
+                weight = self.weight * scale.reshape(-1, 1, 1, 1)
+                bias = shift if self.bias is None else self.bias * scale + shift
+            if dtype is not None:
+                weight = weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+        weight = weight.contiguous(memory_format=memory_format)
+        self._folded = (weight, None if bias is None else bias.contiguous())
 
     def unfold_norm(self) -> None:
         self._folded = None

@@ -42,7 +42,11 @@ class StandardRPNHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         t = F.relu(self.conv(x))
-        return self.objectness_logits(t), self.anchor_deltas(t)
+        # The two 1x1 predictors run in float32 under a fast-mode autocast too (cheap: 75 output
+        # channels), so objectness ties and box deltas are not rounded to bf16 (no-op in fp32).
+        with torch.autocast(t.device.type, enabled=False):
+            t = t.float()
+            return self.objectness_logits(t), self.anchor_deltas(t)
 
 
 class RPN(nn.Module):
@@ -87,6 +91,9 @@ class RPN(nn.Module):
         """Proposals per image and, in training mode, ``loss_rpn_cls`` / ``loss_rpn_loc``."""
         x = features[self.in_feature]
         logits, deltas = self.rpn_head(x)
+        # Proposal selection sorts and decodes in float32 whatever the compute dtype (a no-op in
+        # fp32): bf16 logits would tie and reorder proposals, bf16 deltas move boxes by pixels.
+        logits, deltas = logits.float(), deltas.float()
         anchors = self.anchor_generator.grid_anchors(x.shape[-2:])
         n, _, h, w = logits.shape
         a = self.anchor_generator.num_anchors

@@ -314,21 +314,39 @@ def test_reference_nms_agrees_with_torchvision_on_a_small_set():
     )
 
 
-def test_batched_nms_from_40000_boxes_uses_the_per_class_loop(monkeypatch):
-    calls = []
-    real = nms_module._tv_batched_nms
+def test_batched_nms_follows_torchvision_below_40000_boxes_and_the_per_class_loop_above():
+    from torchvision.ops import batched_nms as tv_batched_nms
 
-    def spy(*args):
-        calls.append(len(args[0]))
-        return real(*args)
-
-    monkeypatch.setattr(nms_module, "_tv_batched_nms", spy)
-    small = _many_boxes(39999, 400, seed=1)
-    batched_nms(*small, 0.5)
-    assert calls == [39999]
+    for n, classes in ((900, 40), (39999, 400)):  # the offset trick, then torchvision's loop
+        small = _many_boxes(n, classes, seed=1)
+        assert torch.equal(batched_nms(*small, 0.5), tv_batched_nms(*small, 0.5))
     # 50 classes of ~800 boxes: thousands of suppressions, so order and membership are both checked.
     big = _many_boxes(40000, 50, seed=2)
     keep = batched_nms(*big, 0.5)
-    assert calls == [39999], "40000 boxes must not go through torchvision's batched_nms"
     assert 0 < len(keep) < 40000 - 3000
     assert torch.equal(keep, _reference_per_class_nms(*big, 0.5))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_per_class_nms_equals_the_kernel_per_class_with_ties(seed):
+    """All classes at once gives the per-class kernel's result bit for bit, also with tied
+    scores, identical boxes and IoUs exactly at the threshold (integer coordinates)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 3000
+    xy = (torch.rand(n, 2, generator=g) * 60).round()
+    wh = (torch.rand(n, 2, generator=g) * 20 + 1).round()
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    scores = (torch.rand(n, generator=g) * 10).round() / 10
+    classes = torch.randint(0, 300, (n,), generator=g)
+    keep_mask = torch.zeros(n, dtype=torch.bool)
+    for c in classes.unique():
+        members = (classes == c).nonzero().view(-1)
+        keep_mask[members[nms(boxes[members], scores[members], 0.3)]] = True
+    kept = keep_mask.nonzero().view(-1)
+    expected = kept[scores[kept].sort(descending=True)[1]]
+    assert torch.equal(nms_module.per_class_nms(boxes, scores, classes, 0.3), expected)
+    single = classes == classes[0]  # one class: the kernel itself
+    assert torch.equal(
+        nms_module.per_class_nms(boxes[single], scores[single], classes[single], 0.3),
+        nms(boxes[single], scores[single], 0.3),
+    )

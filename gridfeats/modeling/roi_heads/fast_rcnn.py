@@ -32,7 +32,11 @@ class FastRCNNOutputLayers(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
-        return self.cls_score(x), self.bbox_pred(x)
+        # Always float32, also under a bf16/fp16 autocast: these logits decide thresholds, NMS
+        # order and classes, and bf16's 8-bit mantissa would tie or reorder them (a no-op in fp32).
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            return self.cls_score(x), self.bbox_pred(x)
 
 
 def fast_rcnn_losses(

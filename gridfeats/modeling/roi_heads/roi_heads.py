@@ -111,6 +111,7 @@ class _AttributeROIHeads(nn.Module):
         proposal_boxes = [p.proposal_boxes for p in proposals]
         box_feats = self.box_features(features, proposal_boxes)
         logits, deltas = self.box_predictor(box_feats)
+        logits, deltas = logits.float(), deltas.float()  # selection runs in float32 (see RPN)
         out = []
         start = 0
         for image_proposals in proposals:
@@ -160,7 +161,7 @@ class _AttributeROIHeads(nn.Module):
         """Softmax over the attribute logits of box features with the given (predicted) classes."""
         if not self.attribute_on:
             raise RuntimeError("this model has no attribute head (MODEL.ATTRIBUTE_ON is False)")
-        return torch.softmax(self.attribute_predictor(box_feats, classes), dim=-1)
+        return torch.softmax(self.attribute_predictor(box_feats, classes).float(), dim=-1)
 
     def forward(
         self,
