@@ -46,7 +46,8 @@ class Detector:
         allow_partial: accept a checkpoint that leaves some tensors at init (refused by default).
             A checkpoint that fills the whole backbone and nothing else (``gridfeats
             convert-backbone``) serves grids without it; detections then need it.
-        precision: ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` (fast modes, where the hardware has them).
+        precision: ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` (fast modes, where the hardware
+            has them).
         seed: seed of the random initialisation (used for every tensor the checkpoint does not set).
         max_pixels: decompression-bomb guard of the image reader.
         batch_forward: run a list as one forward per group of same-size images (see module doc).
@@ -105,7 +106,7 @@ class Detector:
                     module.fold_norm(dtype, self.memory_format)
             self.model.to(memory_format=self.memory_format)
         if self.device.type == "cuda" and precision == "fp32":
-            # Ampere+ GPUs default to TF32 convolutions (~1e-3 relative error); exact mode turns it off.
+            # Ampere+ GPUs default to TF32 convolutions (~1e-3 relative error): exact mode: off.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -131,7 +132,7 @@ class Detector:
         detector.batch_forward = False
         return detector
 
-    # -- properties ----------------------------------------------------------------------------------
+    # -- properties --------------------------------------------------------------------------------
     @property
     def random_init(self) -> bool:
         return self.load_report is None
@@ -152,7 +153,7 @@ class Detector:
     def num_attributes(self) -> int:
         return self.cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_CLASSES if self.cfg.MODEL.ATTRIBUTE_ON else 0
 
-    # -- input -----------------------------------------------------------------------------------------
+    # -- input -------------------------------------------------------------------------------------
     def prepare(self, image: Union[ImageSource, PreparedImage]) -> PreparedImage:
         """Decode and resize one image as the config says (Detectron2's test mapper).
 
@@ -190,7 +191,7 @@ class Detector:
             images.tensor = images.tensor.contiguous(memory_format=self.memory_format)
         return images
 
-    # -- grid features -------------------------------------------------------------------------------
+    # -- grid features -----------------------------------------------------------------------------
     def grid_batch(self, prepared: Sequence[PreparedImage]) -> List[torch.Tensor]:
         """Grid features ``[C, H', W']`` (float32, on the model device) for prepared images: the
         backbone's grid rule (ResNets: stride-32 C5 map, ``ceil(h/32) x ceil(w/32)``)."""
@@ -205,7 +206,8 @@ class Detector:
     def extract_grid(
         self, images: Union[ImageSource, Sequence[ImageSource]]
     ) -> Union[torch.Tensor, List[torch.Tensor]]:
-        """grid-feats-vqa's grid feature: the stride-32 C5 map as a CPU float32 ``[C, H', W']`` tensor.
+        """grid-feats-vqa's grid feature: the stride-32 C5 map as a CPU float32 ``[C, H', W']``
+        tensor.
 
         Accepts one image (path, PIL image, HxWx3 uint8 RGB array) or a list of them.
         """
@@ -215,7 +217,7 @@ class Detector:
         ]
         return grids[0] if single else grids
 
-    # -- detections -----------------------------------------------------------------------------------
+    # -- detections --------------------------------------------------------------------------------
     def require_heads(self) -> None:
         """Raise CheckpointError when the weights hold no detector heads (a backbone-only file from
         `gridfeats convert-backbone`) and allow_partial was not given; call before region work."""
@@ -258,7 +260,8 @@ class Detector:
         self, images: Union[ImageSource, Sequence[ImageSource]]
     ) -> Union[Dict[str, torch.Tensor], List[Dict[str, torch.Tensor]]]:
         """Detections as a dict of CPU tensors: ``boxes [K,4]`` (xyxy, original pixels), ``scores``,
-        ``classes`` (0-based), ``features [K,D]`` and ``attr_scores [K,A]``, in Detectron2's order."""
+        ``classes`` (0-based), ``features [K,D]`` and ``attr_scores [K,A]``, in Detectron2's
+        order."""
         single = not _is_batch(images)
         results = self.detect_batch(self._prepare_all([images] if single else images))
         dicts = [detection_dict(r) for r in results]

@@ -1,4 +1,5 @@
-"""Conv2d carrying its norm as a child module (Detectron2's naming: ``conv.weight``, ``conv.norm.*``)."""
+"""Conv2d carrying its norm as a child module (Detectron2's naming: ``conv.weight``,
+``conv.norm.*``)."""
 
 from __future__ import annotations
 
