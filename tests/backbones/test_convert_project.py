@@ -125,14 +125,14 @@ def test_detectron2_and_caffe2_files_give_the_same_grids(detector_r50, tmp_path,
 
 
 def test_the_pretraining_runs_own_checkpoint_converts(tmp_path, capsys):
-    """The contract with gridfeats.pretrain: its RUN_DIR/checkpoint.pth converts as written."""
+    """The contract with gridfeats.pretrain: its RUN_DIR/backbone.pth converts as written."""
     pretrain = pytest.importorskip("gridfeats.pretrain")
-    from gridfeats.pretrain.train import backbone_tensors, save_checkpoint
+    from gridfeats.pretrain.train import BACKBONE, backbone_tensors, export_backbone
 
     torch.manual_seed(0)
     method = pretrain.build_method("dino", arch="vit_tiny")
-    save_checkpoint(tmp_path / "checkpoint.pth", method, {"epoch": 0})
-    out = convert(tmp_path / "checkpoint.pth", tmp_path / "dino.pth", capsys=capsys)
+    export_backbone(tmp_path / BACKBONE, method, epoch=0, step=0)
+    out = convert(tmp_path / BACKBONE, tmp_path / "dino.pth", capsys=capsys)
     assert "-> format gridfeats-pretrain" in out
     v = get_cfg(tmp_path / "dino.yaml").MODEL.VIT
     assert (v.EMBED_DIM, v.NUM_HEADS, v.POS_INTERP) == (192, 3, "dino")
