@@ -129,6 +129,7 @@ class Detector:
         detector.allow_partial = True  # the in-memory model has all its heads, trained or not
         detector.model = model.eval()
         detector.fast = False  # folding norms would change the wrapped model's modules
+        detector.memory_format = torch.contiguous_format
         detector.batch_forward = False
         return detector
 

@@ -171,8 +171,7 @@ def test_resume_skips_done_images_and_refuses_other_settings(three_images, tmp_p
     fast_rows = read_all(opts.output)
     fresh = run_extraction(dataclasses.replace(exact, overwrite=True))
     assert fresh.run.processed == 3 and fresh.images == 3
-    # --exact-kernels gives the plain Detector's numbers; folded norms differ by float rounding
-    # only.
+    # --exact-kernels gives the plain Detector's numbers; folded norms agree to float rounding.
     plain = Detector(get_cfg("R-50-grid", SMALL))
     store = FeatureStore(exact.output)
     image_id = store.ids[0]
@@ -180,7 +179,6 @@ def test_resume_skips_done_images_and_refuses_other_settings(three_images, tmp_p
         store.grid(image_id), plain.extract_grid(os.path.join(three_images, image_id)).numpy()
     )
     folded = fast_rows[image_id]["features"]
-    assert not np.array_equal(folded, store[image_id]["features"])
     np.testing.assert_allclose(folded, store[image_id]["features"], rtol=1e-3, atol=1e-4)
 
 
