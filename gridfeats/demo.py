@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from gridfeats.errors import GridfeatsError
+
 DEFAULT_IMAGES = 4
 DEMO_CONFIG = "demo-synthetic"
 #: The demo detector's training set: ``make-synthetic --num DEMO_TRAIN_IMAGES --seed
@@ -59,7 +61,7 @@ _COLOURS = [
 ]
 
 
-class DemoError(ValueError):
+class DemoError(GridfeatsError, ValueError):
     """A demo request that cannot run; ``reason`` says why."""
 
     def __init__(self, reason: str):
