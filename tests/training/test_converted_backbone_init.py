@@ -1,5 +1,4 @@
-"""Training from a torchvision ResNet-50 converted by ``gridfeats convert-backbone`` (an SSL
-initialisation takes the same path). Skipped until the converter is in the tree."""
+"""Training from a torchvision ResNet-50 converted by ``gridfeats convert-backbone`` (an SSL"""
 
 from __future__ import annotations
 
@@ -55,3 +54,26 @@ def test_a_converted_torchvision_resnet50_initialises_training(data, tmp_path):
     assert torch.equal(final["backbone.res2.0.conv1.weight"], source.layer1[0].conv1.weight)
     moved = final["backbone.res4.0.conv1.weight"] - source.layer3[0].conv1.weight
     assert 0 < moved.abs().max() < 0.05
+
+
+def test_a_converted_mae_vit_initialises_training(data, tmp_path):
+    """A ViT (MAE's released encoder layout, converted) as the detector backbone: training runs
+    on the stride-16 map and moves the converted weights."""
+    from tests.backbones import layouts
+    from tests.backbones.reference import RefViT
+
+    source = RefViT(seed=5, dim=48, depth=2, heads=12, table="mae")
+    src = layouts.write_mae_release(source.state_dict(), tmp_path / "mae_pretrain_vit.pth")
+    converted = tmp_path / "mae.pth"
+    cli = ["convert-backbone", str(src), "--out", str(converted), "--num-heads", "12"]
+    assert gridfeats_main(cli) == 0
+    run = tmp_path / "run"
+    args = train_args(data, run, "--weights", str(converted), opts=SMALL_HEADS)
+    args[args.index("--config") + 1] = str(converted.with_suffix(".yaml"))
+    assert gridfeats_main(args) == 0
+    final = final_weights(run)
+    start = torch.load(converted, weights_only=True)["model"]
+    vit_keys = [k for k in start if k.startswith("backbone.") and k.endswith("qkv.weight")]
+    assert vit_keys, sorted(start)[:5]
+    moved = max((final[k] - start[k]).abs().max().item() for k in vit_keys)
+    assert 0 < moved < 0.05
