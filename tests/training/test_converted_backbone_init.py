@@ -1,4 +1,5 @@
-"""Training from a torchvision ResNet-50 converted by ``gridfeats convert-backbone`` (an SSL"""
+"""Training from backbones converted by ``gridfeats convert-backbone``: a torchvision ResNet-50
+and an MAE ViT (an SSL initialisation takes the same path)."""
 
 from __future__ import annotations
 
