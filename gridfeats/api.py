@@ -195,7 +195,8 @@ class Detector:
     # -- grid features -----------------------------------------------------------------------------
     def grid_batch(self, prepared: Sequence[PreparedImage]) -> List[torch.Tensor]:
         """Grid features ``[C, H', W']`` (float32, on the model device) for prepared images: the
-        backbone's grid rule (ResNets: stride-32 C5 map, ``ceil(h/32) x ceil(w/32)``)."""
+        backbone's grid rule (ResNets: the C5 map, ``ceil(h/32) x ceil(w/32)`` at stride 32, or
+        stride 16 with ``MODEL.GRID.RES5_DILATION 2``)."""
         out: List[Optional[torch.Tensor]] = [None] * len(prepared)
         with torch.inference_mode(), self._context():
             for group in self._groups(prepared):
@@ -207,8 +208,8 @@ class Detector:
     def extract_grid(
         self, images: Union[ImageSource, Sequence[ImageSource]]
     ) -> Union[torch.Tensor, List[torch.Tensor]]:
-        """grid-feats-vqa's grid feature: the stride-32 C5 map as a CPU float32 ``[C, H', W']``
-        tensor.
+        """grid-feats-vqa's grid feature: the C5 map (stride 32 unless ``MODEL.GRID.RES5_DILATION``
+        is 2) as a CPU float32 ``[C, H', W']`` tensor.
 
         Accepts one image (path, PIL image, HxWx3 uint8 RGB array) or a list of them.
         """

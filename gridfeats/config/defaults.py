@@ -18,10 +18,18 @@ from gridfeats.config.node import CfgNode as CN
 
 _C = CN()
 
-#: Config nodes gridfeats adds for backbones Detectron2@ffff8ac does not have. They hold only
-#: their own backbones' settings, so every Detectron2 key keeps its reference default; dumps
-#: carry them, and comparisons with the reference dump leave exactly these nodes out.
-GRIDFEATS_NODES = ("MODEL.VIT", "MODEL.HF")
+#: Config nodes (and leaf keys) gridfeats adds to Detectron2@ffff8ac's: backbones it does not have,
+#: the grid-extraction rule and the image root of json datasets. They hold only gridfeats'
+#: settings, so every Detectron2 key keeps its reference default; dumps carry them, and
+#: comparisons with the reference dump leave exactly these out.
+GRIDFEATS_NODES = ("MODEL.VIT", "MODEL.HF", "MODEL.GRID", "DATASETS.IMAGE_ROOT")
+
+
+def is_gridfeats_key(name: str) -> bool:
+    """Whether the dotted key ``name`` is gridfeats' own (in or equal to a ``GRIDFEATS_NODES``
+    entry) rather than Detectron2's."""
+    return any(name == node or name.startswith(node + ".") for node in GRIDFEATS_NODES)
+
 
 # Config schema version; v2 files merge without any upgrade step.
 _C.VERSION = 2
@@ -70,6 +78,10 @@ _C.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN = 2000
 _C.DATASETS.TEST = ()
 _C.DATASETS.PROPOSAL_FILES_TEST = ()
 _C.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST = 1000
+# gridfeats: the folder the json files' ``file_name`` entries are relative to, for every TRAIN and
+# TEST json. "" = ROOT/images beside ROOT/annotations/NAME.json (grid-feats-vqa's and
+# make-synthetic's layout). Relative paths resolve against the working directory.
+_C.DATASETS.IMAGE_ROOT = ""
 
 _C.DATALOADER = CN()
 _C.DATALOADER.NUM_WORKERS = 4
@@ -267,6 +279,13 @@ _C.MODEL.VIT.POS_EMBED = "learned"
 # align_corners False: MAE fine-tuning, ViTDet), "sincos" (recompute the fixed table).
 _C.MODEL.VIT.POS_INTERP = "bicubic"
 _C.MODEL.VIT.DROP_PATH_RATE = 0.0
+
+# Grid features (gridfeats). RES5_DILATION: the res5 dilation ResNet grids are read with.
+# 1 = grid-feats-vqa's extract_grid_feature.py (stride-32 C5 map, even for a detector trained with
+# RES5_DILATION 2); 2 = the dilated stride-16 map the detector itself was trained on (what a small
+# detector trained briefly from scratch needs: its weights never saw res5 run undilated).
+_C.MODEL.GRID = CN()
+_C.MODEL.GRID.RES5_DILATION = 1
 
 _C.MODEL.HF = CN()
 # A transformers class: ViTModel, ViTMAEModel, Dinov2Model, Dinov2WithRegistersModel,

@@ -96,8 +96,21 @@ def default_image_root(json_file: PathLike) -> Path:
     return Path(json_file).resolve().parent.parent / "images"
 
 
+def image_root(cfg, json_file: PathLike) -> Path:
+    """Where ``json_file``'s images are: ``DATASETS.IMAGE_ROOT`` when set, else
+    :func:`default_image_root`."""
+    root = str(cfg.DATASETS.IMAGE_ROOT)
+    if not root:
+        return default_image_root(json_file)
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DetectionTrainingError(f"DATASETS.IMAGE_ROOT {root!r} is not a folder")
+    return path
+
+
 def load_datasets(cfg, key: str) -> List[Dataset]:
-    """``(name, records, metadata)`` per json path in ``cfg.DATASETS.<key>`` (TRAIN or TEST)."""
+    """``(name, records, metadata)`` per json path in ``cfg.DATASETS.<key>`` (TRAIN or TEST), with
+    image paths under :func:`image_root`."""
     datasets = []
     for entry in getattr(cfg.DATASETS, key):
         path = Path(str(entry)).expanduser()
@@ -108,7 +121,7 @@ def load_datasets(cfg, key: str) -> List[Dataset]:
                 f"DATASETS.{key} \"('data/annotations/instances_train.json',)\""
             )
         records, metadata = load_coco_with_attributes_json(
-            path, default_image_root(path), int(cfg.INPUT.MAX_ATTR_PER_INS)
+            path, image_root(cfg, path), int(cfg.INPUT.MAX_ATTR_PER_INS)
         )
         datasets.append((path.stem, records, metadata))
     return datasets
@@ -466,6 +479,7 @@ __all__ = [
     "LossCurveHook",
     "FinalModelHook",
     "default_image_root",
+    "image_root",
     "evaluate_run",
     "load_datasets",
     "logged_metrics",

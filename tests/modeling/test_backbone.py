@@ -120,6 +120,23 @@ def test_res5_dilated_has_no_stride_and_grid_override_restores_it():
     assert block.dilation == 2
 
 
+def test_grid_res5_dilation_key_chooses_the_grid_map_stride():
+    """MODEL.GRID.RES5_DILATION 1 (default) is grid-feats-vqa's stride-32 map; 2 keeps the
+    detector's own dilated stride-16 map. The weights (and the detection path) are the same."""
+    default = _tiny_backbone()
+    dilated = _tiny_backbone(extra=["MODEL.GRID.RES5_DILATION", "2"])
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        stride32 = default.grid_features(x)["res5"]
+        stride16 = dilated.grid_features(x)["res5"]
+        assert stride32.shape[-2:] == (2, 3) and stride16.shape[-2:] == (4, 6)
+        torch.testing.assert_close(stride16, dilated(x)["res5"], rtol=0, atol=0)
+        torch.testing.assert_close(stride32, default(x, res5_dilation=1)["res5"], rtol=0, atol=0)
+        torch.testing.assert_close(default(x)["res5"], stride16, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="grid res5 dilation"):
+        _tiny_backbone(extra=["MODEL.GRID.RES5_DILATION", "3"])
+
+
 @pytest.mark.parametrize("config", ["R-50-grid", "X-152-challenge"])
 def test_per_call_dilation_equals_a_model_built_with_that_dilation(config):
     dilated = _tiny_backbone(config, seed=1)

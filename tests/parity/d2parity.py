@@ -79,7 +79,7 @@ def run(
                 out[f"{stem}/grid_shape"] = np.array(grid.shape, dtype=np.int64)
                 out[f"{stem}/grid_chanmean"] = grid.mean(dim=(1, 2)).numpy()
                 stages = model.backbone(
-                    batch.tensor, res5_dilation=model.backbone.GRID_RES5_DILATION, return_all=True
+                    batch.tensor, res5_dilation=model.backbone.grid_res5_dilation, return_all=True
                 )
                 for stage in ("stem", "res2", "res3", "res4", "res5"):
                     if stage in stages:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from PIL import Image
 
 from gridfeats.cli import main as gridfeats_main
 from gridfeats.engine import KILL_ENV, load_training_state, read_metrics
-from tests.training.helpers import eval_files, final_weights, forked, train_args
+from tests.training.helpers import TINY_CONFIG, eval_files, final_weights, forked, train_args
 
 LOSSES = {"loss_cls", "loss_box_reg", "loss_attr", "loss_rpn_cls", "loss_rpn_loc"}
 
@@ -170,3 +171,36 @@ def test_dataloader_workers_train_the_same_weights(run, data, tmp_path):
     a, b = final_weights(run), final_weights(workers)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_datasets_image_root_sets_where_the_json_images_are(data, tmp_path, capsys):
+    """Images kept apart from the annotations (e.g. VG's images/ and a json elsewhere) are found
+    through DATASETS.IMAGE_ROOT; a wrong root is refused before training starts."""
+    import shutil
+
+    from gridfeats.config import get_cfg
+    from gridfeats.engine.detection import load_datasets
+
+    annotations = tmp_path / "ann"
+    annotations.mkdir()
+    moved = shutil.copy(data["train_instances"], annotations / "train.json")
+    images = shutil.copytree(data["images"], tmp_path / "pixels")
+    cfg = get_cfg(str(TINY_CONFIG), ["DATASETS.TRAIN", f"('{moved}',)"])
+    _, default_records, _ = load_datasets(cfg, "TRAIN")[0]
+    assert not any(Path(r["file_name"]).is_file() for r in default_records)  # ann/../images
+
+    cfg = get_cfg(
+        str(TINY_CONFIG), ["DATASETS.TRAIN", f"('{moved}',)", "DATASETS.IMAGE_ROOT", str(images)]
+    )
+    _, records, _ = load_datasets(cfg, "TRAIN")[0]
+    assert records and all(Path(r["file_name"]).parent == images for r in records)
+    assert all(Path(r["file_name"]).is_file() for r in records)
+
+    out = tmp_path / "run"
+    opts = ["SOLVER.MAX_ITER", "1", "DATASETS.IMAGE_ROOT", str(images)]
+    assert gridfeats_main(train_args({**data, "train_instances": moved}, out, opts=opts)) == 0
+    assert (out / "model_final.pth").is_file()
+
+    opts = ["DATASETS.IMAGE_ROOT", str(tmp_path / "nowhere")]
+    assert gridfeats_main(train_args(data, tmp_path / "bad", opts=opts)) == 2
+    assert "DATASETS.IMAGE_ROOT" in capsys.readouterr().err

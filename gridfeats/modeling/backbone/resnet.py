@@ -218,8 +218,9 @@ def make_stage(
 class ResNet(Backbone):
     """Stem + stages up to the deepest requested output; returns ``{name: feature map}``.
 
-    :meth:`grid_features` is grid-feats-vqa's extraction rule: the same weights with res5 run
-    undilated (stride 2 in its first block), giving the stride-32 C5 map.
+    :meth:`grid_features` runs res5 with ``grid_res5_dilation`` (``MODEL.GRID.RES5_DILATION``).
+    The default 1 is grid-feats-vqa's extraction rule: the same weights with res5 run undilated
+    (stride 2 in its first block), giving the stride-32 C5 map.
     """
 
     #: grid-feats-vqa's ``extract_grid_feature.py`` forces this res5 dilation.
@@ -231,8 +232,12 @@ class ResNet(Backbone):
         stages: Dict[str, nn.Sequential],
         out_features: Sequence[str],
         freeze_at: int = 0,
+        grid_res5_dilation: int = GRID_RES5_DILATION,
     ):
         super().__init__()
+        if grid_res5_dilation not in (1, 2):
+            raise ValueError(f"the grid res5 dilation must be 1 or 2, got {grid_res5_dilation}")
+        self.grid_res5_dilation = grid_res5_dilation
         self.stem = stem
         self.stage_names: List[str] = list(stages)
         for name, stage in stages.items():
@@ -265,7 +270,7 @@ class ResNet(Backbone):
         }
 
     def grid_features(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        return self.forward(x, res5_dilation=self.GRID_RES5_DILATION)
+        return self.forward(x, res5_dilation=self.grid_res5_dilation)
 
     def forward(
         self, x: torch.Tensor, res5_dilation: Optional[int] = None, return_all: bool = False
@@ -319,4 +324,10 @@ def build_resnet_backbone(cfg, input_shape: Optional[ShapeSpec] = None) -> ResNe
         )
         stages[f"res{stage_idx}"] = stage
         in_channels, out_channels, bottleneck = out_channels, out_channels * 2, bottleneck * 2
-    return ResNet(stem, stages, out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    return ResNet(
+        stem,
+        stages,
+        out_features,
+        freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
+        grid_res5_dilation=cfg.MODEL.GRID.RES5_DILATION,
+    )
