@@ -19,6 +19,7 @@ from torch import nn
 
 from gridfeats.errors import GridfeatsError
 from gridfeats.precision import autocast, check_precision
+from gridfeats.pretrain.nets import backbone_features
 
 
 class PretrainError(GridfeatsError, ValueError):
@@ -239,3 +240,32 @@ class PretrainMethod(nn.Module):
 
     def num_views(self) -> int:
         return 2
+
+
+class EncoderCheckpointMethod(PretrainMethod):
+    """A method whose repo saves ``{"epoch", "arch", "state_dict" (``module.`` keys),
+    "optimizer"}`` and whose backbone is one ResNet attribute of ``self.model``: SimSiam
+    (``encoder``) and MoCo v1/v2 (``encoder_q``). ``encoder_name`` names that attribute."""
+
+    encoder_name = ""
+
+    def upstream_state_dict(self) -> Dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "arch": self.arch,
+            "state_dict": add_module(self.model.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def load_upstream(self, obj: Mapping[str, Any]) -> None:
+        load_strict(self.model, strip_module(obj["state_dict"]), f"{self.name} state_dict")
+        self.load_optimizer_state(obj.get("optimizer"))
+
+    def backbone(self) -> nn.Module:
+        return getattr(self.model, self.encoder_name)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return backbone_features(self.backbone(), x)
+
+    def monitor_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone()(x)

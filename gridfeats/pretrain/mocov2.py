@@ -13,7 +13,7 @@ several processes it is the repo's gather-shuffle-scatter across ranks.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,16 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gridfeats.pretrain.base import (
+    EncoderCheckpointMethod,
     PretrainError,
-    PretrainMethod,
-    add_module,
     concat_all_gather,
-    load_strict,
     read_obj,
     strip_module,
     world,
 )
-from gridfeats.pretrain.nets import backbone_features, resnet, resnet_arch_from_state
+from gridfeats.pretrain.nets import resnet, resnet_arch_from_state
 
 
 class MoCoNet(nn.Module):
@@ -51,8 +49,9 @@ class MoCoNet(nn.Module):
             pk.requires_grad = False
 
 
-class MoCoV2(PretrainMethod):
+class MoCoV2(EncoderCheckpointMethod):
     name = "mocov2"
+    encoder_name = "encoder_q"
     hparams = ("lr", "weight_decay", "momentum", "ema", "temperature", "queue_size")
 
     def __init__(
@@ -148,24 +147,3 @@ class MoCoV2(PretrainMethod):
             loss = F.cross_entropy(logits, labels)
         self.backward_and_step(loss)
         return loss.detach()
-
-    def upstream_state_dict(self) -> Dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "arch": self.arch,
-            "state_dict": add_module(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-        }
-
-    def load_upstream(self, obj: Mapping[str, Any]) -> None:
-        load_strict(self.model, strip_module(obj["state_dict"]), "mocov2 state_dict")
-        self.load_optimizer_state(obj.get("optimizer"))
-
-    def backbone(self) -> nn.Module:
-        return self.model.encoder_q
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return backbone_features(self.model.encoder_q, x)
-
-    def monitor_output(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encoder_q(x)

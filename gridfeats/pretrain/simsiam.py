@@ -11,15 +11,14 @@ group kept at the initial lr. ``stop_grad=False`` and ``predictor=False`` are th
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gridfeats.pretrain.base import PretrainMethod, add_module, load_strict, read_obj, strip_module
+from gridfeats.pretrain.base import EncoderCheckpointMethod, read_obj, strip_module
 from gridfeats.pretrain.nets import (
-    backbone_features,
     resnet,
     resnet_arch_from_state,
     resnet_feature_dim,
@@ -38,8 +37,9 @@ class SimSiamNet(nn.Module):
         self.predictor = simsiam_predictor(dim, pred_dim)
 
 
-class SimSiam(PretrainMethod):
+class SimSiam(EncoderCheckpointMethod):
     name = "simsiam"
+    encoder_name = "encoder"
     hparams = ("lr", "weight_decay", "momentum", "predictor_fixed_lr")
 
     def __init__(
@@ -117,24 +117,3 @@ class SimSiam(PretrainMethod):
             )
         self.backward_and_step(loss)
         return loss.detach()
-
-    def upstream_state_dict(self) -> Dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "arch": self.arch,
-            "state_dict": add_module(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-        }
-
-    def load_upstream(self, obj: Mapping[str, Any]) -> None:
-        load_strict(self.model, strip_module(obj["state_dict"]), "simsiam state_dict")
-        self.load_optimizer_state(obj.get("optimizer"))
-
-    def backbone(self) -> nn.Module:
-        return self.model.encoder
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return backbone_features(self.model.encoder, x)
-
-    def monitor_output(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.encoder(x)
