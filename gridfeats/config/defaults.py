@@ -19,10 +19,16 @@ from gridfeats.config.node import CfgNode as CN
 _C = CN()
 
 #: Config nodes (and leaf keys) gridfeats adds to Detectron2@ffff8ac's: backbones it does not have,
-#: the grid-extraction rule and the image root of json datasets. They hold only gridfeats'
-#: settings, so every Detectron2 key keeps its reference default; dumps carry them, and
-#: comparisons with the reference dump leave exactly these out.
-GRIDFEATS_NODES = ("MODEL.VIT", "MODEL.HF", "MODEL.GRID", "DATASETS.IMAGE_ROOT")
+#: the grid-extraction rule, the image root of json datasets and rank-invariant DDP training. They
+#: hold only gridfeats' settings, so every Detectron2 key keeps its reference default; dumps carry
+#: them, and comparisons with the reference dump leave exactly these out.
+GRIDFEATS_NODES = (
+    "MODEL.VIT",
+    "MODEL.HF",
+    "MODEL.GRID",
+    "DATASETS.IMAGE_ROOT",
+    "SOLVER.RANK_INVARIANT",
+)
 
 
 def is_gridfeats_key(name: str) -> bool:
@@ -318,6 +324,15 @@ _C.SOLVER.CLIP_GRADIENTS = CN({"ENABLED": False})
 _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
 _C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
 _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+# gridfeats (listed in GRIDFEATS_NODES). False: Detectron2's behaviour, each rank normalises its
+# losses over its own images and samples with its own RNG. True: N torchrun ranks train like one
+# process with the same global batch (equal weights up to float rounding): every image's anchors
+# and proposals are sampled from a generator seeded from (SEED, its global stream position), and
+# loss_cls / loss_box_reg / loss_attr are normalised by counts summed over all ranks. Only exact
+# with FrozenBN or no norm (not BN's batch statistics), images of one size within a batch (padding
+# changes the border features) and DATALOADER.ASPECT_RATIO_GROUPING False (refused otherwise under
+# more than one rank: the buckets are per rank).
+_C.SOLVER.RANK_INVARIANT = False
 
 # ---------------------------------------------------------------------------------------------
 # Test

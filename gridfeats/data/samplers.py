@@ -11,6 +11,10 @@
   mapper's random draws, so batches (content and augmentation) are a pure function of
   ``(seed, batch number)``. ``start_batch`` skips batches by index arithmetic only: a resumed run
   sees exactly the batches an uninterrupted run would have seen next.
+* ``SOLVER.RANK_INVARIANT``: every item also gets ``"sampling_seed"``, :func:`sampling_seed` of
+  ``(seed, position)``; ``position`` is the global one (``training_stream`` enumerates before it
+  splits over ranks), so an image has the same seed on rank 1 of 2 as in a one-process batch, and
+  the model samples its anchors and proposals from a generator seeded with it.
 """
 
 from __future__ import annotations
@@ -96,18 +100,29 @@ class TrainBatchSampler:
         return itertools.islice(self._batches(), self.start_batch, None)
 
 
+def sampling_seed(seed: int, position: int) -> int:
+    """The seed (63 bits) of the generator that samples the anchors and proposals of the image at
+    global stream ``position`` (``SOLVER.RANK_INVARIANT``): a pure function of the run seed and the
+    position, independent of the mapper's draws (a child of their ``SeedSequence``)."""
+    child = np.random.SeedSequence([int(seed), int(position)]).spawn(1)[0]
+    return int(child.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 class MappedDetectionDataset(Dataset):
-    """``dataset[(position, index)] = mapper(records[index], rng(seed, position))``."""
+    """``dataset[(position, index)] = mapper(records[index], rng(seed, position))``, with
+    ``"sampling_seed"`` added when ``sampling_seeds`` (see the module docstring)."""
 
     def __init__(
         self,
         records: Sequence[Dict[str, Any]],
         mapper: Callable[[Dict[str, Any], np.random.Generator], Dict[str, Any]],
         seed: int,
+        sampling_seeds: bool = False,
     ):
         self.records = list(records)
         self.mapper = mapper
         self.seed = int(seed)
+        self.sampling_seeds = bool(sampling_seeds)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -115,7 +130,10 @@ class MappedDetectionDataset(Dataset):
     def __getitem__(self, key: Key) -> Dict[str, Any]:
         position, index = key
         rng = np.random.default_rng([self.seed, int(position)])
-        return self.mapper(self.records[index], rng)
+        item = self.mapper(self.records[index], rng)
+        if self.sampling_seeds:
+            item = {**item, "sampling_seed": sampling_seed(self.seed, position)}
+        return item
 
 
 def _list_collate(batch: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -132,7 +150,8 @@ def build_detection_train_loader(
     start_batch: int = 0,
 ) -> DataLoader:
     """An infinite loader of ``list[dict]`` batches of ``SOLVER.IMS_PER_BATCH / world_size`` images,
-    with ``DATALOADER.NUM_WORKERS`` workers and ``DATALOADER.ASPECT_RATIO_GROUPING``."""
+    with ``DATALOADER.NUM_WORKERS`` workers and ``DATALOADER.ASPECT_RATIO_GROUPING`` (each item
+    with its ``"sampling_seed"`` under ``SOLVER.RANK_INVARIANT``)."""
     total = int(cfg.SOLVER.IMS_PER_BATCH)
     if total % world_size != 0 or total < world_size:
         raise ValueError(
@@ -148,7 +167,9 @@ def build_detection_train_loader(
     )
     workers = int(cfg.DATALOADER.NUM_WORKERS)
     return DataLoader(
-        MappedDetectionDataset(records, mapper, seed),
+        MappedDetectionDataset(
+            records, mapper, seed, sampling_seeds=bool(cfg.SOLVER.get("RANK_INVARIANT", False))
+        ),
         batch_sampler=sampler,
         num_workers=workers,
         collate_fn=_list_collate,

@@ -24,6 +24,10 @@ This is grid-feats-vqa's ``train_net.py`` on the project's one loop (``gridfeats
 * **Seeds**: ``SEED`` (negative: drawn once and written to the run's ``config.yaml``). The model is
   initialised from ``SEED`` on every rank; training randomness (the samplers' ``torch.randperm``)
   from ``SEED + rank``; the data stream and augmentations from ``SEED`` alone, as Detectron2 does.
+* **Rank invariance** (``SOLVER.RANK_INVARIANT``, gridfeats' own key, off by default): each
+  image is sampled from a generator seeded from ``SEED`` and its global stream position, and the
+  ROI losses are normalised over all ranks, so N ranks train like one process of the same global
+  batch (:func:`check_rank_invariance` refuses or warns about the settings where they cannot).
 * **Precision**: ``auto`` is bf16 autocast on GPUs that have it (fp16 with a grad scaler
   otherwise) and fp32 on CPUs: even with native bf16 (AMX), a bf16 R-50-grid training step
   measured 1.4x slower than fp32 here (its forward is faster, its backward 2x slower;
@@ -212,6 +216,48 @@ def run_config(cfg, out_dir: PathLike, weights: Optional[PathLike], resuming: bo
     return cfg
 
 
+def check_rank_invariance(cfg, world_size: int) -> None:
+    """``SOLVER.RANK_INVARIANT`` under more than one rank cannot hold with aspect-ratio grouping:
+    its buckets are filled per rank, so ranks batch other images than one process would."""
+    if cfg.SOLVER.RANK_INVARIANT and world_size > 1 and cfg.DATALOADER.ASPECT_RATIO_GROUPING:
+        raise DetectionTrainingError(
+            f"SOLVER.RANK_INVARIANT with {world_size} ranks needs DATALOADER.ASPECT_RATIO_GROUPING "
+            "False (its buckets are per rank, so the ranks would not see one process's batches)"
+        )
+
+
+def rank_invariance_warnings(
+    cfg, records: Sequence[Mapping[str, Any]], model: torch.nn.Module, world_size: int
+) -> List[str]:
+    """The reasons ``SOLVER.RANK_INVARIANT`` will only be approximate in this run (empty when it
+    is off or there is one rank): batch-statistics BatchNorm, or images of different sizes."""
+    if not cfg.SOLVER.RANK_INVARIANT or world_size <= 1:
+        return []
+    reasons = []
+    batch_norms = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, torch.nn.SyncBatchNorm)
+    ]
+    if batch_norms:
+        reasons.append(
+            f"{len(batch_norms)} BatchNorm layers (e.g. {batch_norms[0]}) use per-rank batch "
+            "statistics; use FrozenBN or no norm for exact rank invariance"
+        )
+    sizes = {(r.get("height"), r.get("width")) for r in records}
+    short_sides = set(cfg.INPUT.MIN_SIZE_TRAIN)
+    if cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING == "range":
+        short_sides = set(range(min(short_sides), max(short_sides) + 1))
+    if len(sizes) > 1 or len(short_sides) > 1:
+        reasons.append(
+            "training images can differ in size: a one-process batch pads them to a common size, "
+            "which changes the features near the padded borders, so ranks match it only "
+            "approximately"
+        )
+    return reasons
+
+
 # --------------------------------------------------------------------------------- evaluation
 def _evaluate_sets(detector, datasets: Sequence[Dataset], progress: bool) -> Dict[str, Any]:
     from gridfeats.evaluation import evaluate_detector
@@ -371,6 +417,7 @@ def _train(
         )
     resuming = resume and last.is_file()
     cfg = run_config(cfg, out, weights, resuming)
+    check_rank_invariance(cfg, rank.world_size)
     precision = resolve_precision(precision, dev)
     records, _ = training_records(cfg)
     test_sets = load_datasets(cfg, "TEST")
@@ -383,6 +430,9 @@ def _train(
     seed_all_rngs(seed)  # the same initial weights on every rank
     init = None if resuming else (cfg.MODEL.WEIGHTS or None)
     model = build_model(cfg, weights=init).to(dev)
+    if rank.is_main:
+        for reason in rank_invariance_warnings(cfg, records, model, rank.world_size):
+            logger.warning("SOLVER.RANK_INVARIANT is approximate: %s", reason)
     seed_all_rngs(seed + rank.rank)  # each rank's own sampling stream, as Detectron2 seeds them
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)

@@ -133,6 +133,11 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def group_world_size() -> int:
+    """The joined process group's size; 1 without one (whatever ``WORLD_SIZE`` says)."""
+    return dist.get_world_size() if _group_active() else 1
+
+
 def barrier() -> None:
     if _group_active() and dist.get_world_size() > 1:
         dist.barrier()

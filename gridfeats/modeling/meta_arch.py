@@ -10,12 +10,16 @@ training mapper, in ``INPUT.FORMAT`` channel order.
 ``"height"``/``"width"``, the original size) gives ``[{"instances": Instances}]`` in original-image
 pixels in eval mode; in training mode the items also carry ``"instances"`` (targets) and
 optionally ``"proposals"`` (precomputed proposals used by the ROI heads instead of the RPN's, while
-the RPN still runs for its losses), and the result is the loss dict.
+the RPN still runs for its losses), and the result is the loss dict. Items may also carry an
+integer ``"sampling_seed"`` (every item or none; the training loader adds it with
+``SOLVER.RANK_INVARIANT``): the RPN's and the ROI heads' ``torch.randperm`` draws for that image
+then come from a ``torch.Generator`` seeded with it (RPN first, then ROI heads), not from the
+global RNG, so an image is sampled the same whichever batch or rank it is in.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -28,6 +32,7 @@ from gridfeats.structures import ImageList, Instances
 
 TARGET_FIELDS = ("gt_boxes", "gt_classes", "gt_attributes")
 PROPOSAL_FIELDS = ("proposal_boxes", "objectness_logits")
+SAMPLING_SEED = "sampling_seed"
 
 
 class GeneralizedRCNN(nn.Module):
@@ -113,8 +118,10 @@ class GeneralizedRCNN(nn.Module):
             as_instances(x["instances"], hw, TARGET_FIELDS, self.device)
             for x, hw in zip(batched_inputs, images.image_sizes)
         ]
+        generators = sampling_generators(batched_inputs, self.device)
+        sampling = {} if generators is None else {"generators": generators}
         features = self.backbone(images.tensor)
-        proposals, proposal_losses = self.proposal_generator(images, features, targets)
+        proposals, proposal_losses = self.proposal_generator(images, features, targets, **sampling)
         if all("proposals" in x for x in batched_inputs):
             proposals = [
                 as_instances(x["proposals"], hw, PROPOSAL_FIELDS, self.device)
@@ -122,7 +129,7 @@ class GeneralizedRCNN(nn.Module):
             ]
         elif any("proposals" in x for x in batched_inputs):
             raise ValueError("either every batch item carries 'proposals' or none does")
-        _, detector_losses = self.roi_heads(images, features, proposals, targets)
+        _, detector_losses = self.roi_heads(images, features, proposals, targets, **sampling)
         return {**detector_losses, **proposal_losses}
 
     def inference(self, images: ImageList) -> Tuple[Dict[str, torch.Tensor], List[Instances]]:
@@ -137,6 +144,24 @@ class GeneralizedRCNN(nn.Module):
         heads' whole-image view of it (the map itself, or the res5 head run over res4 for the
         "updn" models whose backbone stops at res4)."""
         return self.roi_heads.conv5_features(self.backbone.grid_features(images.tensor))
+
+
+def sampling_generators(
+    batched_inputs: Sequence[Mapping[str, Any]], device: torch.device
+) -> Optional[List[torch.Generator]]:
+    """One generator on ``device`` per item, seeded with its ``"sampling_seed"``; ``None`` when no
+    item has one (the global RNG samples, as in Detectron2)."""
+    has = [SAMPLING_SEED in x for x in batched_inputs]
+    if not any(has):
+        return None
+    if not all(has):
+        raise ValueError(f"either every batch item carries {SAMPLING_SEED!r} or none does")
+    generators = []
+    for x in batched_inputs:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(x[SAMPLING_SEED]))
+        generators.append(g)
+    return generators
 
 
 def as_instances(

@@ -8,6 +8,12 @@ the padded feature map is matched to the image's ground truth (IoU 0.3 / 0.7, lo
 anchors not inside the *unpadded* image (``BOUNDARY_THRESH``) are ignored, ``BATCH_SIZE_PER_IMAGE``
 anchors are sampled per image in image order (the ``torch.randperm`` draws of a seeded reference
 run), and both losses are sums divided by the fixed ``BATCH_SIZE_PER_IMAGE x num_images``.
+
+With per-image ``generators`` (``SOLVER.RANK_INVARIANT``: one per batch item, seeded from its
+``"sampling_seed"``) each image's anchors are drawn from its own generator instead. The
+normaliser needs no change there: under DDP the gradient average over ranks of
+``sum_r / (BATCH_SIZE_PER_IMAGE x images_r)`` with equal per-rank image counts is the one-process
+``sum / (BATCH_SIZE_PER_IMAGE x all images)``.
 """
 
 from __future__ import annotations
@@ -87,8 +93,10 @@ class RPN(nn.Module):
         images: ImageList,
         features: Dict[str, torch.Tensor],
         gt_instances: Optional[List[Instances]] = None,
+        generators: Optional[List[torch.Generator]] = None,
     ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
-        """Proposals per image and, in training mode, ``loss_rpn_cls`` / ``loss_rpn_loc``."""
+        """Proposals per image and, in training mode, ``loss_rpn_cls`` / ``loss_rpn_loc``
+        (anchors sampled from ``generators[i]`` for image i when given, else the global RNG)."""
         x = features[self.in_feature]
         logits, deltas = self.rpn_head(x)
         # Proposal selection sorts and decodes in float32 whatever the compute dtype (a no-op in
@@ -105,7 +113,9 @@ class RPN(nn.Module):
             if gt_instances is None:
                 raise ValueError("the RPN needs gt_instances in training mode")
             gt_boxes = [t.gt_boxes for t in gt_instances]
-            losses = self.losses(anchors, logits, deltas, gt_boxes, images.image_sizes)
+            losses = self.losses(
+                anchors, logits, deltas, gt_boxes, images.image_sizes, generators=generators
+            )
         # proposals are constants for the ROI heads (Detectron2's approximate joint training)
         with torch.no_grad():
             boxes = self.box2box_transform.apply_deltas(deltas, anchors.repeat(n, 1)).view(n, -1, 4)
@@ -118,14 +128,18 @@ class RPN(nn.Module):
         anchors: torch.Tensor,
         gt_boxes: List[torch.Tensor],
         image_sizes: List[Tuple[int, int]],
+        generators: Optional[List[torch.Generator]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Objectness targets ``[N, A]`` (int8: 1 sampled positive, 0 sampled negative, -1 unused)
         and regression targets ``[N, A, 4]`` (each anchor to its best gt; zeros without gt).
 
-        Images are sampled one after another, positives before negatives, as Detectron2 does.
+        Images are sampled one after another, positives before negatives, as Detectron2 does
+        (from the global RNG, or from ``generators[i]`` for image i).
         """
+        if generators is not None and len(generators) != len(gt_boxes):
+            raise ValueError(f"{len(generators)} sampling generators for {len(gt_boxes)} images")
         labels, targets = [], []
-        for boxes_i, image_hw in zip(gt_boxes, image_sizes):
+        for i, (boxes_i, image_hw) in enumerate(zip(gt_boxes, image_sizes)):
             labels_i, matched = label_anchors(
                 anchors, boxes_i, image_hw, self.anchor_matcher, self.boundary_threshold
             )
@@ -134,7 +148,11 @@ class RPN(nn.Module):
             else:
                 targets.append(self.box2box_transform.get_deltas(anchors, boxes_i[matched]))
             pos_idx, neg_idx = subsample_labels(
-                labels_i, self.batch_size_per_image, self.positive_fraction, 0
+                labels_i,
+                self.batch_size_per_image,
+                self.positive_fraction,
+                0,
+                generator=None if generators is None else generators[i],
             )
             labels_i.fill_(-1)
             labels_i.scatter_(0, pos_idx, 1)
@@ -149,10 +167,13 @@ class RPN(nn.Module):
         pred_deltas: torch.Tensor,
         gt_boxes: List[torch.Tensor],
         image_sizes: List[Tuple[int, int]],
+        generators: Optional[List[torch.Generator]] = None,
     ) -> Dict[str, torch.Tensor]:
         """``loss_rpn_cls`` and ``loss_rpn_loc`` of the batch; ``pred_logits [N, A]`` and
         ``pred_deltas [N * A, 4]`` in anchor order, image-major."""
-        labels, targets = self.label_and_sample_anchors(anchors, gt_boxes, image_sizes)
+        labels, targets = self.label_and_sample_anchors(
+            anchors, gt_boxes, image_sizes, generators=generators
+        )
         objectness, localization = rpn_losses(
             labels.flatten(),
             targets.reshape(-1, 4),

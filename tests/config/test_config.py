@@ -306,7 +306,8 @@ def test_dump_text_parses_back_to_the_reference(shipped, reference):
 def test_keys_beyond_the_reference_are_only_gridfeats_nodes(shipped, reference):
     extra = sorted(set(flatten(shipped["R-50-grid"])) - set(reference))
     assert extra and all(is_gridfeats_key(k) for k in extra)
-    assert {"MODEL.GRID.RES5_DILATION", "DATASETS.IMAGE_ROOT"} <= set(extra)
+    own = {"MODEL.GRID.RES5_DILATION", "DATASETS.IMAGE_ROOT", "SOLVER.RANK_INVARIANT"}
+    assert own <= set(extra)
 
 
 def test_pure_defaults_are_reference_with_grid_yaml_settings_undone(reference):

@@ -125,3 +125,20 @@ def test_sampler_replays_detectron2_randperm_draws_under_a_seed():
     torch.manual_seed(123)
     assert subsample_labels(labels, 16, 0.25, 0)[0].tolist() == pos.tolist()
     assert pos2.tolist() != pos.tolist()
+
+
+def test_sampler_with_a_generator_leaves_the_global_rng_alone():
+    """``SOLVER.RANK_INVARIANT``'s per-image generators: the same draws for the same seed, made
+    as the global-RNG calls would be from that generator, and the global stream untouched."""
+    labels = _labels()
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    g = torch.Generator().manual_seed(99)
+    pos, neg = subsample_labels(labels, 16, 0.25, 0, generator=g)
+    assert torch.equal(torch.get_rng_state(), before)
+    g.manual_seed(99)
+    expected_pos = torch.arange(0, 100, 10)[torch.randperm(10, generator=g)[:4]]
+    expected_neg = torch.arange(1, 100, 2)[torch.randperm(50, generator=g)[:12]]
+    assert pos.tolist() == expected_pos.tolist() and neg.tolist() == expected_neg.tolist()
+    again = subsample_labels(labels, 16, 0.25, 0, generator=torch.Generator().manual_seed(99))
+    assert again[0].tolist() == pos.tolist() and again[1].tolist() == neg.tolist()

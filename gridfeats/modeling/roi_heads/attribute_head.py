@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +37,10 @@ class AttributePredictor(nn.Module):
 
 
 def attribute_loss(
-    logits: torch.Tensor, labels: torch.Tensor, loss_weight: float = 0.2
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_weight: float = 0.2,
+    normalizer: Optional[float] = None,
 ) -> torch.Tensor:
     """grid-feats-vqa's ``AttributePredictor.loss`` (detectron2-compat.md 7.3).
 
@@ -44,6 +49,10 @@ def attribute_loss(
     1 / (number of valid labels of the row); the weighted sum over all rows is divided by the number
     of rows with at least one label and multiplied by ``loss_weight``. Without any labelled row the
     loss is a differentiable 0. The operation order is grid-feats' (weights applied per label).
+
+    ``normalizer``: the divisor instead of this batch's labelled-row count
+    (``SOLVER.RANK_INVARIANT`` passes all ranks' count over the world size; a rank without
+    labelled rows then still returns its differentiable 0).
     """
     n, width = labels.shape
     if n == 0:  # no foreground proposal in the batch
@@ -56,6 +65,10 @@ def attribute_loss(
     n_valid = int((counts > 0).sum())
     ce = F.cross_entropy(expanded, labels.reshape(-1), reduction="none", ignore_index=-1)
     per_row = (ce * weights).view(n, -1).sum(dim=1)
+    if normalizer is not None:
+        if n_valid == 0 or normalizer <= 0:
+            return per_row.sum() * 0.0
+        return per_row.sum() * loss_weight / normalizer
     if n_valid == 0:
         return per_row.sum() * 0.0
     return per_row.sum() * loss_weight / n_valid

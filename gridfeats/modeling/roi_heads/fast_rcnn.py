@@ -3,7 +3,7 @@ detection selection."""
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ def fast_rcnn_losses(
     gt_classes: torch.Tensor,
     box2box: Box2BoxTransform,
     smooth_l1_beta: float,
+    normalizer: Optional[float] = None,
 ) -> Dict[str, torch.Tensor]:
     """Detectron2@ffff8ac's ``FastRCNNOutputs.losses`` over the sampled proposals of the batch.
 
@@ -54,11 +55,17 @@ def fast_rcnn_losses(
     ``K``). ``loss_box_reg``: smooth-L1 over the 4 delta columns of each foreground proposal's gt
     class (class-specific) or the only 4 (class-agnostic), summed and divided by R, the number of
     *sampled* proposals, not the foreground count.
+
+    ``normalizer``: divide both sums by it instead of R (``SOLVER.RANK_INVARIANT`` passes all
+    ranks' R over the world size); ``None`` is the reference computation above.
     """
     if gt_classes.numel() == 0:  # no proposal at all: zero losses that still reach every weight
         zero = pred_class_logits.sum() * 0.0 + pred_proposal_deltas.sum() * 0.0
         return {"loss_cls": zero, "loss_box_reg": zero.clone()}
-    loss_cls = F.cross_entropy(pred_class_logits, gt_classes, reduction="mean")
+    if normalizer is None:
+        loss_cls = F.cross_entropy(pred_class_logits, gt_classes, reduction="mean")
+    else:
+        loss_cls = F.cross_entropy(pred_class_logits, gt_classes, reduction="sum") / normalizer
     gt_deltas = box2box.get_deltas(proposal_boxes, gt_boxes)
     box_dim = gt_deltas.size(1)
     bg_class = pred_class_logits.shape[1] - 1
@@ -74,7 +81,8 @@ def fast_rcnn_losses(
         smooth_l1_beta,
         reduction="sum",
     )
-    return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / gt_classes.numel()}
+    divisor = gt_classes.numel() if normalizer is None else normalizer
+    return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg / divisor}
 
 
 def predict_boxes_and_probs(

@@ -13,6 +13,13 @@ Training (detectron2-compat.md 6.7, 7.3) is Detectron2@ffff8ac's ``ROIHeads`` pl
 matches, ``BATCH_SIZE_PER_IMAGE`` / ``POSITIVE_FRACTION`` sampling per image (image order, the
 seeded reference's ``torch.randperm`` draws), ``loss_cls`` + ``loss_box_reg`` on every sampled
 proposal and ``loss_attr`` on the foreground ones with their gt class fed to the class embedding.
+
+``SOLVER.RANK_INVARIANT`` (gridfeats' own key; off = the above, unchanged): each image's proposals
+are drawn from its own generator (see :meth:`_AttributeROIHeads.label_and_sample_proposals`), and
+the three normalisers (sampled proposals for ``loss_cls`` / ``loss_box_reg``, attributed
+foreground rows for ``loss_attr``) are counted over all ranks, the losses multiplied by the world
+size, so that DDP's gradient average (and the rank average of the logged losses) is the one
+process's with the same global batch.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class _AttributeROIHeads(nn.Module):
         self.bbox_loss_weight = float(box.get("BBOX_LOSS_WEIGHT", 1.0))
         self.attr_loss_weight = float(self._attr_cfg.LOSS_WEIGHT) if self.attribute_on else 0.0
         self.max_attr_per_ins = int(cfg.INPUT.get("MAX_ATTR_PER_INS", 16))
+        #: normalise the losses over all ranks' counts (``SOLVER.RANK_INVARIANT``)
+        self.rank_invariant = bool(cfg.SOLVER.get("RANK_INVARIANT", False))
 
     def _build_predictors(self, feature_dim: int) -> None:
         self.box_predictor = FastRCNNOutputLayers(
@@ -169,28 +178,39 @@ class _AttributeROIHeads(nn.Module):
         features: Dict[str, torch.Tensor],
         proposals: List[Instances],
         targets: Optional[List[Instances]] = None,
+        generators: Optional[List[torch.Generator]] = None,
     ) -> Tuple[List[Instances], Dict[str, torch.Tensor]]:
         """Detections per image (eval), or the sampled proposals (with their ``gt_*`` fields) and
-        ``loss_cls``, ``loss_box_reg``, ``loss_attr`` (training)."""
+        ``loss_cls``, ``loss_box_reg``, ``loss_attr`` (training; proposals sampled from
+        ``generators[i]`` for image i when given, else the global RNG)."""
         if self.training:
             if targets is None:
                 raise ValueError("the ROI heads need targets in training mode")
-            sampled = self.label_and_sample_proposals(proposals, targets)
+            if generators is None:
+                sampled = self.label_and_sample_proposals(proposals, targets)
+            else:
+                sampled = self.label_and_sample_proposals(proposals, targets, generators)
             return sampled, self.losses(features, sampled)
         return self.select(self.predict(features, proposals)), {}
 
     # -- training ----------------------------------------------------------------------------------
     @torch.no_grad()
     def label_and_sample_proposals(
-        self, proposals: List[Instances], targets: List[Instances]
+        self,
+        proposals: List[Instances],
+        targets: List[Instances],
+        generators: Optional[List[torch.Generator]] = None,
     ) -> List[Instances]:
         """Per image: append the gt boxes, match, sample; each sampled proposal gets ``gt_classes``
         (background = ``NUM_CLASSES``) and its matched gt's ``gt_boxes`` / ``gt_attributes``.
 
-        Sampled proposals are ordered foreground (draw order), then background (draw order).
+        Sampled proposals are ordered foreground (draw order), then background (draw order). The
+        draws come from the global RNG, or from ``generators[i]`` for image i.
         """
+        if generators is not None and len(generators) != len(targets):
+            raise ValueError(f"{len(generators)} sampling generators for {len(targets)} images")
         out = []
-        for props, target in zip(proposals, targets):
+        for i, (props, target) in enumerate(zip(proposals, targets)):
             gt_boxes = target.gt_boxes
             boxes = props.proposal_boxes
             if self.proposal_append_gt:
@@ -203,9 +223,18 @@ class _AttributeROIHeads(nn.Module):
                 gt_classes[match_labels == -1] = -1
             else:
                 gt_classes = torch.zeros_like(matched) + self.num_classes
-            fg_idx, bg_idx = subsample_labels(
-                gt_classes, self.batch_size_per_image, self.positive_fraction, self.num_classes
-            )
+            if generators is None:
+                fg_idx, bg_idx = subsample_labels(
+                    gt_classes, self.batch_size_per_image, self.positive_fraction, self.num_classes
+                )
+            else:
+                fg_idx, bg_idx = subsample_labels(
+                    gt_classes,
+                    self.batch_size_per_image,
+                    self.positive_fraction,
+                    self.num_classes,
+                    generator=generators[i],
+                )
             idx = torch.cat([fg_idx, bg_idx])
             sampled = Instances(props.image_size, proposal_boxes=boxes[idx])
             sampled.gt_classes = gt_classes[idx]
@@ -226,10 +255,21 @@ class _AttributeROIHeads(nn.Module):
     def losses(
         self, features: Dict[str, torch.Tensor], sampled: List[Instances]
     ) -> Dict[str, torch.Tensor]:
-        """The box-branch losses (and ``loss_attr``) of sampled proposals, weighted per config."""
+        """The box-branch losses (and ``loss_attr``) of sampled proposals, weighted per config.
+
+        With ``rank_invariant`` the normalisers are all ranks' counts divided by the world size
+        (see the module docstring); one ``all_reduce`` of two integers per step under DDP.
+        """
         box_feats = self.box_features(features, [p.proposal_boxes for p in sampled])
         logits, deltas = self.box_predictor(box_feats)
         gt_classes = torch.cat([p.gt_classes for p in sampled])
+        fg = (gt_classes != -1) & (gt_classes != self.num_classes)
+        labels = torch.cat([p.gt_attributes for p in sampled])[fg] if self.attribute_on else None
+        box_normalizer = attr_normalizer = None
+        if self.rank_invariant:
+            box_normalizer, attr_normalizer = rank_invariant_normalizers(
+                gt_classes.numel(), 0 if labels is None else attributed_rows(labels)
+            )
         losses = fast_rcnn_losses(
             logits,
             deltas,
@@ -238,14 +278,36 @@ class _AttributeROIHeads(nn.Module):
             gt_classes,
             self.box2box_transform,
             self.smooth_l1_beta,
+            normalizer=box_normalizer,
         )
         losses["loss_box_reg"] = losses["loss_box_reg"] * self.bbox_loss_weight
         if self.attribute_on:
-            fg = (gt_classes != -1) & (gt_classes != self.num_classes)
             attr_logits = self.attribute_predictor(box_feats[fg], gt_classes[fg])
-            labels = torch.cat([p.gt_attributes for p in sampled])[fg]
-            losses["loss_attr"] = attribute_loss(attr_logits, labels, self.attr_loss_weight)
+            losses["loss_attr"] = attribute_loss(
+                attr_logits, labels, self.attr_loss_weight, normalizer=attr_normalizer
+            )
         return losses
+
+
+def attributed_rows(labels: torch.Tensor) -> int:
+    """Rows of ``labels [n, W]`` (padded with -1) with at least one attribute: ``n_valid``."""
+    return int(((labels >= 0).sum(dim=1) > 0).sum())
+
+
+def rank_invariant_normalizers(num_proposals: int, num_attributed: int) -> Tuple[float, float]:
+    """``(proposals, attributed rows)`` summed over all ranks and divided by the world size.
+
+    Dividing a rank's loss sum by ``total / world_size`` multiplies the all-rank mean by the world
+    size, which DDP's gradient average (and the logged average) divides out again. One process
+    (or no process group): the counts themselves.
+    """
+    from gridfeats.engine import distributed
+
+    world = distributed.group_world_size()
+    if world == 1:
+        return float(num_proposals), float(num_attributed)
+    proposals, attributed = distributed.sum_over_ranks([num_proposals, num_attributed])
+    return proposals / world, attributed / world
 
 
 class AttributeStandardROIHeads(_AttributeROIHeads):
