@@ -40,7 +40,7 @@ DEMO_CONFIG = "demo-synthetic"
 #: The demo detector's training set: ``make-synthetic --num DEMO_TRAIN_IMAGES --seed
 #: DEMO_DATA_SEED`` (80 % train, 20 % val). Its seed differs from the demo's default ``--seed 0``,
 #: so the images the demo draws on are not training images.
-DEMO_TRAIN_IMAGES = 2000
+DEMO_TRAIN_IMAGES = 1600
 DEMO_DATA_SEED = 1
 DEMO_VAL_FRACTION = 0.2
 #: Bumped when the training recipe outside the config changes, so old cache entries are not reused.
