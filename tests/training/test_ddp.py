@@ -34,6 +34,9 @@ from PIL import Image
 from gridfeats.engine import load_training_state, read_metrics
 from tests.training.helpers import final_weights, forked, free_port, train_args
 
+#: Three iterations, no checkpoints, no evaluation: every DDP comparison's run length.
+SHORT_RUN = ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "0", "DATASETS.TEST", "()"]
+
 EXACT_NORMALISERS = [
     "DATALOADER.ASPECT_RATIO_GROUPING",
     "False",
@@ -45,12 +48,7 @@ EXACT_NORMALISERS = [
     "512",
     "MODEL.ROI_HEADS.IOU_THRESHOLDS",
     "(1.0,)",
-    "SOLVER.MAX_ITER",
-    "3",
-    "SOLVER.CHECKPOINT_PERIOD",
-    "0",
-    "DATASETS.TEST",
-    "()",
+    *SHORT_RUN,
 ]
 
 
@@ -209,12 +207,7 @@ SAMPLED = [
     "16",
     "SOLVER.IMS_PER_BATCH",
     "4",
-    "SOLVER.MAX_ITER",
-    "3",
-    "SOLVER.CHECKPOINT_PERIOD",
-    "0",
-    "DATASETS.TEST",
-    "()",
+    *SHORT_RUN,
 ]
 RANK_INVARIANT = [*SAMPLED, "SOLVER.RANK_INVARIANT", "True"]
 
