@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gridfeats.modeling.backbone.vit import Mlp  # the same fc1 / GELU / fc2 keys and arithmetic
+
 #: (embed_dim, depth, num_heads) of the named sizes. MoCo v3's ViT-S has 12 heads, DINO's 6
 #: (the shapes cannot tell them apart, so callers pass ``num_heads`` when it differs).
 VIT_SIZES = {
@@ -50,17 +52,6 @@ class DropPath(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path(x, self.drop_prob, self.training)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Attention(nn.Module):
