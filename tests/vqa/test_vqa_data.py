@@ -245,6 +245,36 @@ def test_large_grid_is_average_pooled_to_fit(tmp_path):
     assert fitted_grid_size(19, 32, 608) == (19, 32)
 
 
+def test_row_cache_keeps_decoded_images_within_its_bound(tmp_path):
+    rng = np.random.default_rng(2)
+    maps = {i: rng.standard_normal((FEATURE_DIM, 2, 3)).astype(np.float32) for i in (1, 2, 3)}
+    path = _grid_store(tmp_path / "g.h5", maps)
+    uncached = ImageRowReader(path)
+    one_image = uncached.read(1).features.nbytes + uncached.read(1).boxes.nbytes
+    reader = ImageRowReader(path, cache_bytes=2 * one_image)  # room for two of the three images
+    reads = []
+    store = reader.store
+
+    class CountingStore:  # the same store, recording each read
+        mode, feature_dim = store.mode, store.feature_dim
+
+        def __contains__(self, image_id):
+            return image_id in store
+
+        def __getitem__(self, image_id):
+            reads.append(str(image_id))
+            return store[image_id]
+
+    reader.store = CountingStore()
+    for image_id in (1, 2, 3, 1, 2, 3, "1"):
+        rows = reader.read(image_id)
+        assert torch.equal(rows.features, uncached.read(image_id).features)
+    assert reads == ["1", "2", "3", "3"]  # 1 and 2 fit the bound; 3 is read every time
+    assert reader._cached_bytes == 2 * one_image
+    with pytest.raises(ValueError, match="cache_bytes"):
+        ImageRowReader(path, cache_bytes=-1)
+
+
 def test_region_rows_normalised_and_top_scoring(tmp_path):
     boxes = np.array([[0, 0, 100, 50], [50, 25, 250, 150], [10, 10, 20, 20]], dtype=np.float32)
     scores = np.array([0.2, 0.9, 0.5])

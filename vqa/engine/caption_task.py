@@ -7,6 +7,7 @@ Config (``configs/vqa/updown.yaml``)::
       features: feats.h5
       train_captions / val_captions: COCO caption json files
       min_word_count: 5, max_caption_length: 16, max_rows: 100, missing_images: error
+      row_cache_mb: 1024            # decoded feature rows kept in memory, per process
     decode: {beam_size: 3, max_length: 16}
     scst: {start_epoch: null, samples_per_image: 5, baseline: greedy}
 
@@ -48,6 +49,7 @@ CAPTION_DEFAULTS: Dict[str, Any] = {
         "min_word_count": 5,
         "max_caption_length": 16,
         "max_rows": 100,
+        "row_cache_mb": 1024,
         "missing_images": "error",
     },
     "decode": {"beam_size": 3, "max_length": 16},

@@ -10,6 +10,7 @@ Config (``configs/vqa/*.yaml``; paths are relative to the working directory)::
                                     # as MCAN does when val is not used for model selection)
       min_answer_count: 9           # MCAN's "more than 8" (3129 answers on VQA v2 train+val)
       min_word_count: 1, max_question_length: 14, max_rows: 100
+      row_cache_mb: 1024            # decoded feature rows kept in memory, per process
       word_vectors: null            # a GloVe-format text file to initialise word embeddings
       hf_tokenizer: null            # a local tokenizer dir, to use with model.text_encoder
       missing_images: error         # or skip
@@ -56,6 +57,7 @@ VQA_DEFAULTS: Dict[str, Any] = {
         "min_word_count": 1,
         "max_question_length": 14,
         "max_rows": 100,
+        "row_cache_mb": 1024,
         "word_vectors": None,
         "hf_tokenizer": None,
         "missing_images": "error",
