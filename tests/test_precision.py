@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -37,12 +38,24 @@ def test_bf16_on_cpu_without_native_bf16_is_refused(monkeypatch):
 
 def test_bf16_on_cpu_with_native_bf16_is_accepted_with_a_bf16_autocast(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
     check_precision("bf16", CPU)
     ctx = autocast("bf16", CPU)
     assert isinstance(ctx, torch.autocast)
     with ctx:
         out = torch.mm(torch.ones(2, 2), torch.ones(2, 2))
     assert out.dtype == torch.bfloat16
+
+
+def test_bf16_without_amx_is_accepted_with_one_slowness_warning(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: False)
+    precision._warn_bf16_without_amx.cache_clear()
+    with pytest.warns(precision.SlowPrecisionWarning, match="no AMX"):
+        check_precision("bf16", CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_precision("bf16", CPU)  # once per process, not per model
 
 
 @pytest.mark.parametrize(
