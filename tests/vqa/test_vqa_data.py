@@ -275,6 +275,40 @@ def test_row_cache_keeps_decoded_images_within_its_bound(tmp_path):
         ImageRowReader(path, cache_bytes=-1)
 
 
+def test_row_normalization_standardizes_the_rows_heads_see(tmp_path):
+    from vqa.data.image_rows import RowNormalization, fit_row_normalization
+
+    rng = np.random.default_rng(3)
+    maps = {
+        i: (5.0 + 2.0 * rng.standard_normal((FEATURE_DIM, 4, 6))).astype(np.float32)
+        for i in range(4)
+    }
+    for fmap in maps.values():
+        fmap[1] = 0.0  # a dead channel: scaled by the floor, not divided by zero
+    reader = ImageRowReader(_grid_store(tmp_path / "g.h5", maps), max_rows=6)
+    pooled = torch.cat([reader.read(i).features for i in range(4)])  # what the heads get
+    norm = fit_row_normalization(reader, [3, 0, 1, 2, 1, "missing"])
+    assert torch.allclose(norm.mean, pooled.double().mean(0).float(), atol=1e-5)
+    live = torch.arange(FEATURE_DIM) != 1
+    assert torch.allclose(
+        norm.std[live], pooled.double().std(0, unbiased=False)[live].float(), atol=1e-5
+    )
+    floor = 0.01 * float(norm.std[live].sum()) / FEATURE_DIM  # 1% of the mean deviation
+    assert float(norm.std[1]) == pytest.approx(floor, rel=1e-5)
+    reader.set_normalization(norm)
+    out = torch.cat([reader.read(i).features for i in range(4)])
+    assert torch.allclose(out[:, live].mean(0), torch.zeros(FEATURE_DIM - 1), atol=1e-5)
+    assert torch.allclose(
+        out[:, live].std(0, unbiased=False), torch.ones(FEATURE_DIM - 1), atol=1e-4
+    )
+    assert torch.equal(out[:, 1], torch.zeros(len(out)))
+    assert torch.equal(RowNormalization.from_state(norm.state()).mean, norm.mean)
+    with pytest.raises(ValueError, match="without normalization"):
+        fit_row_normalization(reader, [0])
+    with pytest.raises(ValueError, match="channels"):
+        reader.set_normalization(RowNormalization(torch.zeros(3), torch.ones(3)))
+
+
 def test_region_rows_normalised_and_top_scoring(tmp_path):
     boxes = np.array([[0, 0, 100, 50], [50, 25, 250, 150], [10, 10, 20, 20]], dtype=np.float32)
     scores = np.array([0.2, 0.9, 0.5])

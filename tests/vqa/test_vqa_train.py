@@ -185,6 +185,40 @@ def test_train_predict_eval_round_trip(tmp_path, synthetic, capsys):
     assert metrics["overall"] == final["metrics"]["overall"]
 
 
+def test_standardized_features_are_fitted_on_train_images_and_kept_in_the_checkpoint(
+    tmp_path, synthetic, capsys
+):
+    from vqa.data.image_rows import ImageRowReader, fit_row_normalization
+
+    config = write_config(tmp_path, synthetic, "pythia", "grid", epochs=1)
+    out = tmp_path / "run"
+    train = ["vqa", "train", "--config", str(config), "--out", str(out)]
+    assert gridfeats_main([*train, "data.feature_norm=standardize"]) == 0
+    final = load_checkpoint(out / FINAL, kind="vqa")
+    saved = final["task"]["feature_norm"]
+    train_ids = [
+        q["image_id"]
+        for q in json.loads(Path(synthetic["train_questions"]).read_text())["questions"]
+    ]
+    expected = fit_row_normalization(ImageRowReader(synthetic["grid_features"], 100), train_ids)
+    assert torch.allclose(torch.tensor(saved["mean"]), expected.mean)
+    assert torch.allclose(torch.tensor(saved["std"]), expected.std)
+    assert float(expected.std.min()) > 0
+    # predict (from the checkpoint alone) applies the training statistics: same score as logged
+    results = tmp_path / "results.json"
+    predict = ["vqa", "predict", "--checkpoint", str(out), "--out", str(results)]
+    assert gridfeats_main([*predict, "--questions", str(synthetic["val_questions"])]) == 0
+    metrics = evaluate_vqa(
+        synthetic["val_annotations"],
+        synthetic["val_questions"],
+        json.loads(results.read_text()),
+    )
+    assert metrics["overall"] == final["metrics"]["overall"]
+    capsys.readouterr()
+    assert gridfeats_main([*train[:-1], str(tmp_path / "bad"), "data.feature_norm=zscore"]) == 2
+    assert "data.feature_norm must be one of" in capsys.readouterr().err
+
+
 def test_user_errors_are_one_line_messages(tmp_path, synthetic, capsys):
     config = write_config(tmp_path, synthetic, "pythia", "grid", epochs=1)
     assert (

@@ -19,6 +19,15 @@ every epoch again, while a store read decompresses whole HDF5 chunks (about 10 m
 gzip grid store, measured: 65 % of a small Pythia epoch). ``cache_bytes`` bounds the decoded rows
 kept in memory (per process: each DataLoader worker holds its own); images past the bound are
 read from the store every time.
+
+``data.feature_norm: standardize`` shifts and scales every feature channel by its mean and standard
+deviation over the training images' rows (:func:`fit_row_normalization`; kept in the checkpoint,
+so prediction uses the training statistics). Why: a detector's grid cells share a large common
+component (on the demo detector each channel's mean is about its standard deviation), so at
+initialisation the heads' top-down attention sees nearly equal cells and stays uniform for many
+epochs; standardised, object cells stand out from the start (heads_demo: Pythia on demo-detector
+grids escaped that plateau, see the README). ``none`` (the default) feeds the stored values as the
+papers do.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,6 +69,27 @@ def fitted_grid_size(h: int, w: int, max_rows: int) -> Tuple[int, int]:
     return new_h, new_w
 
 
+FEATURE_NORMS = ("none", "standardize")
+
+
+@dataclass
+class RowNormalization:
+    """Per-channel ``(x - mean) / std`` applied to every row a reader returns."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def state(self) -> Dict[str, List[float]]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Sequence[float]]) -> "RowNormalization":
+        return cls(
+            torch.tensor(state["mean"], dtype=torch.float32),
+            torch.tensor(state["std"], dtype=torch.float32),
+        )
+
+
 class ImageRowReader:
     """Reads ``ImageRows`` by image id from a feature store (a path or a ``FeatureStore``).
 
@@ -89,6 +119,18 @@ class ImageRowReader:
         self.cache_bytes = int(cache_bytes)
         self._cache: Dict[str, ImageRows] = {}
         self._cached_bytes = 0
+        self.normalization: Optional[RowNormalization] = None
+
+    def set_normalization(self, normalization: Optional[RowNormalization]) -> None:
+        """Apply ``normalization`` to every row read from now on (``None``: stored values)."""
+        if normalization is not None and normalization.mean.shape != (self.feature_dim,):
+            raise ValueError(
+                f"normalization statistics have {tuple(normalization.mean.shape)} channels but "
+                f"the store has {self.feature_dim}-d features"
+            )
+        self.normalization = normalization
+        self._cache.clear()
+        self._cached_bytes = 0
 
     def __contains__(self, image_id: Any) -> bool:
         return image_id in self.store
@@ -104,6 +146,9 @@ class ImageRowReader:
             rows = self._grid_rows(features, item["grid_hw"])
         else:
             rows = self._region_rows(features, item)
+        if self.normalization is not None:
+            norm = self.normalization
+            rows = ImageRows((rows.features - norm.mean) / norm.std, rows.boxes, rows.grid_hw)
         size = rows.features.nbytes + rows.boxes.nbytes
         if self._cached_bytes + size <= self.cache_bytes:
             self._cache[key] = rows
@@ -140,6 +185,56 @@ def open_row_reader(data_cfg: Any, features: Optional[str] = None) -> Tuple[str,
         raise DataFormatError("no feature store given (data.features or --features)")
     cache_mb = int(data_cfg.get("row_cache_mb", 0) or 0)  # absent in configs saved before it
     return path, ImageRowReader(path, max_rows=data_cfg["max_rows"], cache_bytes=cache_mb << 20)
+
+
+def fit_row_normalization(
+    reader: ImageRowReader, image_ids: Iterable[Any], max_images: int = 1000
+) -> RowNormalization:
+    """Mean and standard deviation per channel of the rows ``reader`` returns (after grid pooling
+    or top-k) for up to ``max_images`` of ``image_ids`` (evenly spaced over the distinct ids, so
+    the statistics do not depend on file order alone). A channel whose deviation is below 1% of
+    the mean deviation (e.g. always zero after a ReLU) is scaled by that floor instead, so that
+    it is not blown up from noise."""
+    if reader.normalization is not None:
+        raise ValueError("fit the statistics on a reader without normalization")
+    distinct = [i for i in dict.fromkeys(image_ids) if i in reader]
+    if not distinct:
+        raise ValueError("no training image of the feature store to fit the normalization on")
+    step = max(1, len(distinct) // max_images)
+    total = torch.zeros(reader.feature_dim, dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    count = 0
+    for image_id in distinct[::step][:max_images]:
+        rows = reader.read(image_id).features.double()
+        total += rows.sum(0)
+        total_sq += (rows * rows).sum(0)
+        count += rows.shape[0]
+    if count == 0:
+        raise ValueError("the training images have no feature rows to fit the normalization on")
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0.0).sqrt()
+    std = std.clamp_min(max(0.01 * float(std.mean()), 1e-12))
+    return RowNormalization(mean.float(), std.float())
+
+
+def task_row_normalization(
+    data_cfg: Mapping[str, Any],
+    reader: ImageRowReader,
+    state: Optional[Mapping[str, Any]],
+    train_image_ids: Callable[[], Iterable[Any]],
+) -> Optional[RowNormalization]:
+    """A task's row normalization, installed on ``reader``: a checkpoint's own (``state``), else
+    fitted on ``train_image_ids()`` when ``data.feature_norm`` is ``standardize``."""
+    if state is not None:
+        saved = state.get("feature_norm")  # absent in checkpoints written before the option
+        norm = RowNormalization.from_state(saved) if saved else None
+    else:
+        how = data_cfg.get("feature_norm") or "none"
+        if how not in FEATURE_NORMS:
+            raise ValueError(f"data.feature_norm must be one of {FEATURE_NORMS}, got {how!r}")
+        norm = fit_row_normalization(reader, train_image_ids()) if how == "standardize" else None
+    reader.set_normalization(norm)
+    return norm
 
 
 def as_row_reader(

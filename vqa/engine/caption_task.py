@@ -8,6 +8,7 @@ Config (``configs/vqa/updown.yaml``)::
       train_captions / val_captions: COCO caption json files
       min_word_count: 5, max_caption_length: 16, max_rows: 100, missing_images: error
       row_cache_mb: 1024            # decoded feature rows kept in memory, per process
+      feature_norm: none            # or standardize (per-channel, training statistics)
     decode: {beam_size: 3, max_length: 16}
     scst: {start_epoch: null, samples_per_image: 5, baseline: greedy}
 
@@ -36,7 +37,8 @@ from torch.utils.data import DataLoader
 
 from gridfeats.engine import move_to_device, unwrap
 from vqa.data import CaptionDataset, DataFormatError, WordVocab, tokenize
-from vqa.data.image_rows import open_row_reader
+from vqa.data.image_rows import open_row_reader, task_row_normalization
+from vqa.data.json_files import read_json
 from vqa.engine.cider_reward import CiderD
 from vqa.models import build_captioner
 
@@ -50,6 +52,7 @@ CAPTION_DEFAULTS: Dict[str, Any] = {
         "max_caption_length": 16,
         "max_rows": 100,
         "row_cache_mb": 1024,
+        "feature_norm": "none",
         "missing_images": "error",
     },
     "decode": {"beam_size": 3, "max_length": 16},
@@ -104,6 +107,9 @@ class CaptionTask:
             self.vocab = WordVocab.from_captions(
                 data["train_captions"], min_count=int(data["min_word_count"])
             )
+        self.feature_norm = task_row_normalization(
+            data, self.reader, state, lambda: self._image_ids(data["train_captions"])
+        )
         self.model: nn.Module = build_captioner(
             cfg["model"],
             len(self.vocab),
@@ -119,6 +125,10 @@ class CaptionTask:
             self.train_dataset = self.captions_dataset(data["train_captions"], per_image=False)
             if data["val_captions"]:
                 self.val_images = self.captions_dataset(data["val_captions"], per_image=True)
+
+    @staticmethod
+    def _image_ids(captions: Any) -> List[Any]:
+        return [a["image_id"] for a in read_json(captions, "COCO captions")["annotations"]]
 
     def captions_dataset(self, captions: Any, per_image: bool) -> CaptionDataset:
         data = self.cfg["data"]
@@ -250,6 +260,7 @@ class CaptionTask:
                 "words": self.vocab.itos[len(self.vocab.specials) :],
             },
             "feature_dim": self.reader.feature_dim,
+            "feature_norm": self.feature_norm.state() if self.feature_norm else None,
         }
 
     # ----------------------------------------------------------------- inference

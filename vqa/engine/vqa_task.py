@@ -11,6 +11,7 @@ Config (``configs/vqa/*.yaml``; paths are relative to the working directory)::
       min_answer_count: 9           # MCAN's "more than 8" (3129 answers on VQA v2 train+val)
       min_word_count: 1, max_question_length: 14, max_rows: 100
       row_cache_mb: 1024            # decoded feature rows kept in memory, per process
+      feature_norm: none            # or standardize (per-channel, training statistics)
       word_vectors: null            # a GloVe-format text file to initialise word embeddings
       hf_tokenizer: null            # a local tokenizer dir, to use with model.text_encoder
       missing_images: error         # or skip
@@ -41,7 +42,7 @@ from vqa.data import (
     normalize_answer,
     read_json,
 )
-from vqa.data.image_rows import open_row_reader
+from vqa.data.image_rows import open_row_reader, task_row_normalization
 from vqa.metrics import evaluate_vqa
 from vqa.models import build_vqa_model
 
@@ -58,6 +59,7 @@ VQA_DEFAULTS: Dict[str, Any] = {
         "max_question_length": 14,
         "max_rows": 100,
         "row_cache_mb": 1024,
+        "feature_norm": "none",
         "word_vectors": None,
         "hf_tokenizer": None,
         "missing_images": "error",
@@ -127,6 +129,9 @@ class VQATask:
             if any(not s for s in sources):
                 raise DataFormatError("data.answer_vocab_from names a split without annotations")
             self.answer_vocab = AnswerVocab.build(sources, min_count=int(data["min_answer_count"]))
+        self.feature_norm = task_row_normalization(
+            data, self.reader, state, lambda: self._image_ids(data["train_questions"])
+        )
         self.question_encoder = (
             HFQuestionTokenizer(data["hf_tokenizer"])
             if data["hf_tokenizer"]
@@ -144,6 +149,10 @@ class VQATask:
         self.val_dataset = None
         if for_training and data["val_questions"] and data["val_annotations"]:
             self.val_dataset = self._dataset("val", with_answers=True)
+
+    @staticmethod
+    def _image_ids(questions: Any) -> List[Any]:
+        return [q["image_id"] for q in read_json(questions, "VQA questions")["questions"]]
 
     def _dataset(self, split: str, with_answers: bool) -> VQADataset:
         data = self.cfg["data"]
@@ -194,6 +203,7 @@ class VQATask:
             "question_vocab": _vocab_state(self.question_vocab),
             "answers": list(self.answer_vocab.answers),
             "feature_dim": self.reader.feature_dim,
+            "feature_norm": self.feature_norm.state() if self.feature_norm else None,
         }
 
     # ----------------------------------------------------------------- inference
