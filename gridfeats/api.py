@@ -101,9 +101,11 @@ class Detector:
         if self.fast:
             self.memory_format = fast_memory_format(precision, self.device)
             dtype = compute_dtype(precision)
+            # fp32 on a CPU: wide 3x3 convolutions by Winograd F(4x4, 3x3) (layers/winograd.py).
+            winograd = precision == "fp32" and self.device.type == "cpu"
             for module in self.model.modules():
                 if isinstance(module, Conv2d):
-                    module.fold_norm(dtype, self.memory_format)
+                    module.fold_norm(dtype, self.memory_format, winograd=winograd)
             self.model.to(memory_format=self.memory_format)
         if self.device.type == "cuda" and precision == "fp32":
             # Ampere+ GPUs default to TF32 convolutions (~1e-3 relative error): exact mode: off.

@@ -9,7 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .winograd import WinogradWeights, prepare_winograd, winograd_conv3x3, winograd_pays_off
+
 _Pair = Union[int, Tuple[int, int]]
+
+
+def _single(value: _Pair) -> Optional[int]:
+    """The one value of a square (int or equal-pair) conv argument, else ``None``."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
+        return int(value[0])
+    return None
 
 
 class Conv2d(nn.Conv2d):
@@ -24,6 +35,7 @@ class Conv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.norm = norm
         self._folded: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self._winograd: Optional[WinogradWeights] = None
 
     def forward(
         self,
@@ -37,16 +49,27 @@ class Conv2d(nn.Conv2d):
         dilation = self.dilation if dilation is None else dilation
         if self._folded is not None:
             weight, bias = self._folded
+            if self._winograd is not None and self._runs_winograd(x, stride, padding, dilation):
+                return winograd_conv3x3(x, self._winograd, _single(padding))
             return F.conv2d(x, weight, bias, stride, padding, dilation, self.groups)
         x = F.conv2d(x, self.weight, self.bias, stride, padding, dilation, self.groups)
         if self.norm is not None:
             x = self.norm(x)
         return x
 
+    def _runs_winograd(
+        self, x: torch.Tensor, stride: _Pair, padding: _Pair, dilation: _Pair
+    ) -> bool:
+        square = _single(stride) == 1 and _single(dilation) == 1 and _single(padding) is not None
+        return (
+            square and x.is_contiguous() and winograd_pays_off(x, self._winograd, _single(padding))
+        )
+
     def fold_norm(
         self,
         dtype: Optional[torch.dtype] = None,
         memory_format: torch.memory_format = torch.contiguous_format,
+        winograd: bool = False,
     ) -> None:
         """Precompute ``conv`` with the frozen norm folded in (faster inference, float noise only).
 
@@ -54,7 +77,9 @@ class Conv2d(nn.Conv2d):
         does not cast them again at every call; ``memory_format`` is the layout the kernels read.
         A conv without a foldable norm gets the same treatment (one code path for the fast mode).
         The original weights and buffers stay untouched (state dicts and exact mode are unchanged);
-        :meth:`unfold_norm` returns to the exact two-step computation.
+        :meth:`unfold_norm` returns to the exact two-step computation. ``winograd`` also prepares
+        the F(4x4, 3x3) path (fp32 CPU fast mode; ``layers/winograd.py``) for a 3x3, ungrouped
+        convolution, taken per call where it pays off (stride 1, no dilation, wide enough).
         """
         scale_and_shift = getattr(self.norm, "scale_and_shift", None)
         if scale_and_shift is None and self.norm is not None:
@@ -71,6 +96,10 @@ class Conv2d(nn.Conv2d):
                 bias = None if bias is None else bias.to(dtype)
         weight = weight.contiguous(memory_format=memory_format)
         self._folded = (weight, None if bias is None else bias.contiguous())
+        self._winograd = None
+        if winograd and self.groups == 1 and tuple(self.kernel_size) == (3, 3):
+            self._winograd = prepare_winograd(weight, self._folded[1])
 
     def unfold_norm(self) -> None:
         self._folded = None
+        self._winograd = None

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from fvcore.nn import smooth_l1_loss
 from torch import nn
 
-from gridfeats.layers import ShapeSpec, batched_nms
+from gridfeats.layers import Conv2d, ShapeSpec, batched_nms
 from gridfeats.modeling.anchors import DefaultAnchorGenerator, build_anchor_generator
 from gridfeats.modeling.box_coder import Box2BoxTransform
 from gridfeats.modeling.matcher import Matcher
@@ -39,7 +39,8 @@ class StandardRPNHead(nn.Module):
 
     def __init__(self, in_channels: int, num_anchors: int, box_dim: int = 4):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+        # gridfeats' Conv2d (no norm): the fast mode's folded / Winograd path applies to it too.
+        self.conv = Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
         self.objectness_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1, stride=1)
         self.anchor_deltas = nn.Conv2d(in_channels, num_anchors * box_dim, kernel_size=1, stride=1)
         for layer in (self.conv, self.objectness_logits, self.anchor_deltas):

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from gridfeats.features.agreement import match_regions, region_agreement
+from gridfeats.layers import conv as conv_module
+from gridfeats.layers import winograd
 from gridfeats.structures import Instances
 from tests.parity import d2parity
 
@@ -64,19 +66,39 @@ def parity_photo_detections(tmp_path_factory):
         modes["bf16"] = dict(precision="bf16")
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
+    winograd_calls = []
     try:
         out = {}
         for name, kwargs in modes.items():
-            detector = Detector(cfg, weights=weights, **kwargs)
-            prepared = detector.prepare(d2parity.FIXTURES / "images" / "motorcycle.jpg")
-            (out[name],) = detector.detect_batch([prepared])
+            with pytest.MonkeyPatch.context() as patch:
+                # At this reduced size the RPN map has fewer tiles than Winograd needs to pay
+                # off; lower the bar so that the fast fp32 mode runs it on the real weights.
+                patch.setattr(winograd, "MIN_TILES", 1)
+                patch.setattr(conv_module, "winograd_conv3x3", _counting(winograd_calls))
+                detector = Detector(cfg, weights=weights, **kwargs)
+                prepared = detector.prepare(d2parity.FIXTURES / "images" / "motorcycle.jpg")
+                (out[name],) = detector.detect_batch([prepared])
+            out[f"{name}_winograd_calls"] = len(winograd_calls)
+            winograd_calls.clear()
     finally:
         torch.set_num_threads(saved)
     assert len(out["exact"]) >= 20  # enough detections for shares to mean something
     return out
 
 
+def _counting(calls):
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return winograd.winograd_conv3x3(*args, **kwargs)
+
+    return counted
+
+
 def test_fast_fp32_regions_match_exact(parity_photo_detections):
+    """fast fp32 folds the norms and runs the wide 3x3 convolutions (here the RPN head's, 2048
+    channels) by Winograd F(4x4, 3x3); the exact mode never does."""
+    assert parity_photo_detections["fast_winograd_calls"] >= 1
+    assert parity_photo_detections["exact_winograd_calls"] == 0
     agreement = region_agreement(
         [parity_photo_detections["exact"]], [parity_photo_detections["fast"]]
     )

@@ -1,0 +1,95 @@
+"""Winograd F(4x4, 3x3) (gridfeats/layers/winograd.py): the same convolution as the direct
+kernel up to its known rounding, and taken by the fast mode only where it is meant to be."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gridfeats.layers import Conv2d, winograd
+from gridfeats.layers.winograd import prepare_winograd, winograd_conv3x3, winograd_pays_off
+
+
+def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.double() - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize(
+    "n, c, k, h, w, padding, bias",
+    [
+        (1, 16, 24, 13, 17, 1, True),  # odd sizes: the last tile row/column is partial
+        (3, 8, 8, 9, 4, 1, False),  # several images, a map narrower than one tile
+        (2, 5, 7, 11, 10, 0, True),  # "valid" convolution
+        (1, 4, 6, 4, 4, 1, True),  # exactly one tile
+    ],
+)
+def test_winograd_equals_the_convolution_within_its_rounding(n, c, k, h, w, padding, bias):
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w)
+    weight = torch.randn(k, c, 3, 3) / (9 * c) ** 0.5
+    b = torch.randn(k) if bias else None
+    reference = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), 1, padding)
+    out = winograd_conv3x3(x, prepare_winograd(weight, b), padding)
+    assert out.shape == reference.shape and out.is_contiguous()
+    direct = F.conv2d(x, weight, b, 1, padding)
+    # Direct fp32 is ~3e-7 from float64; F(4x4, 3x3)'s transforms cost about one more digit.
+    assert _relative_error(out, reference) < 1e-5
+    assert _relative_error(direct, reference) < 1e-6
+
+
+def test_wide_channels_keep_the_error_at_a_few_millionths():
+    torch.manual_seed(1)
+    x = torch.randn(1, 512, 20, 24)
+    weight = torch.randn(512, 512, 3, 3) / (9 * 512) ** 0.5
+    reference = F.conv2d(x.double(), weight.double(), None, 1, 1)
+    assert _relative_error(winograd_conv3x3(x, prepare_winograd(weight, None)), reference) < 1e-5
+
+
+def test_only_3x3_filters_are_accepted():
+    with pytest.raises(ValueError, match="3, 3"):
+        prepare_winograd(torch.zeros(4, 4, 1, 1), None)
+    weights = prepare_winograd(torch.zeros(4, 4, 3, 3), None)
+    with pytest.raises(ValueError, match="channels"):
+        winograd_conv3x3(torch.zeros(1, 3, 8, 8), weights)
+
+
+def test_pays_off_only_for_wide_convolutions_over_enough_tiles():
+    wide = prepare_winograd(torch.zeros(512, 512, 3, 3), None)
+    narrow = prepare_winograd(torch.zeros(256, 512, 3, 3), None)
+    side = 4 * int(winograd.MIN_TILES**0.5 + 1)  # enough 4x4 output tiles
+    assert winograd_pays_off(torch.zeros(1, 512, side, side), wide, 1)
+    assert not winograd_pays_off(torch.zeros(1, 512, side, side), narrow, 1)
+    assert not winograd_pays_off(torch.zeros(1, 512, 8, 8), wide, 1)  # 4 tiles
+    assert not winograd_pays_off(torch.zeros(1, 512, side, side, dtype=torch.bfloat16), wide, 1)
+
+
+def test_folded_conv_takes_winograd_only_at_stride_1_without_dilation(monkeypatch):
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)
+    calls = []
+    real = winograd_conv3x3
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("gridfeats.layers.conv.winograd_conv3x3", spy)
+    torch.manual_seed(2)
+    conv = Conv2d(8, 8, 3, padding=1, bias=True)
+    x = torch.randn(1, 8, 12, 12)
+    exact = conv(x)
+    conv.fold_norm(winograd=True)
+    torch.testing.assert_close(conv(x), exact, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+    # Per-call stride / dilation (res5 of grid extraction) fall back to the direct kernel.
+    torch.testing.assert_close(conv(x, stride=2), exact[..., ::2, ::2], rtol=1e-5, atol=1e-5)
+    conv(x, padding=2, dilation=2)
+    assert len(calls) == 1
+    conv.fold_norm()  # without winograd=True: always direct
+    conv(x)
+    assert len(calls) == 1
+    grouped = Conv2d(8, 8, 3, padding=1, groups=2)
+    grouped.fold_norm(winograd=True)
+    grouped(x)
+    assert len(calls) == 1 and grouped._winograd is None
