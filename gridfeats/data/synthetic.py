@@ -47,12 +47,15 @@ is asked and said, and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import multiprocessing
 import os
 import re
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -71,6 +74,7 @@ PNG_PERIOD, PNG_PHASE = 6, 3  # image i is a PNG when i % 6 == 3 (so any set of 
 JPEG_QUALITY = 92
 QUESTION_ID_STRIDE = 1000
 CAPTION_ID_STRIDE = 10
+PARALLEL_FROM = 200  # images; below this, starting worker processes costs more than it saves
 _IMAGE_NAME = re.compile(r"^\d{6}\.(jpg|png)$")
 
 # Independent random streams, so that e.g. changing the questions never changes the pixels.
@@ -273,6 +277,43 @@ def _caption_file(
     }
 
 
+def _render_one(
+    seed: int, image_id: int, images_dir: Path, questions_per_image: int
+) -> Tuple[int, Dict[str, Any], List[SceneObject], List[QuestionAnswer], List[str]]:
+    """Image ``image_id`` written to ``images_dir``, with what the json files say about it."""
+    scene, pixels = render_scene(_rng(seed, _STREAM_SCENE, image_id))
+    file_name = image_file_name(image_id)
+    _save_image(pixels, images_dir / file_name)
+    image = {"id": image_id, "file_name": file_name, "height": scene.height, "width": scene.width}
+    image_questions = make_questions(
+        scene, _rng(seed, _STREAM_QUESTIONS, image_id), questions_per_image
+    )
+    image_captions = make_captions(
+        scene, _rng(seed, _STREAM_CAPTIONS, image_id), CAPTIONS_PER_IMAGE
+    )
+    return image_id, image, list(scene.objects), image_questions, image_captions
+
+
+def _render_all(
+    seed: int, num_images: int, images_dir: Path, questions_per_image: int, workers: Optional[int]
+) -> Iterator[Tuple[int, Dict[str, Any], List[SceneObject], List[QuestionAnswer], List[str]]]:
+    """:func:`_render_one` for images 1..N in order, in ``workers`` processes when asked."""
+    if workers is None:
+        workers = (os.cpu_count() or 1) if num_images >= PARALLEL_FROM else 0
+    ids = range(1, num_images + 1)
+    # fork: the workers only run numpy and PIL; "spawn" would re-import the caller's __main__,
+    # which breaks scripts without a main guard. Where fork is missing, render in this process.
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        for image_id in ids:
+            yield _render_one(seed, image_id, images_dir, questions_per_image)
+        return
+    render = functools.partial(
+        _render_one, seed, images_dir=images_dir, questions_per_image=questions_per_image
+    )
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(render, ids, chunksize=max(1, min(64, num_images // (4 * workers))))
+
+
 def make_synthetic(
     out_dir: PathLike,
     num_images: int,
@@ -280,8 +321,12 @@ def make_synthetic(
     val_fraction: float = 0.2,
     questions_per_image: int = 5,
     overwrite: bool = False,
+    workers: Optional[int] = None,
 ) -> Dict[str, Path]:
     """Render ``num_images`` images and write the layout of the module docstring under ``out_dir``.
+
+    ``workers`` processes render and encode the images (default: one per CPU for sets of
+    :data:`PARALLEL_FROM` images or more, else none); the files are the same for any count.
 
     Returns :func:`output_paths` of ``out_dir``. Raises :class:`SyntheticDataError` for a bad
     argument, or when ``out_dir`` already holds such a data set and ``overwrite`` is false (with
@@ -295,24 +340,14 @@ def make_synthetic(
     instances: List[Dict[str, Any]] = []
     questions: Dict[int, List[QuestionAnswer]] = {}
     captions: Dict[int, List[str]] = {}
-    for image_id in range(1, num_images + 1):
-        scene, pixels = render_scene(_rng(seed, _STREAM_SCENE, image_id))
-        file_name = image_file_name(image_id)
-        _save_image(pixels, paths["images"] / file_name)
-        images[image_id] = {
-            "id": image_id,
-            "file_name": file_name,
-            "height": scene.height,
-            "width": scene.width,
-        }
-        for obj in scene.objects:
+    for image_id, image, objects, image_questions, image_captions in _render_all(
+        seed, num_images, paths["images"], questions_per_image, workers
+    ):
+        images[image_id] = image
+        for obj in objects:
             instances.append(_instance(obj, image_id, len(instances) + 1))
-        questions[image_id] = make_questions(
-            scene, _rng(seed, _STREAM_QUESTIONS, image_id), questions_per_image
-        )
-        captions[image_id] = make_captions(
-            scene, _rng(seed, _STREAM_CAPTIONS, image_id), CAPTIONS_PER_IMAGE
-        )
+        questions[image_id] = image_questions
+        captions[image_id] = image_captions
 
     categories = [
         {"id": k + 1, "name": name, "supercategory": "shape"}

@@ -85,6 +85,12 @@ def test_same_seed_writes_identical_bytes_and_other_seeds_differ(tmp_path):
     )
 
 
+def test_rendering_in_worker_processes_writes_the_same_files(tmp_path):
+    serial = make_synthetic(tmp_path / "serial", 9, seed=3, workers=0)["root"]
+    parallel = make_synthetic(tmp_path / "parallel", 9, seed=3, workers=2)["root"]
+    assert all_files(serial) == all_files(parallel)
+
+
 def test_image_i_depends_only_on_seed_and_i(tmp_path):
     small = make_synthetic(tmp_path / "small", 3, seed=5)["images"]
     large = make_synthetic(tmp_path / "large", 6, seed=5)["images"]
