@@ -170,14 +170,24 @@ def layout_table(device, dtypes: Sequence[str], sync, quick: bool) -> None:
     #: name: (input NCHW, weight OIHW, padding, dilation)
     cases = {
         "RPN 3x3, 2048 ch, 38x56": ((1, 2048, 38, 56), (2048, 2048, 3, 3), 1, 1),
+        "RPN 3x3 (updn), 1024 ch, 38x56": ((1, 1024, 38, 56), (1024, 1024, 3, 3), 1, 1),
         "res5 3x3 dilated 2, 512 ch, 38x56": ((1, 512, 38, 56), (512, 512, 3, 3), 2, 2),
         "res5 3x3, 512 ch, 19x28": ((1, 512, 19, 28), (512, 512, 3, 3), 1, 1),
         "res4 3x3, 256 ch, 38x56": ((1, 256, 38, 56), (256, 256, 3, 3), 1, 1),
         "ROI res5 3x3, 512 ch, 100x7x7": ((100, 512, 7, 7), (512, 512, 3, 3), 1, 1),
+        "ROI res5 3x3, 512 ch, 300x7x7": ((300, 512, 7, 7), (512, 512, 3, 3), 1, 1),
         "ROI res5 1x1 2048->512, 100x7x7": ((100, 2048, 7, 7), (512, 2048, 1, 1), 0, 1),
     }
-    print("\n== layout: conv GFLOP/s, NCHW vs channels-last (best of 3) ==")
-    print(f"  {'layer':36s}" + "".join(f"{d + ' nchw':>11s}{d + ' cl':>9s}" for d in dtypes))
+    print(
+        "\n== layout: conv GFLOP/s, NCHW vs channels-last (best of 3); fp32 Winograd F(4x4, 3x3) "
+        "in direct-equivalent GFLOP/s, '-' where the fast mode keeps the direct kernel =="
+    )
+    winograd_column = "fp32" in dtypes
+    print(
+        f"  {'layer':36s}"
+        + "".join(f"{d + ' nchw':>11s}{d + ' cl':>9s}" for d in dtypes)
+        + (f"{'winograd':>10s}" if winograd_column else "")
+    )
     for name, (xs, ws, pad, dil) in cases.items():
         xs = (xs[0], max(1, xs[1] // scale), xs[2], xs[3])
         ws = (max(1, ws[0] // scale), max(1, ws[1] // scale), ws[2], ws[3])
@@ -190,7 +200,23 @@ def layout_table(device, dtypes: Sequence[str], sync, quick: bool) -> None:
                 xf, wf = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
                 t = _best(_conv_call(xf, wf, pad, dil), sync)
                 row += f"{flops / t / 1e9:{11 if fmt == torch.contiguous_format else 9}.1f}"
+        if winograd_column:
+            row += _winograd_cell(xs, ws, pad, dil, flops, device, sync)
         print(row)
+
+
+def _winograd_cell(xs, ws, pad: int, dil: int, flops: float, device, sync) -> str:
+    """The fast fp32 mode's Winograd path on this layer, where it takes it."""
+    from gridfeats.layers.winograd import prepare_winograd, winograd_conv3x3, winograd_pays_off
+
+    if device.type != "cpu" or dil != 1 or ws[2:] != (3, 3):
+        return f"{'-':>10s}"
+    x = torch.randn(xs)
+    prepared = prepare_winograd(torch.randn(ws) * 0.01, None)
+    if not winograd_pays_off(x, prepared, pad):
+        return f"{'-':>10s}"
+    t = _best(lambda: winograd_conv3x3(x, prepared, pad), sync)
+    return f"{flops / t / 1e9:10.1f}"
 
 
 def _conv_call(x, w, padding: int, dilation: int) -> Callable[[], torch.Tensor]:

@@ -47,15 +47,29 @@ def test_bf16_on_cpu_with_native_bf16_is_accepted_with_a_bf16_autocast(monkeypat
     assert out.dtype == torch.bfloat16
 
 
-def test_bf16_without_amx_is_accepted_with_one_slowness_warning(monkeypatch):
+def test_bf16_without_amx_warns_once_where_it_measured_slower(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: False)
-    precision._warn_bf16_without_amx.cache_clear()
-    with pytest.warns(precision.SlowPrecisionWarning, match="no AMX"):
+    monkeypatch.setattr(precision, "measured_bf16_conv_speedup", lambda: 0.8)
+    precision._warn_if_bf16_is_slow.cache_clear()
+    with pytest.warns(precision.SlowPrecisionWarning, match="0.80x"):
         check_precision("bf16", CPU)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_precision("bf16", CPU)  # once per process, not per model
+    # AVX512-BF16 CPUs where bf16 does pay (an AMD EPYC measured about 2x): no warning.
+    monkeypatch.setattr(precision, "measured_bf16_conv_speedup", lambda: 2.0)
+    precision._warn_if_bf16_is_slow.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_precision("bf16", CPU)
+    precision._warn_if_bf16_is_slow.cache_clear()
+
+
+def test_the_bf16_speed_probe_measures_a_positive_ratio():
+    if not precision.cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16")
+    assert precision.measured_bf16_conv_speedup() > 0
 
 
 @pytest.mark.parametrize(

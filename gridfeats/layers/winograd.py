@@ -1,8 +1,8 @@
 """Winograd F(4x4, 3x3) convolution for the fast fp32 mode on CPUs.
 
 Why: oneDNN's direct fp32 convolution already runs at (or above) the fp32 matmul's rate, so the
-wide 3x3 convolutions of the detector (the RPN head's 3x3 conv on 1024-2048 channels, the
-per-region res5 of "updn" models) cannot get faster by layout or fusion. Winograd's minimal
+widest 3x3 convolution of the detectors (the RPN head's, on 1024-2048 channels: about 40% of an
+R-50-grid detection's arithmetic) cannot get faster by layout or fusion. Winograd's minimal
 filtering computes each 4x4 output tile from a 6x6 input tile with 36 multiplications per channel
 pair instead of 144: the convolution becomes 36 independent ``[K, C] @ [C, tiles]`` matmuls plus
 cheap linear transforms, about a quarter of the direct method's arithmetic (Lavin & Gray, "Fast
@@ -12,9 +12,9 @@ The price is rounding: the transforms carry coefficients up to 8 and 1/24, so ou
 the direct convolution by about 2e-6 relative (direct fp32: 3e-7 against float64). That is why it
 belongs to the fast mode only; the exact mode keeps oneDNN's direct kernel, bit for bit.
 
-It pays off only where the matmuls are large (many channels and many tiles); small convolutions
+It pays off only where the matmuls are large (many channels, many tiles per image); others
 stay direct (:func:`winograd_pays_off`, thresholds measured by ``benchmarks/extract.py``'s
-layout table).
+layout table, whose "winograd" column shows the path on each representative layer).
 """
 
 from __future__ import annotations
@@ -61,10 +61,13 @@ _AT = torch.tensor(
 TILE = 4  # output tile side
 _INPUT_TILE = TILE + 2  # 6: input tile side for a 3x3 filter
 
-# Measured on 2-core AVX-512 CPUs (benchmarks/extract.py, "winograd" rows): with fewer channels
-# or tiles the direct oneDNN kernel wins.
+# Measured on a 2-core AMD EPYC (AVX-512; benchmarks/extract.py's layout table, 2 threads): the
+# RPN's 3x3 conv at 38x56 (140 tiles per image) runs 1.6x (2048 channels) and 1.85x (1024) the
+# direct kernel; the per-region res5 3x3 over 7x7 maps (4 tiles per region, a third of them
+# padding) gains nothing at 100 regions and loses at 300 (0.65x: the transforms dominate), and
+# narrower convolutions lose too. Hence: wide filters, and maps of many tiles per image.
 MIN_CHANNELS = 512
-MIN_TILES = 96
+MIN_TILES = 96  # 4x4 output tiles per image
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,8 @@ def winograd_pays_off(x: torch.Tensor, weights: WinogradWeights, padding: int) -
         return False
     height = x.shape[2] + 2 * padding - 2
     width = x.shape[3] + 2 * padding - 2
-    tiles = x.shape[0] * (-(-height // TILE)) * (-(-width // TILE))
-    return height > 0 and width > 0 and tiles >= MIN_TILES
+    tiles_per_image = (-(-height // TILE)) * (-(-width // TILE))
+    return height > 0 and width > 0 and tiles_per_image >= MIN_TILES
 
 
 def winograd_conv3x3(x: torch.Tensor, weights: WinogradWeights, padding: int = 1) -> torch.Tensor:

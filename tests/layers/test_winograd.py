@@ -61,6 +61,8 @@ def test_pays_off_only_for_wide_convolutions_over_enough_tiles():
     assert winograd_pays_off(torch.zeros(1, 512, side, side), wide, 1)
     assert not winograd_pays_off(torch.zeros(1, 512, side, side), narrow, 1)
     assert not winograd_pays_off(torch.zeros(1, 512, 8, 8), wide, 1)  # 4 tiles
+    # Many small maps (per-region res5: 4 tiles per region) do not count as one large map.
+    assert not winograd_pays_off(torch.zeros(300, 512, 7, 7), wide, 1)
     assert not winograd_pays_off(torch.zeros(1, 512, side, side, dtype=torch.bfloat16), wide, 1)
 
 

@@ -274,3 +274,33 @@ def test_captioner_beats_a_constant_caption_on_full_synthetic_captions(tmp_path_
     assert gridfeats_main(["caption", "train", "--config", str(config), "--out", str(out)]) == 0
     cider = _eval_records(out)[-1]["CIDEr-D"]
     assert cider >= 1.5 * constant_caption_cider(paths["train_full"], paths["val_full"])
+
+
+def test_standardized_features_are_kept_in_the_checkpoint_and_applied_by_predict(
+    tmp_path, synthetic
+):
+    from vqa.data.image_rows import ImageRowReader, fit_row_normalization
+
+    config = write_config(tmp_path, synthetic, train={"epochs": 2})
+    out = tmp_path / "run"
+    train = ["caption", "train", "--config", str(config), "--out", str(out)]
+    assert gridfeats_main([*train, "data.feature_norm=standardize"]) == 0
+    final = load_checkpoint(out / FINAL, kind="caption")
+    saved = final["task"]["feature_norm"]
+    train_ids = [
+        a["image_id"] for a in json.loads(synthetic["train_simple"].read_text())["annotations"]
+    ]
+    expected = fit_row_normalization(ImageRowReader(synthetic["region_features"], 100), train_ids)
+    assert torch.allclose(torch.tensor(saved["mean"]), expected.mean)
+    assert torch.allclose(torch.tensor(saved["std"]), expected.std)
+    # predict (from the checkpoint alone) decodes what validation decoded: the same CIDEr-D
+    results = tmp_path / "captions.json"
+    predict = ["caption", "predict", "--checkpoint", str(out / FINAL), "--out", str(results)]
+    assert gridfeats_main([*predict, "--images", str(synthetic["val_simple"])]) == 0
+    references = {}
+    for a in json.loads(synthetic["val_simple"].read_text())["annotations"]:
+        references.setdefault(a["image_id"], []).append(tokenize(a["caption"]))
+    scorer = CiderD(references)
+    captions = json.loads(results.read_text())
+    cider = sum(scorer.score(c["image_id"], tokenize(c["caption"])) for c in captions)
+    assert cider / len(captions) == pytest.approx(final["metrics"]["CIDEr-D"], abs=1e-9)
