@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
+from gridfeats.layers.roi_align_matmul import matmul_pays_off, roi_align_by_matmul
+
 
 class ROIPooler(nn.Module):
     """Pool ``output_size x output_size`` features for boxes given in input-image pixels.
@@ -31,6 +33,9 @@ class ROIPooler(nn.Module):
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = pooler_type == "ROIAlignV2"
+        # The fast fp32 mode on CPUs pools small outputs by one matmul per image
+        # (layers/roi_align_matmul.py; float rounding only); set by Detector(fast=True).
+        self.matmul_pooling = False
 
     def forward(self, feature: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
         """``boxes[i]`` are image i's ``[R_i, 4]`` boxes; returns ``[sum R_i, C, S, S]``."""
@@ -43,6 +48,22 @@ class ROIPooler(nn.Module):
         )
         if rois.numel() == 0:
             return feature.new_zeros((0, feature.shape[1], *self.output_size))
+        height, width = feature.shape[-2:]
+        if (
+            self.matmul_pooling
+            and feature.dtype == torch.float32
+            and matmul_pays_off(
+                max(len(b) for b in boxes), self.output_size[0], height, width, self.sampling_ratio
+            )
+        ):
+            return roi_align_by_matmul(
+                feature,
+                rois,
+                self.output_size[0],
+                self.spatial_scale,
+                self.sampling_ratio,
+                self.aligned,
+            )
         return roi_align(
             feature,
             rois.to(feature.dtype),
