@@ -111,6 +111,9 @@ class Detector:
                     module.fold_norm(dtype, self.memory_format, winograd=cpu_fp32)
                 elif isinstance(module, ROIPooler):
                     module.matmul_pooling = cpu_fp32
+            if hasattr(self.model.roi_heads, "sparse_box_deltas"):
+                # Class-specific box deltas only where a class passes the score threshold.
+                self.model.roi_heads.sparse_box_deltas = True
             self.model.to(memory_format=self.memory_format)
         if self.device.type == "cuda" and precision == "fp32":
             # Ampere+ GPUs default to TF32 convolutions (~1e-3 relative error): exact mode: off.

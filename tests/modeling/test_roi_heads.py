@@ -355,3 +355,30 @@ def test_attribute_loss_hand_computed():
     )
     none = attribute_loss(logits.requires_grad_(), torch.full((3, 3), -1))
     assert none.item() == 0.0 and none.requires_grad
+
+
+@pytest.mark.parametrize("score_thresh", [0.143, 0.0])  # some pairs pass; all pass (dense path)
+def test_sparse_box_deltas_select_what_the_dense_path_selects(score_thresh):
+    """The fast mode's detect_sparse: deltas only for pairs above the threshold, same result."""
+    from gridfeats.api import Detector
+    from gridfeats.config import get_cfg
+
+    torch.manual_seed(0)
+    cfg = get_cfg(
+        "demo-synthetic",
+        opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", score_thresh, "INPUT.MIN_SIZE_TEST", 128],
+    )
+    detector = Detector(cfg)
+    image = (torch.rand(150, 200, 3) * 255).to(torch.uint8).numpy()
+    heads = detector.model.roi_heads
+    with torch.inference_mode():
+        images = detector._batch([detector.prepare(image)], [0])
+        features = detector.model.backbone(images.tensor)
+        proposals, _ = detector.model.proposal_generator(images, features)
+        (dense,) = heads.select(heads.predict(features, proposals))
+        (sparse,) = heads.detect_sparse(features, proposals)
+    assert len(dense) > 0
+    assert torch.equal(sparse.pred_classes, dense.pred_classes)
+    assert torch.equal(sparse.proposal_index, dense.proposal_index)
+    assert torch.equal(sparse.scores, dense.scores)
+    torch.testing.assert_close(sparse.pred_boxes, dense.pred_boxes, rtol=0, atol=1e-3)

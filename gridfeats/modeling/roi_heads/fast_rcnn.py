@@ -114,16 +114,34 @@ def fast_rcnn_inference_single_image(
         boxes, probs, proposal_ids = boxes[valid], probs[valid], proposal_ids[valid]
     scores = probs[:, :-1]
     num_reg_classes = boxes.shape[1] // 4
-    boxes = clip_boxes_(boxes.reshape(-1, 4), image_hw).view(-1, num_reg_classes, 4)
     mask = scores > score_thresh
     candidates = mask.nonzero()
+    boxes = boxes.reshape(-1, num_reg_classes, 4)
     if num_reg_classes == 1:
         boxes = boxes[candidates[:, 0], 0]
     else:
         boxes = boxes[mask]
-    scores = scores[mask]
+    candidates[:, 0] = proposal_ids[candidates[:, 0]]
+    return select_candidates(boxes, scores[mask], candidates, image_hw, nms_thresh, topk)
+
+
+def select_candidates(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    candidates: torch.Tensor,
+    image_hw: Tuple[int, int],
+    nms_thresh: float,
+    topk: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The part of Detectron2's selection after the threshold: clip, per-class NMS, top-k.
+
+    ``boxes [M, 4]`` (decoded, unclipped), ``scores [M]`` and ``candidates [M, 2]`` (proposal
+    index, class) of the pairs above the score threshold, proposal-major and class-minor.
+    Returns ``(boxes, scores, classes, proposal_index)`` sorted by score.
+    """
+    boxes = clip_boxes_(boxes, image_hw)  # a new tensor here: indexing copied it
     keep = batched_nms(boxes, scores, candidates[:, 1], nms_thresh)
     if topk >= 0:
         keep = keep[:topk]
     candidates = candidates[keep]
-    return boxes[keep], scores[keep], candidates[:, 1], proposal_ids[candidates[:, 0]]
+    return boxes[keep], scores[keep], candidates[:, 1], candidates[:, 0]
