@@ -238,7 +238,9 @@ class _AttributeROIHeads(nn.Module):
                 continue
             rows, classes = candidates[:, 0], candidates[:, 1]
             feats = box_feats[start:end][rows]
-            deltas = torch.einsum("md,mkd->mk", feats, weight[classes]) + bias[classes]
+            with torch.autocast(feats.device.type, enabled=False):  # float32, as the predictor
+                deltas = torch.einsum("md,mkd->mk", feats, weight[classes].float())
+                deltas = deltas + bias[classes].float()
             boxes = self.box2box_transform.apply_deltas(
                 deltas, image_proposals.proposal_boxes[rows]
             )
