@@ -369,16 +369,17 @@ def test_sparse_box_deltas_select_what_the_dense_path_selects(score_thresh):
         opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", score_thresh, "INPUT.MIN_SIZE_TEST", 128],
     )
     detector = Detector(cfg)
-    image = (torch.rand(150, 200, 3) * 255).to(torch.uint8).numpy()
+    pictures = [(torch.rand(150, 200, 3) * 255).to(torch.uint8).numpy() for _ in range(2)]
     heads = detector.model.roi_heads
-    with torch.inference_mode():
-        images = detector._batch([detector.prepare(image)], [0])
+    with torch.inference_mode():  # a batch of two: each image's own map, also on the fallback
+        images = detector._batch([detector.prepare(p) for p in pictures], [0, 1])
         features = detector.model.backbone(images.tensor)
         proposals, _ = detector.model.proposal_generator(images, features)
-        (dense,) = heads.select(heads.predict(features, proposals))
-        (sparse,) = heads.detect_sparse(features, proposals)
-    assert len(dense) > 0
-    assert torch.equal(sparse.pred_classes, dense.pred_classes)
-    assert torch.equal(sparse.proposal_index, dense.proposal_index)
-    assert torch.equal(sparse.scores, dense.scores)
-    torch.testing.assert_close(sparse.pred_boxes, dense.pred_boxes, rtol=0, atol=1e-3)
+        dense_results = heads.select(heads.predict(features, proposals))
+        sparse_results = heads.detect_sparse(features, proposals)
+    for dense, sparse in zip(dense_results, sparse_results):
+        assert len(dense) > 0
+        assert torch.equal(sparse.pred_classes, dense.pred_classes)
+        assert torch.equal(sparse.proposal_index, dense.proposal_index)
+        assert torch.equal(sparse.scores, dense.scores)
+        torch.testing.assert_close(sparse.pred_boxes, dense.pred_boxes, rtol=0, atol=1e-3)

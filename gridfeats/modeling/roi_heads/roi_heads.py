@@ -226,14 +226,14 @@ class _AttributeROIHeads(nn.Module):
         bias = predictor.bbox_pred.bias.view(num_classes, 4)
         results = []
         start = 0
-        for image_proposals in proposals:
+        for image, image_proposals in enumerate(proposals):
             end = start + len(image_proposals)
             scores = torch.softmax(logits[start:end], dim=-1)[:, :-1]
             mask = scores > self.score_thresh
             candidates = mask.nonzero()  # proposal-major, class-minor, as the dense path
             if len(candidates) > 4 * (end - start):
-                dense = self.select(self.predict(features, [image_proposals]))
-                results.extend(dense)
+                single = {k: v[image : image + 1] for k, v in features.items()}
+                results.extend(self.select(self.predict(single, [image_proposals])))
                 start = end
                 continue
             rows, classes = candidates[:, 0], candidates[:, 1]
