@@ -212,9 +212,9 @@ def _winograd_cell(xs, ws, pad: int, dil: int, flops: float, device, sync) -> st
     if device.type != "cpu" or dil != 1 or ws[2:] != (3, 3):
         return f"{'-':>10s}"
     x = torch.randn(xs)
-    prepared = prepare_winograd(torch.randn(ws) * 0.01, None)
-    if not winograd_pays_off(x, prepared, pad):
+    if not winograd_pays_off(x, ws[0], pad):
         return f"{'-':>10s}"
+    prepared = prepare_winograd(torch.randn(ws) * 0.01, None)
     t = _best(lambda: winograd_conv3x3(x, prepared, pad), sync)
     return f"{flops / t / 1e9:10.1f}"
 

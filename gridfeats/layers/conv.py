@@ -35,7 +35,8 @@ class Conv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.norm = norm
         self._folded: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
-        self._winograd: Optional[WinogradWeights] = None
+        self._winograd_allowed = False  # fold_norm(winograd=True) on a 3x3, ungrouped conv
+        self._winograd: Optional[WinogradWeights] = None  # prepared on first use
 
     def forward(
         self,
@@ -49,7 +50,9 @@ class Conv2d(nn.Conv2d):
         dilation = self.dilation if dilation is None else dilation
         if self._folded is not None:
             weight, bias = self._folded
-            if self._winograd is not None and self._runs_winograd(x, stride, padding, dilation):
+            if self._winograd_allowed and self._runs_winograd(x, stride, padding, dilation):
+                if self._winograd is None:  # 4x the weights' memory: only where it is used
+                    self._winograd = prepare_winograd(weight, bias)
                 return winograd_conv3x3(x, self._winograd, _single(padding))
             return F.conv2d(x, weight, bias, stride, padding, dilation, self.groups)
         x = F.conv2d(x, self.weight, self.bias, stride, padding, dilation, self.groups)
@@ -62,7 +65,9 @@ class Conv2d(nn.Conv2d):
     ) -> bool:
         square = _single(stride) == 1 and _single(dilation) == 1 and _single(padding) is not None
         return (
-            square and x.is_contiguous() and winograd_pays_off(x, self._winograd, _single(padding))
+            square
+            and x.is_contiguous()
+            and winograd_pays_off(x, self.out_channels, _single(padding))
         )
 
     def fold_norm(
@@ -79,7 +84,8 @@ class Conv2d(nn.Conv2d):
         The original weights and buffers stay untouched (state dicts and exact mode are unchanged);
         :meth:`unfold_norm` returns to the exact two-step computation. ``winograd`` also prepares
         the F(4x4, 3x3) path (fp32 CPU fast mode; ``layers/winograd.py``) for a 3x3, ungrouped
-        convolution, taken per call where it pays off (stride 1, no dilation, wide enough).
+        convolution, taken per call where it pays off (stride 1, no dilation, wide enough); its
+        transformed filters are computed on the first such call.
         """
         scale_and_shift = getattr(self.norm, "scale_and_shift", None)
         if scale_and_shift is None and self.norm is not None:
@@ -97,9 +103,9 @@ class Conv2d(nn.Conv2d):
         weight = weight.contiguous(memory_format=memory_format)
         self._folded = (weight, None if bias is None else bias.contiguous())
         self._winograd = None
-        if winograd and self.groups == 1 and tuple(self.kernel_size) == (3, 3):
-            self._winograd = prepare_winograd(weight, self._folded[1])
+        self._winograd_allowed = winograd and self.groups == 1 and tuple(self.kernel_size) == (3, 3)
 
     def unfold_norm(self) -> None:
         self._folded = None
+        self._winograd_allowed = False
         self._winograd = None

@@ -12,6 +12,11 @@ The price is rounding: the transforms carry coefficients up to 8 and 1/24, so ou
 the direct convolution by about 2e-6 relative (direct fp32: 3e-7 against float64). That is why it
 belongs to the fast mode only; the exact mode keeps oneDNN's direct kernel, bit for bit.
 
+The transformed filters take 4x the memory of the weights (36 values per 3x3 filter), so a
+convolution prepares them on its first call that takes the path, not when the fast mode is set up
+(``Conv2d.fold_norm``): only the RPN head's conv does (about 600 MB extra for R-50-grid's 2048
+channels), not every 3x3 conv of the backbone.
+
 It pays off only where the matmuls are large (many channels, many tiles per image); others
 stay direct (:func:`winograd_pays_off`, thresholds measured by ``benchmarks/extract.py``'s
 layout table, whose "winograd" column shows the path on each representative layer).
@@ -111,11 +116,12 @@ def prepare_winograd(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Wino
         )
 
 
-def winograd_pays_off(x: torch.Tensor, weights: WinogradWeights, padding: int) -> bool:
-    """Whether the Winograd path is expected to beat the direct kernel for this input."""
-    if x.dim() != 4 or x.device.type != "cpu" or x.dtype != weights.filters.dtype:
+def winograd_pays_off(x: torch.Tensor, out_channels: int, padding: int) -> bool:
+    """Whether the Winograd path is expected to beat the direct kernel for an fp32 CPU input
+    ``x`` and a 3x3 filter bank with ``out_channels`` outputs."""
+    if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    if min(weights.in_channels, weights.out_channels) < MIN_CHANNELS:
+    if min(x.shape[1], out_channels) < MIN_CHANNELS:
         return False
     height = x.shape[2] + 2 * padding - 2
     width = x.shape[3] + 2 * padding - 2

@@ -55,15 +55,14 @@ def test_only_3x3_filters_are_accepted():
 
 
 def test_pays_off_only_for_wide_convolutions_over_enough_tiles():
-    wide = prepare_winograd(torch.zeros(512, 512, 3, 3), None)
-    narrow = prepare_winograd(torch.zeros(256, 512, 3, 3), None)
     side = 4 * int(winograd.MIN_TILES**0.5 + 1)  # enough 4x4 output tiles
-    assert winograd_pays_off(torch.zeros(1, 512, side, side), wide, 1)
-    assert not winograd_pays_off(torch.zeros(1, 512, side, side), narrow, 1)
-    assert not winograd_pays_off(torch.zeros(1, 512, 8, 8), wide, 1)  # 4 tiles
+    assert winograd_pays_off(torch.zeros(1, 512, side, side), 512, 1)
+    assert not winograd_pays_off(torch.zeros(1, 512, side, side), 256, 1)  # narrow output
+    assert not winograd_pays_off(torch.zeros(1, 256, side, side), 512, 1)  # narrow input
+    assert not winograd_pays_off(torch.zeros(1, 512, 8, 8), 512, 1)  # 4 tiles
     # Many small maps (per-region res5: 4 tiles per region) do not count as one large map.
-    assert not winograd_pays_off(torch.zeros(300, 512, 7, 7), wide, 1)
-    assert not winograd_pays_off(torch.zeros(1, 512, side, side, dtype=torch.bfloat16), wide, 1)
+    assert not winograd_pays_off(torch.zeros(300, 512, 7, 7), 512, 1)
+    assert not winograd_pays_off(torch.zeros(1, 512, side, side, dtype=torch.bfloat16), 512, 1)
 
 
 def test_folded_conv_takes_winograd_only_at_stride_1_without_dilation(monkeypatch):
@@ -82,8 +81,9 @@ def test_folded_conv_takes_winograd_only_at_stride_1_without_dilation(monkeypatc
     x = torch.randn(1, 8, 12, 12)
     exact = conv(x)
     conv.fold_norm(winograd=True)
+    assert conv._winograd is None  # the transformed filters (4x the weights) wait for a use
     torch.testing.assert_close(conv(x), exact, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 1
+    assert len(calls) == 1 and conv._winograd is not None
     # Per-call stride / dilation (res5 of grid extraction) fall back to the direct kernel.
     torch.testing.assert_close(conv(x, stride=2), exact[..., ::2, ::2], rtol=1e-5, atol=1e-5)
     conv(x, padding=2, dilation=2)
