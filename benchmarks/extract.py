@@ -328,6 +328,18 @@ def instrument(detector: Detector, clock: StageClock) -> None:
         ),
     )
     clock.wrap(heads, "predict", lambda: "box predictor (cls + bbox FC)")
+    # The fast modes' sparse path (ROIHeads.detect_sparse): the same stages, other calls.
+    clock.wrap(heads, "detect_sparse", lambda: "box predictor (cls + bbox FC)")
+    clock.wrap(
+        heads.box2box_transform,
+        "apply_deltas",
+        lambda: (
+            "class-specific box decoding"
+            if clock.parent() == "box predictor (cls + bbox FC)"
+            else clock.parent()
+        ),
+    )
+    clock.wrap(heads_module, "select_candidates", lambda: "score filter + per-class NMS")
     clock.wrap(heads_module, "predict_boxes_and_probs", lambda: "class-specific box decoding")
     clock.wrap(
         heads_module, "fast_rcnn_inference_single_image", lambda: "score filter + per-class NMS"
