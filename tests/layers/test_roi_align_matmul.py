@@ -1,6 +1,5 @@
 """RoIAlign by matmul (gridfeats/layers/roi_align_matmul.py): torchvision's roi_align up to float
-rounding, forward and backward, for the sampling cases the fast mode and CPU training send it,
-and only those."""
+rounding, for the sampling cases the fast mode sends it, and only those."""
 
 from __future__ import annotations
 
@@ -44,7 +43,7 @@ def test_adaptive_sampling_is_not_accepted():
     assert not matmul_pays_off(1000, 14, 38, 63, 2)  # updn's 14x14 pooler stays on torchvision
 
 
-def test_pooler_uses_it_only_when_the_fast_mode_asks_or_in_training(monkeypatch):
+def test_pooler_uses_it_only_when_the_fast_mode_asks(monkeypatch):
     calls = []
     real = roi_align_by_matmul
 
@@ -53,7 +52,7 @@ def test_pooler_uses_it_only_when_the_fast_mode_asks_or_in_training(monkeypatch)
         return real(*args, **kwargs)
 
     monkeypatch.setattr("gridfeats.modeling.roi_heads.pooler.roi_align_by_matmul", spy)
-    pooler = ROIPooler(1, 1 / 16, 2).eval()  # inference; training on a CPU: see below
+    pooler = ROIPooler(1, 1 / 16, 2)
     feature = torch.randn(1, 8, 10, 12)
     boxes = [_rois(50, 1, 10, 12, seed=3)[:, 1:]]
     exact = pooler(feature, boxes)
@@ -63,27 +62,3 @@ def test_pooler_uses_it_only_when_the_fast_mode_asks_or_in_training(monkeypatch)
     assert calls == [50]
     monkeypatch.setattr(roi_align_matmul, "MAX_WEIGHT_ELEMENTS", 10)  # too large a matrix
     assert torch.equal(pooler(feature, boxes), exact) and calls == [50]
-    pooler.train()  # training on a CPU takes the matmul path without being asked
-    pooler.matmul_pooling = False
-    monkeypatch.undo()
-    monkeypatch.setattr("gridfeats.modeling.roi_heads.pooler.roi_align_by_matmul", spy)
-    torch.testing.assert_close(pooler(feature, boxes), exact, rtol=1e-5, atol=1e-6)
-    assert calls == [50, 50]
-    assert torch.equal(pooler(feature.double(), boxes), pooler.eval()(feature.double(), boxes))
-
-
-@pytest.mark.parametrize("output_size", [1, 2])
-def test_gradient_equals_torchvision_roi_align_backward(output_size):
-    """CPU training pools by matmul: the feature map's gradient is torchvision's up to rounding
-    (Detectron2's training check allows 1e-3 of the largest gradient entry; this is ~1e-6)."""
-    torch.manual_seed(1)
-    feature = torch.randn(2, 16, 13, 19)
-    rois = _rois(300, 2, 13, 19, seed=7)
-    upstream = torch.randn(len(rois), 16, output_size, output_size)
-    grads = []
-    for pool in (roi_align, roi_align_by_matmul):
-        leaf = feature.clone().requires_grad_(True)
-        (pool(leaf, rois, output_size, 1 / 16, 2, True) * upstream).sum().backward()
-        grads.append(leaf.grad)
-    assert grads[0].abs().max() > 1.0
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)

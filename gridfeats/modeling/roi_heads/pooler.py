@@ -33,11 +33,8 @@ class ROIPooler(nn.Module):
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = pooler_type == "ROIAlignV2"
-        # Small outputs pooled by one matmul per image (layers/roi_align_matmul.py; float
-        # rounding only) in the fast fp32 mode on CPUs (set by Detector(fast=True)), and always
-        # when training on a CPU: torchvision's CPU backward scatters every sample's gradient
-        # one element at a time (about 15 % of a demo-detector step), the matmul's is a matmul.
-        # Inference in the exact mode keeps torchvision's kernel, bit for bit.
+        # The fast fp32 mode on CPUs pools small outputs by one matmul per image
+        # (layers/roi_align_matmul.py; float rounding only); set by Detector(fast=True).
         self.matmul_pooling = False
 
     def forward(self, feature: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
@@ -53,7 +50,7 @@ class ROIPooler(nn.Module):
             return feature.new_zeros((0, feature.shape[1], *self.output_size))
         height, width = feature.shape[-2:]
         if (
-            (self.matmul_pooling or (self.training and feature.device.type == "cpu"))
+            self.matmul_pooling
             and feature.dtype == torch.float32
             and matmul_pays_off(
                 max(len(b) for b in boxes), self.output_size[0], height, width, self.sampling_ratio
