@@ -119,8 +119,13 @@ class _AttributeROIHeads(nn.Module):
         ``class_probs [R, K + 1]`` (softmax, background last) and ``pred_boxes_per_class
         [R, 4K]`` (decoded class-specific boxes, input pixels, unclipped).
         """
-        proposal_boxes = [p.proposal_boxes for p in proposals]
-        box_feats = self.box_features(features, proposal_boxes)
+        box_feats = self.box_features(features, [p.proposal_boxes for p in proposals])
+        return self._predict_from_box_features(box_feats, proposals)
+
+    def _predict_from_box_features(
+        self, box_feats: torch.Tensor, proposals: List[Instances]
+    ) -> List[Instances]:
+        """:meth:`predict` after ``box_features``: the predictor and the per-image decoding."""
         logits, deltas = self.box_predictor(box_feats)
         logits, deltas = logits.float(), deltas.float()  # selection runs in float32 (see RPN)
         out = []
@@ -211,14 +216,12 @@ class _AttributeROIHeads(nn.Module):
         ``sparse_box_deltas``). Falls back to the dense path for class-agnostic regression or
         when more than 4 pairs per proposal pass.
         """
-        proposal_boxes = [p.proposal_boxes for p in proposals]
-        box_feats = self.box_features(features, proposal_boxes)
-        if box_feats.dim() > 2:
-            box_feats = torch.flatten(box_feats, start_dim=1)
+        pooled = self.box_features(features, [p.proposal_boxes for p in proposals])
         predictor = self.box_predictor
         num_classes = predictor.num_classes
         if predictor.bbox_pred.out_features != 4 * num_classes:
-            return self.select(self.predict(features, proposals))
+            return self.select(self._predict_from_box_features(pooled, proposals))
+        box_feats = torch.flatten(pooled, start_dim=1) if pooled.dim() > 2 else pooled
         with torch.autocast(box_feats.device.type, enabled=False):
             box_feats = box_feats.float()
             logits = predictor.cls_score(box_feats)
@@ -226,14 +229,14 @@ class _AttributeROIHeads(nn.Module):
         bias = predictor.bbox_pred.bias.view(num_classes, 4)
         results = []
         start = 0
-        for image, image_proposals in enumerate(proposals):
+        for image_proposals in proposals:
             end = start + len(image_proposals)
             scores = torch.softmax(logits[start:end], dim=-1)[:, :-1]
             mask = scores > self.score_thresh
             candidates = mask.nonzero()  # proposal-major, class-minor, as the dense path
-            if len(candidates) > 4 * (end - start):
-                single = {k: v[image : image + 1] for k, v in features.items()}
-                results.extend(self.select(self.predict(single, [image_proposals])))
+            if len(candidates) > 4 * (end - start):  # dense, on the features pooled above
+                dense = self._predict_from_box_features(pooled[start:end], [image_proposals])
+                results.extend(self.select(dense))
                 start = end
                 continue
             rows, classes = candidates[:, 0], candidates[:, 1]
