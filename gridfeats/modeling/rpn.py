@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from fvcore.nn import smooth_l1_loss
 from torch import nn
 
-from gridfeats.layers import Conv2d, ShapeSpec, batched_nms
+from gridfeats.layers import Conv2d, ShapeSpec
+from gridfeats.layers.box_nms import nms_top_k
 from gridfeats.modeling.anchors import DefaultAnchorGenerator, build_anchor_generator
 from gridfeats.modeling.box_coder import Box2BoxTransform
 from gridfeats.modeling.matcher import Matcher
@@ -211,8 +212,9 @@ class RPN(nn.Module):
             keep = nonempty(boxes_i, self.min_box_size)
             if not keep.all():
                 boxes_i, scores_i = boxes_i[keep], scores_i[keep]
-            level = torch.zeros(len(boxes_i), dtype=torch.int64, device=boxes_i.device)
-            keep = batched_nms(boxes_i, scores_i, level, self.nms_thresh)[:post_topk]
+            # One feature level (C4): Detectron2's batched_nms is the plain kernel here, and only
+            # its first post_topk kept boxes are used.
+            keep = nms_top_k(boxes_i, scores_i, self.nms_thresh, post_topk)
             results.append(
                 Instances(image_hw, proposal_boxes=boxes_i[keep], objectness_logits=scores_i[keep])
             )

@@ -350,3 +350,51 @@ def test_vectorised_per_class_nms_equals_the_kernel_per_class_with_ties(seed):
         nms_module.per_class_nms(boxes[single], scores[single], classes[single], 0.3),
         nms(boxes[single], scores[single], 0.3),
     )
+
+
+def _integer_boxes(n: int, seed: int, ties: str):
+    """Integer coordinates (IoUs exactly at thresholds) and scores: distinct (``"none"``),
+    distinct plus exact copies of some boxes and their scores (``"suppressed"``: each copy loses
+    to its original) or rounded to twentieths (``"kept"``: kept boxes tie too)."""
+    g = torch.Generator().manual_seed(seed)
+    xy = (torch.rand(n, 2, generator=g) * 80).round()
+    wh = (torch.rand(n, 2, generator=g) * 30 + 1).round()
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    scores = torch.rand(n, generator=g)
+    if ties == "kept":
+        scores = (scores * 20).round() / 20
+    if ties == "suppressed":
+        copies = torch.randperm(n, generator=g)[:50]
+        boxes, scores = torch.cat([boxes, boxes[copies]]), torch.cat([scores, scores[copies]])
+    return boxes, scores
+
+
+@pytest.mark.parametrize("chunk", [16, nms_module.MIN_TOP_K_CHUNK])
+@pytest.mark.parametrize(
+    "n, ties", [(900, "kept"), (2000, "none"), (2000, "suppressed"), (2000, "kept")]
+)
+def test_nms_top_k_is_the_single_group_batched_nms_cut_at_k(monkeypatch, n, ties, chunk):
+    """The RPN's ``batched_nms(one group)[:k]``, exactly: k inside a chunk, at a chunk's end, past
+    everything kept, and 0. Up to 1000 boxes that is the kernel's order, which stopping early
+    gives also with tied scores; above, batched_nms re-sorts the kept set unstably, so early
+    stopping is used only while the kept scores do not tie (the full NMS must not run then,
+    also where suppressed boxes tie), and kept ties fall back to the full NMS."""
+    monkeypatch.setattr(nms_module, "MIN_TOP_K_CHUNK", chunk)
+    boxes, scores = _integer_boxes(n, seed=n + chunk, ties=ties)
+    group = torch.zeros(len(boxes), dtype=torch.int64)
+    full = batched_nms(boxes, scores, group, 0.7)
+    assert 300 < len(full) < n  # suppression happens, and k below exhausts the kept set
+    if n <= 1000 or ties != "kept":
+        assert torch.equal(full, nms(boxes, scores, 0.7))
+
+        def no_full_nms(*args):
+            raise AssertionError("the full NMS ran")
+
+        monkeypatch.setattr(nms_module, "batched_nms", no_full_nms)
+    else:  # why the fallback exists: the same kept set, another order among ties
+        assert not torch.equal(full, nms(boxes, scores, 0.7))
+        assert torch.equal(full.sort().values, nms(boxes, scores, 0.7).sort().values)
+    for k in (0, 1, 7, chunk // 2, chunk, 3 * chunk + 1, 300, len(full), len(boxes)):
+        assert torch.equal(nms_module.nms_top_k(boxes, scores, 0.7, k), full[:k]), k
+    empty = nms_module.nms_top_k(boxes[:0], scores[:0], 0.7, 10)
+    assert empty.dtype == torch.int64 and len(empty) == 0
