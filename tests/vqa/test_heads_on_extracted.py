@@ -57,7 +57,7 @@ def test_pythia_uses_the_image_in_extracted_grid_features(tmp_path, one_thread):
 
 @pytest.mark.slow
 def test_pythia_on_the_demo_detectors_grids_beats_question_only_by_15(tmp_path):
-    """Trains (or reuses from the user cache) the shipped demo detector: about 7 minutes on 2
+    """Trains (or reuses from the user cache) the shipped demo detector: about 8 minutes on 2
     cores the first time, then 1000 images' grids and 30 Pythia epochs (about 5 minutes)."""
     from gridfeats.demo import DEMO_CONFIG, demo_detector
 
