@@ -26,7 +26,6 @@ from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
 from gridfeats.data.preprocess import PreparedImage, prepare_image
 from gridfeats.layers import Conv2d
 from gridfeats.modeling import build_model, detector_postprocess
-from gridfeats.modeling.roi_heads.pooler import ROIPooler
 from gridfeats.precision import autocast, check_precision, compute_dtype, fast_memory_format
 from gridfeats.structures import ImageList, Instances
 
@@ -102,15 +101,12 @@ class Detector:
         if self.fast:
             self.memory_format = fast_memory_format(precision, self.device)
             dtype = compute_dtype(precision)
-            # fp32 on a CPU also replaces two kernels by cheaper arithmetic (float rounding only):
-            # wide 3x3 convolutions by Winograd F(4x4, 3x3) (layers/winograd.py) and small
-            # RoIAlign outputs by one matmul per image (layers/roi_align_matmul.py).
+            # fp32 on a CPU also computes wide 3x3 convolutions by Winograd F(4x4, 3x3)
+            # (layers/winograd.py; float rounding only).
             cpu_fp32 = precision == "fp32" and self.device.type == "cpu"
             for module in self.model.modules():
                 if isinstance(module, Conv2d):
                     module.fold_norm(dtype, self.memory_format, winograd=cpu_fp32)
-                elif isinstance(module, ROIPooler):
-                    module.matmul_pooling = cpu_fp32
             if hasattr(self.model.roi_heads, "sparse_box_deltas"):
                 # Class-specific box deltas only where a class passes the score threshold.
                 self.model.roi_heads.sparse_box_deltas = True

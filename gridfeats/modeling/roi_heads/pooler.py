@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision.ops import roi_align
 
-from gridfeats.layers.roi_align_matmul import matmul_pays_off, roi_align_by_matmul
+from gridfeats.layers.roi_align_gather import gather_pays_off, roi_align_gather
 
 
 class ROIPooler(nn.Module):
@@ -33,9 +33,6 @@ class ROIPooler(nn.Module):
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = pooler_type == "ROIAlignV2"
-        # The fast fp32 mode on CPUs pools small outputs by one matmul per image
-        # (layers/roi_align_matmul.py; float rounding only); set by Detector(fast=True).
-        self.matmul_pooling = False
 
     def forward(self, feature: torch.Tensor, boxes: List[torch.Tensor]) -> torch.Tensor:
         """``boxes[i]`` are image i's ``[R_i, 4]`` boxes; returns ``[sum R_i, C, S, S]``."""
@@ -48,15 +45,8 @@ class ROIPooler(nn.Module):
         )
         if rois.numel() == 0:
             return feature.new_zeros((0, feature.shape[1], *self.output_size))
-        height, width = feature.shape[-2:]
-        if (
-            self.matmul_pooling
-            and feature.dtype == torch.float32
-            and matmul_pays_off(
-                max(len(b) for b in boxes), self.output_size[0], height, width, self.sampling_ratio
-            )
-        ):
-            return roi_align_by_matmul(
+        if self._gathers(feature):
+            return roi_align_gather(
                 feature,
                 rois,
                 self.output_size[0],
@@ -71,4 +61,14 @@ class ROIPooler(nn.Module):
             self.spatial_scale,
             self.sampling_ratio,
             self.aligned,
+        )
+
+    def _gathers(self, feature: torch.Tensor) -> bool:
+        """Fixed-sampling poolers on CPU float32 maps without autograd run torchvision's kernel as
+        row gathers (layers/roi_align_gather.py): the same values, 3-10x faster."""
+        return (
+            feature.device.type == "cpu"
+            and feature.dtype == torch.float32
+            and not (torch.is_grad_enabled() and feature.requires_grad)
+            and gather_pays_off(self.sampling_ratio, feature.shape[1])
         )
