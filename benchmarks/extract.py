@@ -5,7 +5,7 @@ Prints, on the device given (CPU by default):
 1. **matmul**: GFLOP/s of a square matmul per dtype, the machine's ceiling in this process.
 2. **layout**: representative convolutions of the models (RPN 3x3 on 2048 channels, dilated and
    plain res5 3x3, res4 3x3, per-region res5 3x3/1x1) NCHW vs channels-last, per dtype: the
-   measurement behind :func:`gridfeats.precision.fast_memory_format`.
+   measurement behind ``gridfeats.precision.FAST_MEMORY_FORMAT``.
 3. **stages**, per config and mode: the time of every stage of grid extraction and of region
    extraction (Detectron2's rule and bottom-up-attention's), its FLOPs (fvcore, 2 per
    multiply-add) and its GFLOP/s as a share of the same-dtype matmul, so that compute-bound stages
@@ -174,6 +174,9 @@ def layout_table(device, dtypes: Sequence[str], sync, quick: bool) -> None:
         "res5 3x3 dilated 2, 512 ch, 38x56": ((1, 512, 38, 56), (512, 512, 3, 3), 2, 2),
         "res5 3x3, 512 ch, 19x28": ((1, 512, 19, 28), (512, 512, 3, 3), 1, 1),
         "res4 3x3, 256 ch, 38x56": ((1, 256, 38, 56), (256, 256, 3, 3), 1, 1),
+        "res2 1x1 64->256, 152x256": ((1, 64, 152, 256), (256, 64, 1, 1), 0, 1),
+        "res2 1x1 256->64, 152x256": ((1, 256, 152, 256), (64, 256, 1, 1), 0, 1),
+        "res3 1x1 128->512, 76x128": ((1, 128, 76, 128), (512, 128, 1, 1), 0, 1),
         "ROI res5 3x3, 512 ch, 100x7x7": ((100, 512, 7, 7), (512, 512, 3, 3), 1, 1),
         "ROI res5 3x3, 512 ch, 300x7x7": ((300, 512, 7, 7), (512, 512, 3, 3), 1, 1),
         "ROI res5 1x1 2048->512, 100x7x7": ((100, 2048, 7, 7), (512, 2048, 1, 1), 0, 1),

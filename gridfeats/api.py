@@ -26,7 +26,7 @@ from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
 from gridfeats.data.preprocess import PreparedImage, prepare_image
 from gridfeats.layers import Conv2d
 from gridfeats.modeling import build_model, detector_postprocess
-from gridfeats.precision import autocast, check_precision, compute_dtype, fast_memory_format
+from gridfeats.precision import FAST_MEMORY_FORMAT, autocast, check_precision, compute_dtype
 from gridfeats.structures import ImageList, Instances
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class Detector:
         max_pixels: decompression-bomb guard of the image reader.
         batch_forward: run a list as one forward per group of same-size images (see module doc).
         fast: fold every FrozenBN into its convolution, stored in the compute dtype and in the
-            layout the kernels run fastest (:func:`gridfeats.precision.fast_memory_format`). In
+            layout the kernels run fastest (``gridfeats.precision.FAST_MEMORY_FORMAT``). In
             fp32 results differ from the exact mode by float32 rounding only (relative ~1e-6);
             the checkpoint tensors are untouched. bf16/fp16 always run the fast kernels.
     """
@@ -99,7 +99,7 @@ class Detector:
         self.batch_forward = batch_forward
         self.memory_format = torch.contiguous_format
         if self.fast:
-            self.memory_format = fast_memory_format(precision, self.device)
+            self.memory_format = FAST_MEMORY_FORMAT
             dtype = compute_dtype(precision)
             # fp32 on a CPU also computes wide 3x3 convolutions by Winograd F(4x4, 3x3)
             # (layers/winograd.py; float rounding only).

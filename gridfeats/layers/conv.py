@@ -64,11 +64,7 @@ class Conv2d(nn.Conv2d):
         self, x: torch.Tensor, stride: _Pair, padding: _Pair, dilation: _Pair
     ) -> bool:
         square = _single(stride) == 1 and _single(dilation) == 1 and _single(padding) is not None
-        return (
-            square
-            and x.is_contiguous()
-            and winograd_pays_off(x, self.out_channels, _single(padding))
-        )
+        return square and winograd_pays_off(x, self.out_channels, _single(padding))
 
     def fold_norm(
         self,

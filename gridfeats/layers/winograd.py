@@ -131,7 +131,8 @@ def winograd_pays_off(x: torch.Tensor, out_channels: int, padding: int) -> bool:
 
 def winograd_conv3x3(x: torch.Tensor, weights: WinogradWeights, padding: int = 1) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride=1, padding=padding)`` for a 3x3 ``weight``, computed
-    with F(4x4, 3x3); NCHW in, contiguous NCHW out."""
+    with F(4x4, 3x3); contiguous NCHW out (a channels-last input is read as NCHW)."""
+    x = x.contiguous()
     n, c, h, w = x.shape
     if c != weights.in_channels:
         raise ValueError(f"input has {c} channels, the filters expect {weights.in_channels}")

@@ -77,6 +77,13 @@ def test_pooler_gathers_at_inference_and_keeps_torchvision_for_autograd(monkeypa
     assert calls == [50] and pooled.requires_grad
     pooled.sum().backward()
     assert trained.grad is not None
+    # bf16 under CPU autocast: torchvision casts to float32 around its kernel, and so does this.
+    low = feature.bfloat16()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = roi_align(low, rois, 2, 1 / 16, 2, True)
+        pooled = pooler(low, boxes)
+    assert calls == [50, 50] and pooled.dtype == torch.bfloat16 and torch.equal(pooled, reference)
+    del calls[1:]
     with torch.inference_mode():
         pooler(feature.double(), boxes)  # float64 and narrow maps: torchvision's kernel
         pooler(feature[:, :32], boxes)

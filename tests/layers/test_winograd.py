@@ -84,6 +84,10 @@ def test_folded_conv_takes_winograd_only_at_stride_1_without_dilation(monkeypatc
     assert conv._winograd is None  # the transformed filters (4x the weights) wait for a use
     torch.testing.assert_close(conv(x), exact, rtol=1e-5, atol=1e-5)
     assert len(calls) == 1 and conv._winograd is not None
+    # The fast modes run channels-last; Winograd reads such an input as NCHW, same numbers.
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv(channels_last), conv(x)) and len(calls) == 3
+    del calls[1:]
     # Per-call stride / dilation (res5 of grid extraction) fall back to the direct kernel.
     torch.testing.assert_close(conv(x, stride=2), exact[..., ::2, ::2], rtol=1e-5, atol=1e-5)
     conv(x, padding=2, dilation=2)

@@ -341,6 +341,39 @@ def test_updn_head_is_res5_then_mean():
     torch.testing.assert_close(heads.box_features({"res4": feature}, [boxes]), x.mean(dim=[2, 3]))
 
 
+def test_updn_inference_runs_res5_in_chunks_with_the_same_values(monkeypatch):
+    """Chunking the per-region res5 at inference changes nothing, bit for bit, in either mode's
+    layout; training (autograd) keeps one call."""
+    from gridfeats.modeling.roi_heads import roi_heads as module
+
+    torch.manual_seed(1)
+    opts = TINY_HEAD_OPTS + ["MODEL.RESNETS.RES2_OUT_CHANNELS", "16"]
+    opts += ["MODEL.RESNETS.WIDTH_PER_GROUP", "8", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "6"]
+    heads = build_roi_heads(get_cfg("R-50-updn", opts=opts), {"res4": ShapeSpec(64, 16)}).eval()
+    calls = []
+    heads.res5[0].register_forward_hook(lambda mod, args, out: calls.append(len(args[0])))
+    g = torch.Generator().manual_seed(2)
+    corner = torch.rand(2, 70, 2, generator=g) * 150
+    boxes = [torch.cat([c, c + 20 + torch.rand(70, 2, generator=g) * 120], 1) for c in corner]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        feature = torch.randn(2, 64, 12, 14).contiguous(memory_format=layout)
+        with torch.inference_mode():
+            monkeypatch.setattr(module, "REGIONS_PER_RES5_CALL", 1000)
+            whole = heads.box_features({"res4": feature}, boxes)
+            monkeypatch.setattr(module, "REGIONS_PER_RES5_CALL", 32)
+            calls.clear()
+            chunked = heads.box_features({"res4": feature}, boxes)
+        assert calls == [32, 32, 6, 32, 32, 6]
+        assert torch.equal(chunked, whole)
+    calls.clear()
+    with torch.no_grad():  # evaluation during training chunks too
+        heads.box_features({"res4": feature}, boxes)
+    assert calls == [32, 32, 6, 32, 32, 6]
+    calls.clear()
+    heads.box_features({"res4": feature}, boxes)  # grad enabled: one call, as in training
+    assert calls == [140]
+
+
 def test_attribute_loss_hand_computed():
     logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [1.0, 3.0, 0.0]])
     labels = torch.tensor([[0, 2, -1], [-1, -1, -1], [1, -1, -1]])

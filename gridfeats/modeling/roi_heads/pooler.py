@@ -46,14 +46,17 @@ class ROIPooler(nn.Module):
         if rois.numel() == 0:
             return feature.new_zeros((0, feature.shape[1], *self.output_size))
         if self._gathers(feature):
-            return roi_align_gather(
-                feature,
-                rois,
+            # A bf16/fp16 map under CPU autocast: what torchvision's autocast wrapper does
+            # around its float32 kernel (cast in, pool, cast the result back).
+            pooled = roi_align_gather(
+                feature.float(),
+                rois.float(),
                 self.output_size[0],
                 self.spatial_scale,
                 self.sampling_ratio,
                 self.aligned,
             )
+            return pooled.to(feature.dtype)
         return roi_align(
             feature,
             rois.to(feature.dtype),
@@ -64,11 +67,15 @@ class ROIPooler(nn.Module):
         )
 
     def _gathers(self, feature: torch.Tensor) -> bool:
-        """Fixed-sampling poolers on CPU float32 maps without autograd run torchvision's kernel as
-        row gathers (layers/roi_align_gather.py): the same values, 3-10x faster."""
+        """Fixed-sampling poolers on CPU maps that torchvision pools with its float32 kernel
+        (float32, or bf16/fp16 under autocast), without autograd, run that kernel as row gathers
+        (layers/roi_align_gather.py): the same values, 3-10x faster."""
+        float32_kernel = feature.dtype == torch.float32 or (
+            feature.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled("cpu")
+        )
         return (
             feature.device.type == "cpu"
-            and feature.dtype == torch.float32
+            and float32_kernel
             and not (torch.is_grad_enabled() and feature.requires_grad)
             and gather_pays_off(self.sampling_ratio, feature.shape[1])
         )

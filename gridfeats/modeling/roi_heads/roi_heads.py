@@ -49,6 +49,7 @@ from gridfeats.structures import ImageList, Instances, pairwise_iou
 
 #: Objectness logit given to gt boxes appended to the proposals: logit(1 - 1e-10), as Detectron2.
 GT_PROPOSAL_LOGIT = math.log((1.0 - 1e-10) / (1 - (1.0 - 1e-10)))
+REGIONS_PER_RES5_CALL = 48  # updn's per-region res5 at inference (see box_features)
 
 
 class _AttributeROIHeads(nn.Module):
@@ -443,10 +444,27 @@ class AttributeRes5ROIHeads(_AttributeROIHeads):
         return x
 
     def box_features(self, features, boxes):
-        return self._res5(self.pooler(features[self.in_feature], boxes)).mean(dim=[2, 3])
+        feature = features[self.in_feature]
+        if torch.is_grad_enabled() or sum(len(b) for b in boxes) <= REGIONS_PER_RES5_CALL:
+            return self._res5(self.pooler(feature, boxes)).mean(dim=[2, 3])
+        # Inference pools and runs res5 a few dozen regions at a time: each region's result is
+        # the same (batch-invariant kernels; tested), and 1000 regions at once make 400 MB
+        # activations per layer that oneDNN's NCHW kernels reorder out of cache (updn's 1000
+        # proposals: 10.3 s at once, 7.1-7.5 s in chunks of 16-64, 2 threads; peak memory
+        # falls by about 2 GB).
+        parts = [
+            self._res5(self.pooler(feature[i : i + 1], [image_boxes[start:stop]])).mean(dim=[2, 3])
+            for i, image_boxes in enumerate(boxes)
+            for start, stop in _chunks(len(image_boxes), REGIONS_PER_RES5_CALL)
+        ]
+        return torch.cat(parts)
 
     def conv5_features(self, features):
         return self._res5(features[self.in_feature])
+
+
+def _chunks(total: int, size: int) -> List[Tuple[int, int]]:
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
 ROI_HEADS = {
