@@ -26,7 +26,13 @@ from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
 from gridfeats.data.preprocess import PreparedImage, prepare_image
 from gridfeats.layers import Conv2d
 from gridfeats.modeling import build_model, detector_postprocess
-from gridfeats.precision import FAST_MEMORY_FORMAT, autocast, check_precision, compute_dtype
+from gridfeats.precision import (
+    FAST_MEMORY_FORMAT,
+    autocast,
+    check_precision,
+    compute_dtype,
+    conv_memory_format,
+)
 from gridfeats.structures import ImageList, Instances
 
 logger = logging.getLogger(__name__)
@@ -106,7 +112,10 @@ class Detector:
             cpu_fp32 = precision == "fp32" and self.device.type == "cpu"
             for module in self.model.modules():
                 if isinstance(module, Conv2d):
-                    module.fold_norm(dtype, self.memory_format, winograd=cpu_fp32)
+                    layout = conv_memory_format(
+                        module.in_channels, module.kernel_size, precision, self.device
+                    )
+                    module.fold_norm(dtype, layout, winograd=cpu_fp32)
             if hasattr(self.model.roi_heads, "sparse_box_deltas"):
                 # Class-specific box deltas only where a class passes the score threshold.
                 self.model.roi_heads.sparse_box_deltas = True

@@ -101,3 +101,30 @@ def test_cpu_flags_reads_the_flags_line(monkeypatch, tmp_path):
         assert precision.cpu_flags() == frozenset({"fpu", "sse", "avx512_bf16"})
     finally:
         precision.cpu_flags.cache_clear()
+
+
+def test_fast_modes_run_channels_last_but_wide_bf16_3x3_runs_nchw_without_amx(monkeypatch):
+    cpu, cl, nchw = torch.device("cpu"), torch.channels_last, torch.contiguous_format
+    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: False)
+    assert precision.conv_memory_format(2048, (3, 3), "bf16", cpu) == nchw  # R-50-grid RPN
+    assert precision.conv_memory_format(1024, (3, 3), "bf16", cpu) == cl  # updn's RPN: equal
+    assert precision.conv_memory_format(2048, (1, 1), "bf16", cpu) == cl
+    assert precision.conv_memory_format(2048, (3, 3), "fp32", cpu) == cl  # Winograd reads NCHW
+    assert precision.conv_memory_format(2048, (3, 3), "bf16", torch.device("cuda")) == cl
+    monkeypatch.setattr(precision, "cpu_has_amx_bf16", lambda: True)
+    assert precision.conv_memory_format(2048, (3, 3), "bf16", cpu) == cl
+
+
+def test_a_conv_folded_nchw_reads_a_channels_last_input_as_nchw():
+    from gridfeats.layers import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(8, 4, 3, padding=1, bias=True)
+    x = torch.randn(2, 8, 9, 7)
+    conv.fold_norm(None, torch.contiguous_format)
+    out = conv(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous() and torch.equal(out, conv(x))
+    conv.fold_norm(None, torch.channels_last)
+    assert conv(x.contiguous(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last
+    )

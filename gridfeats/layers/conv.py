@@ -35,6 +35,7 @@ class Conv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.norm = norm
         self._folded: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self._folded_format = torch.contiguous_format
         self._winograd_allowed = False  # fold_norm(winograd=True) on a 3x3, ungrouped conv
         self._winograd: Optional[WinogradWeights] = None  # prepared on first use
 
@@ -50,6 +51,8 @@ class Conv2d(nn.Conv2d):
         dilation = self.dilation if dilation is None else dilation
         if self._folded is not None:
             weight, bias = self._folded
+            if self._folded_format == torch.contiguous_format and not x.is_contiguous():
+                x = x.contiguous()  # a conv that runs faster NCHW inside a channels-last model
             if self._winograd_allowed and self._runs_winograd(x, stride, padding, dilation):
                 if self._winograd is None:  # 4x the weights' memory: only where it is used
                     self._winograd = prepare_winograd(weight, bias)
@@ -98,6 +101,7 @@ class Conv2d(nn.Conv2d):
                 bias = None if bias is None else bias.to(dtype)
         weight = weight.contiguous(memory_format=memory_format)
         self._folded = (weight, None if bias is None else bias.contiguous())
+        self._folded_format = memory_format
         self._winograd = None
         self._winograd_allowed = winograd and self.groups == 1 and tuple(self.kernel_size) == (3, 3)
 
