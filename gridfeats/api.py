@@ -58,7 +58,7 @@ class Detector:
         max_pixels: decompression-bomb guard of the image reader.
         batch_forward: run a list as one forward per group of same-size images (see module doc).
         fast: fold every FrozenBN into its convolution, stored in the compute dtype and in the
-            layout the kernels run fastest (``gridfeats.precision.FAST_MEMORY_FORMAT``). In
+            layout the kernels run fastest (``gridfeats.precision.conv_memory_format``). In
             fp32 results differ from the exact mode by float32 rounding only (relative ~1e-6);
             the checkpoint tensors are untouched. bf16/fp16 always run the fast kernels.
     """
