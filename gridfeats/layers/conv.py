@@ -56,7 +56,7 @@ class Conv2d(nn.Conv2d):
             if self._winograd_allowed and self._runs_winograd(x, stride, padding, dilation):
                 if self._winograd is None:  # 4x the weights' memory: only where it is used
                     self._winograd = prepare_winograd(weight, bias)
-                return winograd_conv3x3(x, self._winograd, _single(padding))
+                return winograd_conv3x3(x, self._winograd, _single(padding), _single(dilation))
             return F.conv2d(x, weight, bias, stride, padding, dilation, self.groups)
         x = F.conv2d(x, self.weight, self.bias, stride, padding, dilation, self.groups)
         if self.norm is not None:
@@ -66,8 +66,10 @@ class Conv2d(nn.Conv2d):
     def _runs_winograd(
         self, x: torch.Tensor, stride: _Pair, padding: _Pair, dilation: _Pair
     ) -> bool:
-        square = _single(stride) == 1 and _single(dilation) == 1 and _single(padding) is not None
-        return square and winograd_pays_off(x, self.out_channels, _single(padding))
+        pad, dil = _single(padding), _single(dilation)
+        if _single(stride) != 1 or pad is None or dil is None:
+            return False
+        return winograd_pays_off(x, self.out_channels, pad, dil)
 
     def fold_norm(
         self,
@@ -83,8 +85,9 @@ class Conv2d(nn.Conv2d):
         The original weights and buffers stay untouched (state dicts and exact mode are unchanged);
         :meth:`unfold_norm` returns to the exact two-step computation. ``winograd`` also prepares
         the F(4x4, 3x3) path (fp32 CPU fast mode; ``layers/winograd.py``) for a 3x3, ungrouped
-        convolution, taken per call where it pays off (stride 1, no dilation, wide enough); its
-        transformed filters are computed on the first such call.
+        convolution, taken per call where it pays off (stride 1, wide enough, dilated only where
+        this CPU's ``winograd.cpu_policy()`` says so); its transformed filters are computed on the
+        first such call.
         """
         scale_and_shift = getattr(self.norm, "scale_and_shift", None)
         if scale_and_shift is None and self.norm is not None:

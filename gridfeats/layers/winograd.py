@@ -17,9 +17,12 @@ convolution prepares them on its first call that takes the path, not when the fa
 (``Conv2d.fold_norm``): only the RPN head's conv does (about 600 MB extra for R-50-grid's 2048
 channels), not every 3x3 conv of the backbone.
 
-It pays off only where the matmuls are large (many channels, many tiles per image); others
-stay direct (:func:`winograd_pays_off`, thresholds measured by ``benchmarks/extract.py``'s
-layout table, whose "winograd" column shows the path on each representative layer).
+It pays off only where the matmuls are large (many channels, many tiles per image), and where
+that starts depends on the CPU: oneDNN's direct AVX2 kernels run below the matmul's rate, so on
+AVX2 Winograd wins from 256 channels and on ResNet's dilated res5 too, while on AVX-512 it wins
+from 512 channels (:class:`WinogradPolicy`, :data:`POLICIES`, measured by
+``benchmarks/extract.py``'s layout table, whose "winograd" column times the path on each
+representative layer and marks where this CPU's fast mode takes it).
 """
 
 from __future__ import annotations
@@ -66,13 +69,42 @@ _AT = torch.tensor(
 TILE = 4  # output tile side
 _INPUT_TILE = TILE + 2  # 6: input tile side for a 3x3 filter
 
-# Measured on a 2-core AMD EPYC (AVX-512; benchmarks/extract.py's layout table, 2 threads): the
-# RPN's 3x3 conv at 38x56 (140 tiles per image) runs 1.6x (2048 channels) and 1.85x (1024) the
-# direct kernel; the per-region res5 3x3 over 7x7 maps (4 tiles per region, a third of them
-# padding) gains nothing at 100 regions and loses at 300 (0.65x: the transforms dominate), and
-# narrower convolutions lose too. Hence: wide filters, and maps of many tiles per image.
-MIN_CHANNELS = 512
-MIN_TILES = 96  # 4x4 output tiles per image
+
+@dataclass(frozen=True)
+class WinogradPolicy:
+    """Where F(4x4, 3x3) beats oneDNN's direct fp32 kernel on one CPU family (by measurement:
+    ``benchmarks/extract.py``'s layout table prints both on the CPU it runs on).
+
+    ``min_channels``: the narrower of input and output channels; ``min_tiles``: 4x4 output tiles
+    per image (all phases of a dilated conv together), because many small maps (updn's per-region
+    res5 on 7x7: 4 tiles per region, a third of them padding) lose to the direct kernel;
+    ``dilated``: a dilated conv (padding equal to its dilation, as in ResNet's dilated res5) is
+    computed as dilation**2 undilated convs on the interleaved phases of its input.
+    """
+
+    min_channels: int
+    min_tiles: int = 96
+    dilated: bool = False
+
+
+#: Measured on 2-core AMD EPYCs, 2 threads, direct kernel in its fastest layout:
+#: * AVX-512: the RPN's 3x3 conv at 38x56 (140 tiles) 1.6x (2048 channels) and 1.85x (1024);
+#:   per-region res5 on 7x7 maps 1.0x at 100 regions, 0.65x at 300; narrower convolutions lose.
+#:   Dilated convolutions were not measured there, so they stay direct.
+#: * AVX2 (direct kernels run below the matmul's rate): RPN 2.0x (2048) and 2.5x (1024); res4's
+#:   3x3 on 256 channels 1.4x; res5's dilated 3x3 on 512 channels at 38x56 1.55x (2.0x against
+#:   channels-last, which runs dilated convs slowest there); 128 channels 0.8x, 64 channels 0.4x.
+POLICIES = {
+    "AVX512": WinogradPolicy(min_channels=512),
+    "AVX2": WinogradPolicy(min_channels=256, dilated=True),
+}
+#: CPUs of another family keep the direct kernel except for the widest convolutions.
+UNMEASURED_POLICY = POLICIES["AVX512"]
+
+
+def cpu_policy() -> WinogradPolicy:
+    """The policy for this CPU, by ``torch.backends.cpu.get_cpu_capability()``."""
+    return POLICIES.get(torch.backends.cpu.get_cpu_capability(), UNMEASURED_POLICY)
 
 
 @dataclass(frozen=True)
@@ -116,22 +148,38 @@ def prepare_winograd(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Wino
         )
 
 
-def winograd_pays_off(x: torch.Tensor, out_channels: int, padding: int) -> bool:
+def winograd_pays_off(
+    x: torch.Tensor,
+    out_channels: int,
+    padding: int,
+    dilation: int = 1,
+    policy: Optional[WinogradPolicy] = None,
+) -> bool:
     """Whether the Winograd path is expected to beat the direct kernel for an fp32 CPU input
-    ``x`` and a 3x3 filter bank with ``out_channels`` outputs."""
+    ``x`` and a 3x3 filter bank with ``out_channels`` outputs (``policy``: this CPU's)."""
+    policy = cpu_policy() if policy is None else policy
     if x.dim() != 4 or x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    if min(x.shape[1], out_channels) < MIN_CHANNELS:
+    if min(x.shape[1], out_channels) < policy.min_channels:
         return False
-    height = x.shape[2] + 2 * padding - 2
-    width = x.shape[3] + 2 * padding - 2
-    tiles_per_image = (-(-height // TILE)) * (-(-width // TILE))
-    return height > 0 and width > 0 and tiles_per_image >= MIN_TILES
+    if dilation != 1 and not (policy.dilated and padding == dilation):
+        return False
+    height = x.shape[2] + 2 * padding - 2 * dilation
+    width = x.shape[3] + 2 * padding - 2 * dilation
+    tiles_per_phase = (-(-height // (TILE * dilation))) * (-(-width // (TILE * dilation)))
+    tiles_per_image = tiles_per_phase * dilation**2
+    return height > 0 and width > 0 and tiles_per_image >= policy.min_tiles
 
 
-def winograd_conv3x3(x: torch.Tensor, weights: WinogradWeights, padding: int = 1) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride=1, padding=padding)`` for a 3x3 ``weight``, computed
-    with F(4x4, 3x3); contiguous NCHW out (a channels-last input is read as NCHW)."""
+def winograd_conv3x3(
+    x: torch.Tensor, weights: WinogradWeights, padding: int = 1, dilation: int = 1
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride=1, padding=padding, dilation=dilation)`` for a 3x3
+    ``weight``, computed with F(4x4, 3x3); contiguous NCHW out (a channels-last input is read as
+    NCHW). A dilated conv needs ``padding == dilation`` (same-size output: ResNet's dilated
+    res5)."""
+    if dilation != 1:
+        return _dilated(x, weights, padding, dilation)
     x = x.contiguous()
     n, c, h, w = x.shape
     if c != weights.in_channels:
@@ -156,3 +204,28 @@ def winograd_conv3x3(x: torch.Tensor, weights: WinogradWeights, padding: int = 1
     if weights.bias is not None:
         out = out + weights.bias.view(1, -1, 1, 1)
     return out.contiguous()
+
+
+def _dilated(
+    x: torch.Tensor, weights: WinogradWeights, padding: int, dilation: int
+) -> torch.Tensor:
+    """A 3x3 conv with dilation d and padding d as d*d undilated convs with padding 1.
+
+    Output pixel (d*i + r, d*j + s) reads only input pixels of the same phase (r, s), at distance
+    d: on the phase's own subsampled map those are the 3x3 neighbours. The map is zero-padded to a
+    multiple of d at the bottom and right (zeros are what the padded conv sees there anyway), the
+    phases become a batch of d*d images, and the output is interleaved back and cropped.
+    """
+    if padding != dilation:
+        raise ValueError(
+            f"a dilated Winograd conv needs padding == dilation, got {padding} and {dilation}"
+        )
+    d = dilation
+    n, c, h, w = x.shape
+    ph, pw = -(-h // d), -(-w // d)
+    x = F.pad(x.contiguous(), (0, pw * d - w, 0, ph * d - h))
+    phases = x.view(n, c, ph, d, pw, d).permute(0, 3, 5, 1, 2, 4).reshape(n * d * d, c, ph, pw)
+    out = winograd_conv3x3(phases, weights, 1)
+    k = out.shape[1]
+    out = out.view(n, d, d, k, ph, pw).permute(0, 3, 4, 1, 5, 2).reshape(n, k, ph * d, pw * d)
+    return out[:, :, :h, :w].contiguous()

@@ -4,6 +4,8 @@ so that the test stays a few seconds)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -73,7 +75,8 @@ def parity_photo_detections(tmp_path_factory):
             with pytest.MonkeyPatch.context() as patch:
                 # At this reduced size the RPN map has fewer tiles than Winograd needs to pay
                 # off; lower the bar so that the fast fp32 mode runs it on the real weights.
-                patch.setattr(winograd, "MIN_TILES", 1)
+                policy = dataclasses.replace(winograd.cpu_policy(), min_tiles=1)
+                patch.setattr(winograd, "cpu_policy", lambda policy=policy: policy)
                 patch.setattr(conv_module, "winograd_conv3x3", _counting(winograd_calls))
                 detector = Detector(cfg, weights=weights, **kwargs)
                 prepared = detector.prepare(d2parity.FIXTURES / "images" / "motorcycle.jpg")
