@@ -174,6 +174,7 @@ def layout_table(device, dtypes: Sequence[str], sync, quick: bool) -> None:
         "res5 3x3 dilated 2, 512 ch, 38x56": ((1, 512, 38, 56), (512, 512, 3, 3), 2, 2),
         "res5 3x3, 512 ch, 19x28": ((1, 512, 19, 28), (512, 512, 3, 3), 1, 1),
         "res4 3x3, 256 ch, 38x56": ((1, 256, 38, 56), (256, 256, 3, 3), 1, 1),
+        "res3 3x3, 128 ch, 76x128": ((1, 128, 76, 128), (128, 128, 3, 3), 1, 1),
         "res2 1x1 64->256, 152x256": ((1, 64, 152, 256), (256, 64, 1, 1), 0, 1),
         "res2 1x1 256->64, 152x256": ((1, 256, 152, 256), (64, 256, 1, 1), 0, 1),
         "res3 1x1 128->512, 76x128": ((1, 128, 76, 128), (512, 128, 1, 1), 0, 1),
@@ -183,7 +184,7 @@ def layout_table(device, dtypes: Sequence[str], sync, quick: bool) -> None:
     }
     print(
         "\n== layout: conv GFLOP/s, NCHW vs channels-last (best of 3); fp32 Winograd F(4x4, 3x3) "
-        "in direct-equivalent GFLOP/s, '-' where the fast mode keeps the direct kernel =="
+        "in direct-equivalent GFLOP/s, '*' where this CPU's fast mode takes it =="
     )
     winograd_column = "fp32" in dtypes
     print(
@@ -209,17 +210,18 @@ def layout_table(device, dtypes: Sequence[str], sync, quick: bool) -> None:
 
 
 def _winograd_cell(xs, ws, pad: int, dil: int, flops: float, device, sync) -> str:
-    """The fast fp32 mode's Winograd path on this layer, where it takes it."""
+    """The fp32 Winograd path on this layer, timed wherever it can run (3x3, padding equal to the
+    dilation or undilated), with ``*`` where this CPU's fast mode takes it
+    (``winograd.cpu_policy()``): the figures that set the policy."""
     from gridfeats.layers.winograd import prepare_winograd, winograd_conv3x3, winograd_pays_off
 
-    if device.type != "cpu" or dil != 1 or ws[2:] != (3, 3):
+    if device.type != "cpu" or ws[2:] != (3, 3) or (dil != 1 and pad != dil):
         return f"{'-':>10s}"
     x = torch.randn(xs)
-    if not winograd_pays_off(x, ws[0], pad):
-        return f"{'-':>10s}"
     prepared = prepare_winograd(torch.randn(ws) * 0.01, None)
-    t = _best(lambda: winograd_conv3x3(x, prepared, pad), sync)
-    return f"{flops / t / 1e9:10.1f}"
+    t = _best(lambda: winograd_conv3x3(x, prepared, pad, dil), sync)
+    taken = "*" if winograd_pays_off(x, ws[0], pad, dil) else " "
+    return f"{flops / t / 1e9:9.1f}{taken}"
 
 
 def _conv_call(x, w, padding: int, dilation: int) -> Callable[[], torch.Tensor]:
@@ -379,7 +381,7 @@ def stage_flops(detector: Detector, prepared, kind: str, rois: Dict[str, int]) -
                 return model.grid_features(images)
             features = model.backbone(images.tensor)
             proposals, _ = model.proposal_generator(images, features)
-            predictions = heads.predict(features, proposals)
+            predictions = heads.predict(features, proposals, class_boxes=kind != "region-bu")
             if kind == "region-bu":
                 feats = predictions[0].box_features[:1]
                 classes = torch.zeros(1, dtype=torch.int64)

@@ -284,11 +284,13 @@ class Detector:
         dicts = [detection_dict(r) for r in results]
         return dicts[0] if single else dicts
 
-    def region_candidates(self, prepared: Sequence[PreparedImage]) -> List[Instances]:
+    def region_candidates(
+        self, prepared: Sequence[PreparedImage], class_boxes: bool = True
+    ) -> List[Instances]:
         """Every proposal's box-branch output (:meth:`ROIHeads.predict`: ``proposal_boxes``,
-        ``box_features``, ``class_probs``, ``pred_boxes_per_class``, in network-input pixels), for
-        selection rules other than Detectron2's (e.g. bottom-up-attention's), computed on the
-        detection model (dilated res5)."""
+        ``box_features``, ``class_probs`` and, with ``class_boxes``, ``pred_boxes_per_class``, in
+        network-input pixels), for selection rules other than Detectron2's (e.g.
+        bottom-up-attention's), computed on the detection model (dilated res5)."""
         self.require_heads()
         out: List[Optional[Instances]] = [None] * len(prepared)
         with torch.inference_mode(), self._context():
@@ -296,7 +298,7 @@ class Detector:
                 images = self._batch(prepared, group)
                 features = self.model.backbone(images.tensor)
                 proposals, _ = self.model.proposal_generator(images, features)
-                predictions = self.model.roi_heads.predict(features, proposals)
+                predictions = self.model.roi_heads.predict(features, proposals, class_boxes)
                 for j, i in enumerate(group):
                     out[i] = predictions[j]
         return out  # type: ignore[return-value]

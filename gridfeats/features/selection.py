@@ -98,7 +98,9 @@ def bottom_up_regions(
     """
     heads = detector.model.roi_heads
     out = []
-    for candidates, p in zip(detector.region_candidates(prepared), prepared):
+    # generate_tsv.py's own boxes are the proposals: no class-specific box is ever read then.
+    class_boxes = settings.boxes == "regressed"
+    for candidates, p in zip(detector.region_candidates(prepared, class_boxes), prepared):
         pick = select_bottom_up(candidates, settings)
         features = candidates.box_features[pick.proposal_index].float()
         regions = Instances(

@@ -320,6 +320,22 @@ def test_grid_box_head_is_pool_fc1_relu_fc2_relu_and_predictor_layout():
     torch.testing.assert_close(attrs, torch.softmax(logits, dim=-1))
 
 
+def test_class_probabilities_alone_skip_the_box_delta_layer(monkeypatch):
+    torch.manual_seed(0)
+    heads = build_roi_heads(get_cfg("R-50-grid", opts=TINY_HEAD_OPTS), {"res5": ShapeSpec(8, 16)})
+    features = {"res5": torch.randn(1, 8, 5, 5)}
+    boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [16.0, 8.0, 70.0, 60.0]])
+    proposals = [Instances((64, 64), proposal_boxes=boxes, objectness_logits=torch.zeros(2))]
+    with torch.no_grad():
+        (full,) = heads.predict(features, proposals)
+        delta_calls = []
+        heads.box_predictor.bbox_pred.register_forward_hook(lambda *a: delta_calls.append(1))
+        (probs_only,) = heads.predict(features, proposals, class_boxes=False)
+    assert delta_calls == [] and not probs_only.has("pred_boxes_per_class")
+    assert torch.equal(probs_only.class_probs, full.class_probs)
+    assert torch.equal(probs_only.box_features, full.box_features)
+
+
 def test_updn_head_is_res5_then_mean():
     torch.manual_seed(0)
     opts = TINY_HEAD_OPTS + [

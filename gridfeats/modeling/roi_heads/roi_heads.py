@@ -112,37 +112,48 @@ class _AttributeROIHeads(nn.Module):
 
     # -- shared inference --------------------------------------------------------------------------
     def predict(
-        self, features: Dict[str, torch.Tensor], proposals: List[Instances]
+        self,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        class_boxes: bool = True,
     ) -> List[Instances]:
         """The box branch on every proposal of every image, before any selection.
 
         Each result holds the proposals' fields plus ``box_features [R, D]`` (fc7 or pooled res5),
-        ``class_probs [R, K + 1]`` (softmax, background last) and ``pred_boxes_per_class
-        [R, 4K]`` (decoded class-specific boxes, input pixels, unclipped).
+        ``class_probs [R, K + 1]`` (softmax, background last) and, unless ``class_boxes`` is
+        False, ``pred_boxes_per_class [R, 4K]`` (decoded class-specific boxes, input pixels,
+        unclipped); without them the box-delta layer is not run at all.
         """
         box_feats = self.box_features(features, [p.proposal_boxes for p in proposals])
-        return self._predict_from_box_features(box_feats, proposals)
+        return self._predict_from_box_features(box_feats, proposals, class_boxes)
 
     def _predict_from_box_features(
-        self, box_feats: torch.Tensor, proposals: List[Instances]
+        self, box_feats: torch.Tensor, proposals: List[Instances], class_boxes: bool = True
     ) -> List[Instances]:
         """:meth:`predict` after ``box_features``: the predictor and the per-image decoding."""
-        logits, deltas = self.box_predictor(box_feats)
-        logits, deltas = logits.float(), deltas.float()  # selection runs in float32 (see RPN)
+        if class_boxes:
+            logits, deltas = self.box_predictor(box_feats)
+            deltas = deltas.float()
+        else:
+            logits, deltas = self.box_predictor.class_logits(box_feats), None
+        logits = logits.float()  # selection runs in float32 (see RPN)
         out = []
         start = 0
         for image_proposals in proposals:
             end = start + len(image_proposals)
-            decoded, probs = predict_boxes_and_probs(
-                logits[start:end],
-                deltas[start:end],
-                image_proposals.proposal_boxes,
-                self.box2box_transform,
-            )
             result = image_proposals[:]  # a shallow copy: same tensors, new field table
             result.box_features = box_feats[start:end]
-            result.class_probs = probs
-            result.pred_boxes_per_class = decoded
+            if deltas is None:
+                result.class_probs = torch.softmax(logits[start:end], dim=-1)
+            else:
+                decoded, probs = predict_boxes_and_probs(
+                    logits[start:end],
+                    deltas[start:end],
+                    image_proposals.proposal_boxes,
+                    self.box2box_transform,
+                )
+                result.class_probs = probs
+                result.pred_boxes_per_class = decoded
             out.append(result)
             start = end
         return out
