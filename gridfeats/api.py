@@ -119,6 +119,9 @@ class Detector:
             if hasattr(self.model.roi_heads, "sparse_box_deltas"):
                 # Class-specific box deltas only where a class passes the score threshold.
                 self.model.roi_heads.sparse_box_deltas = True
+            if hasattr(self.model.proposal_generator, "exact_tie_order"):
+                # No full NMS just to order exactly tied objectness scores as Detectron2 does.
+                self.model.proposal_generator.exact_tie_order = False
             self.model.to(memory_format=self.memory_format)
         if self.device.type == "cuda" and precision == "fp32":
             # Ampere+ GPUs default to TF32 convolutions (~1e-3 relative error): exact mode: off.

@@ -237,3 +237,12 @@ def test_a_detection_left_empty_by_the_rescale_leaves_no_row(monkeypatch):
     assert len(det) == len(plain) and len(det.box_features) == len(det)
     torch.testing.assert_close(det.box_features, plain.box_features, rtol=0, atol=0)
     torch.testing.assert_close(det.pred_boxes, plain.pred_boxes, rtol=0, atol=0)
+
+
+def test_fast_mode_turns_on_its_shortcuts_and_the_exact_mode_keeps_detectron2s(cfg, detector):
+    fast = Detector(cfg, seed=0, fast=True)
+    assert (
+        fast.model.roi_heads.sparse_box_deltas and not fast.model.proposal_generator.exact_tie_order
+    )
+    exact = detector.model
+    assert not exact.roi_heads.sparse_box_deltas and exact.proposal_generator.exact_tie_order

@@ -80,7 +80,11 @@ def per_class_nms(
 
 
 def nms_top_k(
-    boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, k: int
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: float,
+    k: int,
+    exact_tie_order: bool = True,
 ) -> torch.Tensor:
     """``batched_nms(boxes, scores, <one group>, iou_threshold)[:k]`` (an RPN's single-level call
     in Detectron2), without suppressing past the ``k``-th kept box where that gives the same result.
@@ -94,14 +98,18 @@ def nms_top_k(
     That is the kernel's order, which ``batched_nms`` returns up to 1000 boxes. Above, it re-sorts
     the kept set by score with a sort that is not stable, so kept boxes of tied scores can come out
     in another order, decided by the whole kept set. The early result is that order when the first
-    ``k`` kept scores are distinct and no later box ties the ``k``-th; otherwise the full NMS runs.
+    ``k`` kept scores are distinct and no later box ties the ``k``-th; otherwise the full NMS runs
+    (about 80 ms over an RPN's 6000 boxes on 2 AVX2 cores, where the early result took 8).
+    ``exact_tie_order=False`` (the fast modes) always returns the early result: the kernel's
+    order, so the boxes differ only in the order of exactly equal scores (and, where the ``k``-th
+    kept score ties a later kept one, in which of them is taken).
     """
     if len(boxes) == 0 or k <= 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
     positions = _first_k_kept(boxes[order], scores[order], iou_threshold, k)
     vanilla = _TV_VANILLA_NUMEL.get(boxes.device.type, _TV_VANILLA_NUMEL_OTHER)
-    if boxes.numel() <= vanilla:
+    if boxes.numel() <= vanilla or not exact_tie_order:
         return order[positions]
     kept_scores = scores[order[positions]]
     distinct = bool((kept_scores[1:] < kept_scores[:-1]).all())

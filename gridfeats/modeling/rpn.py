@@ -77,6 +77,9 @@ class RPN(nn.Module):
         self.pre_nms_topk = {True: rpn.PRE_NMS_TOPK_TRAIN, False: rpn.PRE_NMS_TOPK_TEST}
         self.post_nms_topk = {True: rpn.POST_NMS_TOPK_TRAIN, False: rpn.POST_NMS_TOPK_TEST}
         self.nms_thresh = rpn.NMS_THRESH
+        #: Detectron2's order among exactly tied objectness scores (see ``nms_top_k``); the
+        #: fast modes set it False (Detector), which skips a full NMS where kept scores tie.
+        self.exact_tie_order = True
         self.min_box_size = float(cfg.MODEL.PROPOSAL_GENERATOR.MIN_SIZE)
         # training
         self.anchor_matcher = Matcher(
@@ -214,7 +217,7 @@ class RPN(nn.Module):
                 boxes_i, scores_i = boxes_i[keep], scores_i[keep]
             # One feature level (C4): Detectron2's batched_nms is the plain kernel here, and only
             # its first post_topk kept boxes are used.
-            keep = nms_top_k(boxes_i, scores_i, self.nms_thresh, post_topk)
+            keep = nms_top_k(boxes_i, scores_i, self.nms_thresh, post_topk, self.exact_tie_order)
             results.append(
                 Instances(image_hw, proposal_boxes=boxes_i[keep], objectness_logits=scores_i[keep])
             )

@@ -352,6 +352,10 @@ def test_vectorised_per_class_nms_equals_the_kernel_per_class_with_ties(seed):
     )
 
 
+def no_full_nms_at_all(*args):
+    raise AssertionError("the full NMS ran")
+
+
 def _integer_boxes(n: int, seed: int, ties: str):
     """Integer coordinates (IoUs exactly at thresholds) and scores: distinct (``"none"``),
     distinct plus exact copies of some boxes and their scores (``"suppressed"``: each copy loses
@@ -386,15 +390,19 @@ def test_nms_top_k_is_the_single_group_batched_nms_cut_at_k(monkeypatch, n, ties
     assert 300 < len(full) < n  # suppression happens, and k below exhausts the kept set
     if n <= 1000 or ties != "kept":
         assert torch.equal(full, nms(boxes, scores, 0.7))
-
-        def no_full_nms(*args):
-            raise AssertionError("the full NMS ran")
-
-        monkeypatch.setattr(nms_module, "batched_nms", no_full_nms)
+        monkeypatch.setattr(nms_module, "batched_nms", no_full_nms_at_all)
     else:  # why the fallback exists: the same kept set, another order among ties
         assert not torch.equal(full, nms(boxes, scores, 0.7))
         assert torch.equal(full.sort().values, nms(boxes, scores, 0.7).sort().values)
     for k in (0, 1, 7, chunk // 2, chunk, 3 * chunk + 1, 300, len(full), len(boxes)):
         assert torch.equal(nms_module.nms_top_k(boxes, scores, 0.7, k), full[:k]), k
+    # The fast modes' tie order never runs the full NMS: the kernel's own order, which is the
+    # reference's up to the order among tied scores (the same set wherever k-th scores differ).
+    monkeypatch.setattr(nms_module, "batched_nms", no_full_nms_at_all)
+    kernel = nms(boxes, scores, 0.7)
+    for k in (1, chunk, 300, len(full)):
+        early = nms_module.nms_top_k(boxes, scores, 0.7, k, exact_tie_order=False)
+        assert torch.equal(early, kernel[:k]), k
+        assert torch.equal(scores[early], scores[full[:k]]), k
     empty = nms_module.nms_top_k(boxes[:0], scores[:0], 0.7, 10)
     assert empty.dtype == torch.int64 and len(empty) == 0
