@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
+from gridfeats.data.image_io import read_image
 from gridfeats.features.agreement import match_regions, region_agreement
 from gridfeats.layers import conv as conv_module
 from gridfeats.layers import winograd
@@ -83,6 +85,12 @@ def parity_photo_detections(tmp_path_factory):
                 (out[name],) = detector.detect_batch([prepared])
             out[f"{name}_winograd_calls"] = len(winograd_calls)
             winograd_calls.clear()
+        # Exact fp32 again, on the photo with every pixel value moved by one grey level.
+        pixels = read_image(d2parity.FIXTURES / "images" / "motorcycle.jpg")
+        rng = np.random.default_rng(0)
+        moved = np.clip(pixels.astype(np.int16) + rng.choice([-1, 1], pixels.shape), 0, 255)
+        exact = Detector(cfg, weights=weights)
+        (out["exact_one_grey_level"],) = exact.detect_batch([exact.prepare(moved.astype(np.uint8))])
     finally:
         torch.set_num_threads(saved)
     assert len(out["exact"]) >= 20  # enough detections for shares to mean something
@@ -124,3 +132,19 @@ def test_bf16_regions_stay_close_to_exact(parity_photo_detections):
     assert agreement.matched_share >= 0.8
     assert agreement.cosine_min >= 0.999
     assert agreement.attr_top1 >= 0.85
+
+
+def test_the_random_parity_model_moves_its_detections_under_a_one_grey_level_change(
+    parity_photo_detections,
+):
+    """Why the bf16 bar of 95% matched is read on a trained detector, not on these random weights:
+    exact fp32 itself, given the photo with each pixel value moved by one grey level (features
+    still at cosine >= 0.9999), keeps only 93-94% of its detections (AVX2, this size; 90% over
+    the three parity photos at full size). The seeded model's scores are near-ties, so the share
+    measures how chaotic the model is, not how close a mode's numbers are; the trained demo
+    detector keeps 97.7% under bf16 (docs/extract.md)."""
+    agreement = region_agreement(
+        [parity_photo_detections["exact"]], [parity_photo_detections["exact_one_grey_level"]]
+    )
+    assert agreement.matched_share < 0.97
+    assert agreement.cosine_min >= 0.9999
