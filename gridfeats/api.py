@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from gridfeats.allocator import retain_freed_memory
 from gridfeats.checkpoint import LoadReport, check_complete, load_checkpoint, sha256_file
 from gridfeats.data.image_io import DEFAULT_MAX_PIXELS, ImageSource
 from gridfeats.data.preprocess import PreparedImage, prepare_image
@@ -82,6 +83,8 @@ class Detector:
         self.cfg = cfg
         self.device = torch.device(device)
         check_precision(precision, self.device)
+        if self.device.type == "cpu":
+            retain_freed_memory()  # no page faults on every pass's activations (allocator.py)
         self.precision = precision
         self.max_pixels = max_pixels
         with torch.random.fork_rng(devices=[]):
