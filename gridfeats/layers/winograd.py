@@ -14,8 +14,8 @@ belongs to the fast mode only; the exact mode keeps oneDNN's direct kernel, bit 
 
 The transformed filters take 4x the memory of the weights (36 values per 3x3 filter), so a
 convolution prepares them on its first call that takes the path, not when the fast mode is set up
-(``Conv2d.fold_norm``): only the RPN head's conv does (about 600 MB extra for R-50-grid's 2048
-channels), not every 3x3 conv of the backbone.
+(``Conv2d.fold_norm``): only the convolutions that take it, e.g. the RPN head's (about 600 MB
+extra for R-50-grid's 2048 channels) and, on AVX2, res4's and res5's 3x3 convs (about 170 MB).
 
 It pays off only where the matmuls are large (many channels, many tiles per image), and where
 that starts depends on the CPU: oneDNN's direct AVX2 kernels run below the matmul's rate, so on
@@ -91,9 +91,10 @@ class WinogradPolicy:
 #: * AVX-512: the RPN's 3x3 conv at 38x56 (140 tiles) 1.6x (2048 channels) and 1.85x (1024);
 #:   per-region res5 on 7x7 maps 1.0x at 100 regions, 0.65x at 300; narrower convolutions lose.
 #:   Dilated convolutions were not measured there, so they stay direct.
-#: * AVX2 (direct kernels run below the matmul's rate): RPN 2.0x (2048) and 2.5x (1024); res4's
-#:   3x3 on 256 channels 1.4x; res5's dilated 3x3 on 512 channels at 38x56 1.55x (2.0x against
-#:   channels-last, which runs dilated convs slowest there); 128 channels 0.8x, 64 channels 0.4x.
+#: * AVX2 (direct kernels run at about the matmul's rate): RPN 2.0-2.2x (2048 channels) and
+#:   2.1-2.5x (1024); res4's 3x3 on 256 channels 1.2-1.4x; res5's dilated 3x3 on 512 channels at
+#:   38x56 1.55-1.75x (2.0x against channels-last, which runs dilated convs slowest there);
+#:   128 channels 0.8-1.1x (not taken), 64 channels 0.4x.
 POLICIES = {
     "AVX512": WinogradPolicy(min_channels=512),
     "AVX2": WinogradPolicy(min_channels=256, dilated=True),
