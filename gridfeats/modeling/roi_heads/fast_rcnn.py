@@ -95,12 +95,15 @@ def fast_rcnn_losses(
 
 
 def predict_boxes_and_probs(
-    logits: torch.Tensor, deltas: torch.Tensor, proposals: torch.Tensor, box2box: Box2BoxTransform
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor,
+    deltas: Optional[torch.Tensor],
+    proposals: torch.Tensor,
+    box2box: Box2BoxTransform,
+) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
     """Class probabilities ``[R, K+1]`` and decoded class-specific boxes ``[R, 4K]`` of one
-    image."""
+    image (``None`` without ``deltas``: a rule that reads no class-specific box)."""
     probs = torch.softmax(logits, dim=-1)
-    boxes = box2box.apply_deltas(deltas, proposals)
+    boxes = None if deltas is None else box2box.apply_deltas(deltas, proposals)
     return boxes, probs
 
 

@@ -143,16 +143,13 @@ class _AttributeROIHeads(nn.Module):
             end = start + len(image_proposals)
             result = image_proposals[:]  # a shallow copy: same tensors, new field table
             result.box_features = box_feats[start:end]
-            if deltas is None:
-                result.class_probs = torch.softmax(logits[start:end], dim=-1)
-            else:
-                decoded, probs = predict_boxes_and_probs(
-                    logits[start:end],
-                    deltas[start:end],
-                    image_proposals.proposal_boxes,
-                    self.box2box_transform,
-                )
-                result.class_probs = probs
+            decoded, result.class_probs = predict_boxes_and_probs(
+                logits[start:end],
+                None if deltas is None else deltas[start:end],
+                image_proposals.proposal_boxes,
+                self.box2box_transform,
+            )
+            if decoded is not None:
                 result.pred_boxes_per_class = decoded
             out.append(result)
             start = end
